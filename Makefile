@@ -1,0 +1,46 @@
+# One-command set-up: `make test` and `make demo` install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.masklab-installed
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev g++
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup sysdeps test test-fast lint demo bench clean
+
+setup: $(STAMP)
+
+# ffcv builds from source and needs these system packages before pip can read it.
+sysdeps:
+	@if command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg && command -v g++ >/dev/null; then \
+		echo "system packages for ffcv: present"; \
+	else \
+		echo "installing system packages for ffcv: $(APT_PACKAGES)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e '.[ffcv,dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/masklab demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/loader.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info build

@@ -1,0 +1,44 @@
+"""masklab.pipeline: datasets to ``.beton``, loaders, the Batch and the stage chain.
+
+Imports nothing from the rest of masklab; ffcv is imported only by the
+functions that need it.
+"""
+
+from ._ffcv import ffcv_available, require_ffcv
+from .batch import Batch
+from .builtin import BUILTIN, SHAPE_CLASSES, Digits, Shapes, builtin_dataset
+from .crop import CropParams, RandomResizedCrop, apply_crop, full_crop_params, random_resized_crop_params
+from .loader import DatasetLoader, Loader
+from .order import epoch_order
+from .stage import Chain, Lambda, Stage, batch_generator, derive_seed, stage_node
+from .writer import DatasetInfo, WriteReport, read_info, to_hwc_uint8, write_dataset
+
+__all__ = [
+    "BUILTIN",
+    "SHAPE_CLASSES",
+    "Batch",
+    "Chain",
+    "CropParams",
+    "DatasetInfo",
+    "DatasetLoader",
+    "Digits",
+    "Lambda",
+    "Loader",
+    "RandomResizedCrop",
+    "Shapes",
+    "Stage",
+    "WriteReport",
+    "apply_crop",
+    "batch_generator",
+    "builtin_dataset",
+    "derive_seed",
+    "epoch_order",
+    "ffcv_available",
+    "full_crop_params",
+    "random_resized_crop_params",
+    "read_info",
+    "require_ffcv",
+    "stage_node",
+    "to_hwc_uint8",
+    "write_dataset",
+]

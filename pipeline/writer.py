@@ -1,0 +1,328 @@
+"""Write image datasets to FFCV's ``.beton`` format, and read back what is in one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._ffcv import require_ffcv
+
+__all__ = ["IMAGE_EXTENSIONS", "WriteReport", "DatasetInfo", "write_dataset", "read_info", "to_hwc_uint8"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+@dataclass
+class WriteReport:
+    """What :func:`write_dataset` wrote.
+
+    Attributes:
+        path: the ``.beton`` file.
+        count: number of images written.
+        classes: class names, position = label.
+        skipped: ``(path, reason)`` of each unreadable image left out.
+    """
+
+    path: Path
+    count: int
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def to_hwc_uint8(image: Any) -> np.ndarray:
+    """Convert a PIL image, array or tensor to an ``(H, W, 3)`` uint8 array.
+
+    Accepts HW (grey), HWC or CHW layouts; floats are read as ``[0, 1]``.
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = array.permute(1, 2, 0)
+        array = array.numpy()
+    else:
+        array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.transpose(array, (1, 2, 0))
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image must be HW, HWC or CHW with 1, 3 or 4 channels, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    array = array[..., :3]
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.clip(np.rint(array * 255.0), 0, 255)
+    return np.ascontiguousarray(array.astype(np.uint8))
+
+
+class _Folder:
+    """Images in ``root/<class>/...``; labels follow sorted class names."""
+
+    def __init__(self, root: Path, strict: bool, progress: bool) -> None:
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise ValueError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+        files = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        self.samples: list[tuple[Path, int]] = []
+        self.skipped: list[tuple[str, str]] = []
+        # A full decode is the only reliable test: truncated JPEGs pass Image.verify().
+        for path, label in _progress(files, progress, "checking images"):
+            try:
+                with Image.open(path) as image:
+                    image.convert("RGB").load()
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+                if strict:
+                    raise ValueError(f"cannot read image {path}: {error}") from error
+                self.skipped.append((str(path), f"{type(error).__name__}: {error}"))
+                continue
+            self.samples.append((path, label))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            return to_hwc_uint8(image), label
+
+
+class _Arrays:
+    def __init__(self, images: Any, labels: Any) -> None:
+        self.images = images
+        self.labels = np.zeros(len(images), dtype=np.int64) if labels is None else np.asarray(labels).astype(np.int64)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        self.classes = [str(c) for c in range(int(self.labels.max()) + 1)] if len(self.labels) else []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return to_hwc_uint8(self.images[i]), int(self.labels[i])
+
+
+class _Mapped:
+    """Any map-style dataset returning ``(image, label)``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        names = getattr(dataset, "classes", None)
+        self.classes = [str(c) for c in names] if names is not None else []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        item = self.dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"dataset item {i} must be (image, label), got {type(item).__name__}")
+        return to_hwc_uint8(item[0]), int(item[1])
+
+
+class _Indexed:
+    """What FFCV's writer reads: ``(image, label, index)`` tuples."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        image, label = self.source[i]
+        return image, label, i
+
+
+def _progress(items: Sequence, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def _source(source: Any, strict: bool, progress: bool):
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if not root.exists():
+            raise FileNotFoundError(f"source path {root} does not exist")
+        if not root.is_dir():
+            raise ValueError(f"source path {root} is not a folder of class subfolders")
+        return _Folder(root, strict, progress)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _Arrays(source, None)
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], (np.ndarray, torch.Tensor)):
+        return _Arrays(*source)
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return _Mapped(source)
+    raise TypeError(
+        "source must be an image folder path, an array/tensor of images, an (images, labels) tuple, "
+        f"or a map-style dataset returning (image, label); got {type(source).__name__}"
+    )
+
+
+def _replace_atomically(write, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_dataset(
+    source: Any,
+    path: str | os.PathLike,
+    *,
+    max_resolution: int | None = None,
+    jpeg_quality: int = 90,
+    overwrite: bool = False,
+    strict: bool = False,
+    num_workers: int = -1,
+    progress: bool = True,
+    classes: Sequence[str] | None = None,
+) -> WriteReport:
+    """Write images and labels to one ``.beton`` file (FFCV).
+
+    Fields: ``image`` (JPEG), ``label`` (int) and ``index`` (the sample's
+    position in the file, which keys per-sample caches). The file is written
+    under a temporary name and renamed, so an interrupted write never leaves
+    a file that looks complete. A JSON sidecar ``PATH.json`` keeps the class
+    names and the skipped files.
+
+    Args:
+        source: a folder with one subfolder per class; an array or tensor of
+            images (labels 0); an ``(images, labels)`` tuple; or any map-style
+            dataset returning ``(image, label)`` with PIL, array or tensor images.
+        path: the output file.
+        max_resolution: longest side kept; larger images are downscaled.
+        jpeg_quality: JPEG quality, 1 to 100.
+        overwrite: replace an existing file.
+        strict: raise on an unreadable image instead of skipping it.
+        num_workers: writer processes (-1: all cores).
+        progress: show progress bars.
+        classes: class names (position = label), overriding what the source says.
+
+    Returns:
+        A :class:`WriteReport` (count, classes, skipped files).
+
+    Raises:
+        FileNotFoundError: the source path does not exist.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ValueError: an empty source, bad arguments, or a bad image with ``strict``.
+        ImportError: ffcv is not installed (the message says how to install it).
+    """
+    path = Path(path)
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if max_resolution is not None and max_resolution < 1:
+        raise ValueError(f"max_resolution must be positive, got {max_resolution}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite on the command line) to replace it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    require_ffcv("write_dataset")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    data = _source(source, strict, progress)
+    if len(data) == 0:
+        raise ValueError(f"source {source!r} holds no images" if isinstance(source, (str, os.PathLike)) else "source holds no images")
+    names = [str(c) for c in classes] if classes is not None else list(data.classes)
+    skipped = list(getattr(data, "skipped", []))
+    if skipped:
+        logger.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(p for p, _ in skipped))
+
+    def write(tmp: Path) -> None:
+        fields = {
+            "image": RGBImageField(write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+            "label": IntField(),
+            "index": IntField(),
+        }
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+        writer.from_indexed_dataset(_Indexed(data), chunksize=64)
+
+    sidecar = {"count": len(data), "classes": names, "skipped": [list(s) for s in skipped]}
+    _replace_atomically(lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)), _sidecar(path))
+    _replace_atomically(write, path)
+    return WriteReport(path=path, count=len(data), classes=names, skipped=skipped)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+@dataclass
+class DatasetInfo:
+    """What :func:`read_info` finds in a ``.beton`` file."""
+
+    path: Path
+    count: int
+    fields: dict[str, str]
+    min_size: tuple[int, int]
+    max_size: tuple[int, int]
+    num_classes: int
+    classes: list[str]
+
+    def __str__(self) -> str:
+        lines = [
+            f"file:       {self.path}",
+            f"images:     {self.count}",
+            "fields:     " + ", ".join(f"{k} ({v})" for k, v in self.fields.items()),
+            f"resolution: {self.min_size[0]}x{self.min_size[1]}"
+            + ("" if self.min_size == self.max_size else f" to {self.max_size[0]}x{self.max_size[1]}")
+            + " (HxW)",
+            f"classes:    {self.num_classes}" + (f" ({', '.join(self.classes)})" if self.classes else ""),
+        ]
+        return "\n".join(lines)
+
+
+def read_info(path: str | os.PathLike) -> DatasetInfo:
+    """Count, fields, image sizes and classes of a ``.beton`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    require_ffcv("read_info")
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    meta = reader.metadata
+    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    # FFCV names the metadata columns f0, f1, ... in field order.
+    column = {name: f"f{i}" for i, name in enumerate(reader.handlers)}
+    if "image" not in column:
+        raise ValueError(f"{path} has no image field (fields: {', '.join(fields)})")
+    image_meta = meta[column["image"]]
+    heights, widths = image_meta["height"], image_meta["width"]
+    labels = np.asarray(meta[column["label"]]) if "label" in column else np.zeros(0)
+    classes: list[str] = []
+    if _sidecar(path).is_file():
+        classes = json.loads(_sidecar(path).read_text()).get("classes", [])
+    return DatasetInfo(
+        path=path,
+        count=int(reader.num_samples),
+        fields=fields,
+        min_size=(int(heights.min()), int(widths.min())),
+        max_size=(int(heights.max()), int(widths.max())),
+        num_classes=int(np.unique(labels).size),
+        classes=list(classes),
+    )
