@@ -38,7 +38,9 @@ def _outline(name: str, rng: np.random.Generator) -> np.ndarray | None:
         return _regular(3, 1.0, rng.uniform(0, 2 * math.pi))
     if name == "cross":
         a, b = 1.0, 0.32
-        pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]])
+        pts = np.array(
+            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]
+        )
         return _rotate(pts, rng.uniform(-0.35, 0.35))
     if name == "star":
         outer = _regular(5, 1.0, rng.uniform(0, 2 * math.pi))

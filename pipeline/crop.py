@@ -96,7 +96,9 @@ def full_crop_params(batch_size: int, source_size: tuple[int, int], device: torc
     """Boxes covering the whole source image, no flips."""
     height, width = source_size
     box = torch.tensor([0.0, 0.0, float(width), float(height)], device=device)
-    return CropParams(boxes=box.expand(batch_size, 4).clone(), flips=torch.zeros(batch_size, dtype=torch.bool, device=device))
+    return CropParams(
+        boxes=box.expand(batch_size, 4).clone(), flips=torch.zeros(batch_size, dtype=torch.bool, device=device)
+    )
 
 
 def apply_crop(images: torch.Tensor, params: CropParams, size: tuple[int, int]) -> torch.Tensor:
@@ -115,7 +117,12 @@ def apply_crop(images: torch.Tensor, params: CropParams, size: tuple[int, int]) 
     x0, y0, x1, y1 = params.boxes.to(images.dtype).unbind(1)
     # kornia's corners are pixel centres: the last pixel of [x0, x1) is x1 - 1.
     corners = torch.stack(
-        [torch.stack([x0, y0], 1), torch.stack([x1 - 1, y0], 1), torch.stack([x1 - 1, y1 - 1], 1), torch.stack([x0, y1 - 1], 1)],
+        [
+            torch.stack([x0, y0], 1),
+            torch.stack([x1 - 1, y0], 1),
+            torch.stack([x1 - 1, y1 - 1], 1),
+            torch.stack([x0, y1 - 1], 1),
+        ],
         dim=1,
     )
     out = crop_and_resize(images, corners, size, mode="bilinear", align_corners=True)

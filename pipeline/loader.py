@@ -149,6 +149,15 @@ class _BatchLoader:
         self.epoch, self.step = int(epoch), 0
 
 
+def _common_square_size(reader: Any) -> int | None:
+    """The side of the images if they are all one square size, else ``None``."""
+    image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+    heights, widths = np.unique(image["height"]), np.unique(image["width"])
+    if len(heights) == len(widths) == 1 and heights[0] == widths[0]:
+        return int(heights[0])
+    return None
+
+
 def _ffcv_loader_class():
     require_ffcv("masklab.pipeline.Loader")
     from ffcv.loader import Loader as FFCVLoader
@@ -188,7 +197,10 @@ class Loader(_BatchLoader):
         stages: batch stages run on the device after the crop.
         batch_size: images per batch (per rank).
         resolution: side of the output crops.
-        decode_size: side images are decoded at (default ``resolution``).
+        decode_size: side images are decoded at (centre square, resized). By
+            default the images' own side when they all share one square size
+            (the built-in sets), else ``resolution``; for photos of mixed
+            sizes set it a little above ``resolution`` (e.g. 256 for 224).
         device: where batches and stages live (``"cpu"``, ``"cuda"``, ...).
         seed: seeds the order and every stage's randomness.
         num_workers: FFCV decoding threads (default: the cores available).
@@ -232,10 +244,22 @@ class Loader(_BatchLoader):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
         self.path = str(path)
-        self.decode_size = int(decode_size or resolution)
-        num_samples = Reader(self.path).num_samples
+        reader = Reader(self.path)
+        num_samples = reader.num_samples
+        self.decode_size = int(decode_size or _common_square_size(reader) or resolution)
         super().__init__(
-            num_samples, stages, batch_size, resolution, device, seed, order, drop_last, distributed, scale, ratio, flip_p
+            num_samples,
+            stages,
+            batch_size,
+            resolution,
+            device,
+            seed,
+            order,
+            drop_last,
+            distributed,
+            scale,
+            ratio,
+            flip_p,
         )
         ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
         self._ffcv = ffcv_cls(
@@ -276,7 +300,9 @@ def _square_uint8(image: Any, size: int | None) -> torch.Tensor:
         top, left = (h - side) // 2, (w - side) // 2
         tensor = tensor[:, top : top + side, left : left + side]
     if size is not None and tensor.shape[-1] != size:
-        tensor = F.interpolate(tensor[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        tensor = F.interpolate(
+            tensor[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         tensor = tensor[0].round().clamp_(0, 255).to(torch.uint8)
     return tensor.contiguous()
 
@@ -286,7 +312,11 @@ class _Collate:
         self.size = size
 
     def __call__(self, items: list[tuple[Any, Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = torch.stack([_square_uint8(image, self.size) for image, _, _ in items])
+        squares = [_square_uint8(image, self.size) for image, _, _ in items]
+        sizes = {tuple(s.shape[-2:]) for s in squares}
+        if len(sizes) > 1:
+            raise ValueError(f"images differ in size {sorted(sizes)}; pass decode_size to decode them all at one size")
+        images = torch.stack(squares)
         labels = torch.tensor([int(label) for _, label, _ in items], dtype=torch.long)
         index = torch.tensor([i for _, _, i in items], dtype=torch.long)
         return images, labels, index
@@ -345,7 +375,18 @@ class DatasetLoader(_BatchLoader):
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be map-style (__getitem__ and __len__), got {type(dataset).__name__}")
         super().__init__(
-            len(dataset), stages, batch_size, resolution, device, seed, order, drop_last, distributed, scale, ratio, flip_p
+            len(dataset),
+            stages,
+            batch_size,
+            resolution,
+            device,
+            seed,
+            order,
+            drop_last,
+            distributed,
+            scale,
+            ratio,
+            flip_p,
         )
         self.dataset = dataset
         self.decode_size = decode_size

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,36 +73,27 @@ def to_hwc_uint8(image: Any) -> np.ndarray:
 class _Folder:
     """Images in ``root/<class>/...``; labels follow sorted class names."""
 
-    def __init__(self, root: Path, strict: bool, progress: bool) -> None:
+    def __init__(self, root: Path) -> None:
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
-        files = [
+        self.samples = [
             (path, label)
             for label, name in enumerate(self.classes)
             for path in sorted((root / name).rglob("*"))
             if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
         ]
-        self.samples: list[tuple[Path, int]] = []
-        self.skipped: list[tuple[str, str]] = []
-        # A full decode is the only reliable test: truncated JPEGs pass Image.verify().
-        for path, label in _progress(files, progress, "checking images"):
-            try:
-                with Image.open(path) as image:
-                    image.convert("RGB").load()
-            except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-                if strict:
-                    raise ValueError(f"cannot read image {path}: {error}") from error
-                self.skipped.append((str(path), f"{type(error).__name__}: {error}"))
-                continue
-            self.samples.append((path, label))
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def describe(self, i: int) -> str:
+        return str(self.samples[i][0])
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
         with Image.open(path) as image:
+            # A full decode: truncated files pass Image.verify() but fail here.
             return to_hwc_uint8(image), label
 
 
@@ -137,36 +130,41 @@ class _Mapped:
         return to_hwc_uint8(item[0]), int(item[1])
 
 
-class _Indexed:
-    """What FFCV's writer reads: ``(image, label, index)`` tuples."""
+_PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
-    def __init__(self, source: Any) -> None:
-        self.source = source
+
+class _Indexed:
+    """What FFCV's writer reads: ``(image, label, index)`` for ``positions`` of ``source``.
+
+    FFCV's writer waits forever when a worker process dies, so a sample that
+    fails to load is never allowed to raise there: it is written as a 1-pixel
+    placeholder and its position reported on ``failures``; the caller then
+    rewrites without it (or raises, with ``strict``).
+    """
+
+    def __init__(self, source: Any, positions: Sequence[int], failures: Any) -> None:
+        self.source, self.positions, self.failures = source, positions, failures
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
-        image, label = self.source[i]
+        try:
+            image, label = self.source[self.positions[i]]
+        except Exception as error:  # noqa: BLE001 - any loader error means "skip this sample"
+            self.failures.put((self.positions[i], f"{type(error).__name__}: {error}"))
+            return _PLACEHOLDER, 0, i
         return image, label, i
 
 
-def _progress(items: Sequence, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
-
-
-def _source(source: Any, strict: bool, progress: bool):
+def _source(source: Any):
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.exists():
             raise FileNotFoundError(f"source path {root} does not exist")
         if not root.is_dir():
             raise ValueError(f"source path {root} is not a folder of class subfolders")
-        return _Folder(root, strict, progress)
+        return _Folder(root)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _Arrays(source, None)
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], (np.ndarray, torch.Tensor)):
@@ -179,14 +177,23 @@ def _source(source: Any, strict: bool, progress: bool):
     )
 
 
-def _replace_atomically(write, path: Path) -> None:
+def _replace_atomically(write, path: Path, sidecar=None) -> None:
+    """Write ``path`` (and its JSON sidecar) under temporary names, then rename.
+
+    The data file is renamed last, so its presence means the write finished.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    side_tmp = _sidecar(tmp)
     try:
         write(tmp)
+        if sidecar is not None:
+            side_tmp.write_text(json.dumps(sidecar(), indent=1))
+            os.replace(side_tmp, _sidecar(path))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, side_tmp):
+            if leftover.exists():
+                leftover.unlink()
 
 
 def write_dataset(
@@ -244,13 +251,14 @@ def write_dataset(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    data = _source(source, strict, progress)
+    data = _source(source)
     if len(data) == 0:
-        raise ValueError(f"source {source!r} holds no images" if isinstance(source, (str, os.PathLike)) else "source holds no images")
+        where = f"source {source}" if isinstance(source, (str, os.PathLike)) else "source"
+        raise ValueError(f"{where} holds no images")
     names = [str(c) for c in classes] if classes is not None else list(data.classes)
-    skipped = list(getattr(data, "skipped", []))
-    if skipped:
-        logger.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(p for p, _ in skipped))
+    describe = getattr(data, "describe", lambda i: f"sample {i}")
+    positions = list(range(len(data)))
+    skipped: list[tuple[str, str]] = []
 
     def write(tmp: Path) -> None:
         fields = {
@@ -258,13 +266,53 @@ def write_dataset(
             "label": IntField(),
             "index": IntField(),
         }
-        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
-        writer.from_indexed_dataset(_Indexed(data), chunksize=64)
+        failures = multiprocessing.SimpleQueue()
+        with _quiet_progress(progress):
+            writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+            writer.from_indexed_dataset(_Indexed(data, positions, failures), chunksize=64)
+        failed = []
+        while not failures.empty():
+            failed.append(failures.get())
+        if not failed:
+            return
+        failed.sort()
+        if strict:
+            position, reason = failed[0]
+            raise ValueError(f"cannot read image {describe(position)}: {reason}")
+        skipped.extend((describe(p), reason) for p, reason in failed)
+        bad = {p for p, _ in failed}
+        positions[:] = [p for p in positions if p not in bad]
+        if not positions:
+            raise ValueError("no image of the source could be read")
+        # Rare path: write again without the unreadable samples, so indices stay dense.
+        write(tmp)
 
-    sidecar = {"count": len(data), "classes": names, "skipped": [list(s) for s in skipped]}
-    _replace_atomically(lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)), _sidecar(path))
-    _replace_atomically(write, path)
-    return WriteReport(path=path, count=len(data), classes=names, skipped=skipped)
+    def sidecar() -> dict[str, Any]:
+        return {"count": len(positions), "classes": names, "skipped": [list(x) for x in skipped]}
+
+    _replace_atomically(write, path, sidecar)
+    if skipped:
+        logger.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(p for p, _ in skipped))
+    return WriteReport(path=path, count=len(positions), classes=names, skipped=skipped)
+
+
+@contextlib.contextmanager
+def _quiet_progress(progress: bool):
+    """FFCV's writer always draws a tqdm bar; swap in a disabled one when asked."""
+    if progress:
+        yield
+        return
+    import functools
+
+    import ffcv.writer
+    from tqdm import tqdm
+
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
 
 
 def _sidecar(path: Path) -> Path:

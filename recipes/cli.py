@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--workers", type=int, default=-1, help="writer processes (default: all cores)")
     write.set_defaults(func=_write_dataset)
 
-    info = sub.add_parser("info", help="describe a .beton file", description="Count, fields, resolution and classes of a .beton file.")
+    info = sub.add_parser(
+        "info", help="describe a .beton file", description="Count, fields, resolution and classes of a .beton file."
+    )
     info.add_argument("file", help="a .beton file")
     info.set_defaults(func=_info)
 
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:

@@ -13,7 +13,9 @@ __all__ = ["run_demo", "save_crop_picture"]
 logger = logging.getLogger(__name__)
 
 
-def save_crop_picture(sources: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, crops: torch.Tensor, path: Path) -> None:
+def save_crop_picture(
+    sources: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, crops: torch.Tensor, path: Path
+) -> None:
     """Draw each source image with its crop box (red; dashed if flipped) above the crop it gave."""
     import matplotlib
 
@@ -40,7 +42,9 @@ def save_crop_picture(sources: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     plt.close(fig)
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), device: str = "cpu", batch_size: int = 128, epochs: int = 2) -> dict[str, float]:
+def run_demo(
+    out_dir: Path = Path("runs/demo"), device: str = "cpu", batch_size: int = 128, epochs: int = 2
+) -> dict[str, float]:
     """Write ``shapes`` (once), stream ``epochs`` epochs through the loader, report throughput.
 
     Returns:
@@ -57,19 +61,25 @@ def run_demo(out_dir: Path = Path("runs/demo"), device: str = "cpu", batch_size:
         write_dataset(Shapes(size=32, length=4000, seed=0), data, progress=False)
     print(read_info(data))
 
-    loader = Loader(data, stages=[Normalize((0.5,) * 3, (0.5,) * 3)], batch_size=batch_size, resolution=32, device=device, seed=0)
+    loader = Loader(
+        data, stages=[Normalize((0.5,) * 3, (0.5,) * 3)], batch_size=batch_size, resolution=32, device=device, seed=0
+    )
     seen, timed, start = 0, 0.0, time.perf_counter()
     for epoch in range(epochs):
         t0 = time.perf_counter()
         n = sum(len(batch) for batch in loader)
         elapsed = time.perf_counter() - t0
-        print(f"epoch {epoch}: {n} images in {elapsed:.2f} s ({n / elapsed:.0f} img/s){' (includes numba compile)' if epoch == 0 else ''}")
+        print(
+            f"epoch {epoch}: {n} images in {elapsed:.2f} s ({n / elapsed:.0f} img/s){' (includes numba compile)' if epoch == 0 else ''}"
+        )
         if epoch > 0:
             seen, timed = seen + n, timed + elapsed
     total = time.perf_counter() - start
 
     # One sequential batch without crops gives the sources the boxes refer to.
-    sources = next(iter(Loader(data, batch_size=8, resolution=32, device=device, order="sequential", scale=None, flip_p=0.0))).images
+    sources = next(
+        iter(Loader(data, batch_size=8, resolution=32, device=device, order="sequential", scale=None, flip_p=0.0))
+    ).images
     batch = next(iter(Loader(data, batch_size=8, resolution=32, device=device, order="sequential", seed=1)))
     picture = out_dir / "crops.png"
     save_crop_picture(sources, batch.crops, batch.flips, batch.images, picture)

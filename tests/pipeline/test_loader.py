@@ -1,0 +1,167 @@
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from masklab.pipeline import Batch, DatasetLoader, Lambda, Loader, Stage, epoch_order
+
+from ..conftest import as_numpy, assert_same_batches
+
+
+class Jitter(Stage):
+    """A random stage, so determinism covers stage randomness too."""
+
+    def make_params(self, batch, generator):
+        return torch.rand(len(batch), 1, 1, 1, generator=generator, device=batch.device)
+
+    def apply(self, batch, params):
+        return batch.replace(images=batch.images * params)
+
+
+@pytest.fixture(params=["ffcv", "dataset"])
+def make_loader(request, shapes_small):
+    """Both loaders over the same 203 images."""
+    if request.param == "ffcv":
+        path = request.getfixturevalue("shapes_beton")
+        return lambda **kw: Loader(path, num_workers=1, **kw)
+    return lambda **kw: DatasetLoader(shapes_small, **kw)
+
+
+def run(loader, limit=None):
+    return [as_numpy(batch) for batch in itertools.islice(loader, limit)]
+
+
+def test_batches_are_batches_with_crops_on_the_device(make_loader):
+    batch = next(iter(make_loader(batch_size=16, resolution=24, stages=[Jitter()])))
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (16, 3, 24, 24) and batch.images.dtype == torch.float32
+    assert batch.labels.dtype == torch.long and batch.index.dtype == torch.long
+    assert batch.crops.shape == (16, 4) and batch.flips.shape == (16,)
+    assert batch.source_size == (32, 32)
+    assert batch.device.type == "cpu"
+
+
+def test_one_seed_gives_identical_batches(make_loader):
+    a = run(make_loader(batch_size=32, seed=4, stages=[Jitter()]))
+    b = run(make_loader(batch_size=32, seed=4, stages=[Jitter()]))
+    assert_same_batches(a, b)
+    c = run(make_loader(batch_size=32, seed=5, stages=[Jitter()]))
+    assert not np.array_equal(a[0]["index"], c[0]["index"])
+
+
+def test_epochs_differ_and_drop_last_gives_full_batches(make_loader):
+    loader = make_loader(batch_size=32, seed=0)
+    first, second = run(loader), run(loader)
+    assert len(first) == len(second) == 203 // 32 == len(loader)
+    assert all(b["images"].shape[0] == 32 for b in first)
+    assert not np.array_equal(first[0]["index"], second[0]["index"])
+    assert loader.state_dict() == {"seed": 0, "epoch": 2, "step": 0}
+
+
+def test_keep_last_partial_batch(make_loader):
+    batches = run(make_loader(batch_size=32, drop_last=False, order="sequential"))
+    assert [len(b["index"]) for b in batches] == [32] * 6 + [11]
+    assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(203))
+
+
+def test_resume_from_state_dict_mid_epoch_yields_the_same_remaining_batches(make_loader):
+    reference_loader = make_loader(batch_size=16, seed=3, stages=[Jitter()])
+    run(reference_loader)  # epoch 0
+    reference = run(reference_loader)  # epoch 1, uninterrupted
+
+    interrupted = make_loader(batch_size=16, seed=3, stages=[Jitter()])
+    run(interrupted)
+    run(interrupted, limit=5)  # killed after 5 batches of epoch 1
+    state = interrupted.state_dict()
+    assert state == {"seed": 3, "epoch": 1, "step": 5}
+
+    resumed = make_loader(batch_size=16, seed=99, stages=[Jitter()])
+    resumed.load_state_dict(state)
+    assert_same_batches(run(resumed), reference[5:])
+    assert resumed.state_dict() == {"seed": 3, "epoch": 2, "step": 0}
+
+
+def test_load_state_dict_rejects_bad_state(make_loader):
+    loader = make_loader(batch_size=16)
+    with pytest.raises(KeyError, match="step"):
+        loader.load_state_dict({"seed": 0, "epoch": 0})
+    with pytest.raises(ValueError, match=r"step 99 is outside \[0, 12\]"):
+        loader.load_state_dict({"seed": 0, "epoch": 0, "step": 99})
+
+
+def test_crop_boxes_are_the_ones_applied(make_loader):
+    """Re-cropping the uncropped source with the recorded boxes gives the batch back."""
+    from masklab.pipeline import CropParams, apply_crop
+
+    full = make_loader(batch_size=8, order="sequential", scale=None, flip_p=0.0)
+    cropped = make_loader(batch_size=8, order="sequential", seed=1)
+    source = next(iter(full))
+    batch = next(iter(cropped))
+    assert torch.equal(batch.index, source.index)
+    again = apply_crop(source.images, CropParams(batch.crops, batch.flips), (32, 32))
+    torch.testing.assert_close(again, batch.images)
+
+
+def test_distributed_needs_a_process_group(make_loader):
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        make_loader(batch_size=8, distributed=True)
+
+
+def test_a_stage_chain_runs_after_any_source(tensor_dataset):
+    seen = []
+    stage = Lambda(lambda b: seen.append(b.images.shape) or b.replace(images=b.images * 0))
+    loader = DatasetLoader(tensor_dataset, stages=[stage], batch_size=10, resolution=8)
+    out = list(loader)
+    assert len(out) == 4 and seen == [torch.Size([10, 3, 8, 8])] * 4
+    assert all(b.images.abs().sum() == 0 for b in out)
+
+
+def test_dataset_loader_of_mixed_sizes_needs_decode_size():
+    data = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0), (torch.zeros(3, 10, 12, dtype=torch.uint8), 1)]
+    with pytest.raises(ValueError, match=r"decode_size"):
+        list(DatasetLoader(data, batch_size=2, resolution=4))
+    batch = next(iter(DatasetLoader(data, batch_size=2, resolution=4, decode_size=8)))
+    assert batch.source_size == (8, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.ffcv
+def test_two_gloo_ranks_read_disjoint_shards_covering_the_dataset(shapes_beton, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys
+            import torch, torch.distributed as dist
+            from masklab.pipeline import Loader
+            dist.init_process_group("gloo")
+            loader = Loader({str(shapes_beton)!r}, batch_size=17, resolution=16, distributed=True, seed=2, num_workers=1)
+            seen = torch.cat([b.index for b in loader])
+            gathered = [torch.zeros_like(seen) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, seen)
+            if dist.get_rank() == 0:
+                torch.save(gathered, {str(tmp_path / "seen.pt")!r})
+            dist.destroy_process_group()
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (t.tolist() for t in torch.load(tmp_path / "seen.pt"))
+    # 203 samples on 2 ranks: 102 each (one padding repeat); 102 // 17 = 6 full batches each.
+    assert len(rank0) == len(rank1) == 102
+    # Disjoint but for the one padding repeat: rank 1's last sample is the epoch's first.
+    assert set(rank0) & set(rank1) == {rank0[0]} == {rank1[-1]}
+    assert not set(rank0) & set(rank1[:-1])
+    assert rank0 == epoch_order(203, seed=2, epoch=0, rank=0, world_size=2).tolist()
+    assert rank1 == epoch_order(203, seed=2, epoch=0, rank=1, world_size=2).tolist()
+    assert len(set(rank0) | set(rank1)) == 203

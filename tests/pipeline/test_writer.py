@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from masklab.pipeline import Loader, read_info, write_dataset
+
+pytestmark = pytest.mark.ffcv
+
+
+def sequential(path, **kwargs):
+    return Loader(path, batch_size=16, resolution=32, order="sequential", scale=None, flip_p=0.0, drop_last=False, **kwargs)
+
+
+def test_round_trip_keeps_labels_indices_and_pixels(shapes_beton, shapes_small):
+    batches = list(sequential(shapes_beton))
+    labels = torch.cat([b.labels for b in batches])
+    index = torch.cat([b.index for b in batches])
+    assert index.tolist() == list(range(len(shapes_small)))
+    assert labels.tolist() == [shapes_small[i][1] for i in range(len(shapes_small))]
+    source = torch.from_numpy(shapes_small[17][0].copy()).permute(2, 0, 1).float() / 255
+    decoded = torch.cat([b.images for b in batches])[17]
+    assert (decoded - source).abs().mean() < 0.05  # JPEG at quality 90
+    other = torch.from_numpy(shapes_small[18][0].copy()).permute(2, 0, 1).float() / 255
+    assert (decoded - other).abs().mean() > 0.1
+
+
+def test_info_describes_the_file(shapes_beton):
+    info = read_info(shapes_beton)
+    assert info.count == 203
+    assert set(info.fields) == {"image", "label", "index"}
+    assert info.min_size == info.max_size == (32, 32)
+    assert info.num_classes == 8 and info.classes[0] == "circle"
+    assert "images:     203" in str(info)
+
+
+def make_folder(root, corrupt=True):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    if corrupt:
+        (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        good = root / "cat" / "0.png"
+        (root / "cat" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    return root
+
+
+def test_folder_source_skips_and_reports_corrupt_images(tmp_path):
+    src = make_folder(tmp_path / "src")
+    report = write_dataset(src, tmp_path / "out.beton", num_workers=1, progress=False)
+    assert report.count == 6
+    assert report.classes == ["cat", "dog"]
+    assert sorted(p.rsplit("/", 1)[-1] for p, _ in report.skipped) == ["broken.jpg", "truncated.png"]
+    sidecar = json.loads((tmp_path / "out.beton.json").read_text())
+    assert len(sidecar["skipped"]) == 2
+    labels = torch.cat([b.labels for b in Loader(tmp_path / "out.beton", batch_size=3, resolution=16, order="sequential")])
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_strict_raises_on_the_corrupt_image(tmp_path):
+    src = make_folder(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"cannot read image .*(broken.jpg|truncated.png)"):
+        write_dataset(src, tmp_path / "out.beton", strict=True, num_workers=1, progress=False)
+    assert not (tmp_path / "out.beton").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "out.beton"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match=r"out.beton exists; pass overwrite=True"):
+        write_dataset((np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2)), out, progress=False)
+    assert out.read_bytes() == b"precious"
+    write_dataset((np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2)), out, overwrite=True, num_workers=1, progress=False)
+    assert read_info(out).count == 2
+
+
+def test_missing_and_empty_sources_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"source path .*nowhere does not exist"):
+        write_dataset(tmp_path / "nowhere", tmp_path / "out.beton")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds no images"):
+        write_dataset(tmp_path / "empty", tmp_path / "out.beton", progress=False)
+    with pytest.raises(ValueError, match=r"no class subfolders"):
+        write_dataset(tmp_path / "empty" / "cls", tmp_path / "out.beton", progress=False)
+
+
+def test_tensor_source_in_chw_float(tmp_path):
+    images = torch.rand(5, 3, 12, 12)
+    report = write_dataset((images, torch.tensor([0, 1, 2, 1, 0])), tmp_path / "t.beton", num_workers=1, progress=False)
+    assert report.count == 5 and report.classes == ["0", "1", "2"]
+    assert read_info(tmp_path / "t.beton").min_size == (12, 12)
+
+
+class Exploding:
+    def __len__(self):
+        return 300
+
+    def __getitem__(self, i):
+        if i in (250, 7):
+            raise RuntimeError("disk on fire")
+        return np.full((8, 8, 3), i % 256, np.uint8), i % 3
+
+
+def test_a_failing_sample_is_skipped_and_indices_stay_dense(tmp_path):
+    out = tmp_path / "out.beton"
+    report = write_dataset(Exploding(), out, num_workers=2, progress=False)
+    assert report.count == 298
+    assert report.skipped == [("sample 7", "RuntimeError: disk on fire"), ("sample 250", "RuntimeError: disk on fire")]
+    labels = torch.cat([b.labels for b in sequential(out)])
+    expected = [i % 3 for i in range(300) if i not in (7, 250)]
+    assert labels.tolist() == expected
+
+
+def test_strict_raises_for_a_failing_sample(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot read image sample 7: RuntimeError: disk on fire"):
+        write_dataset(Exploding(), tmp_path / "out.beton", strict=True, num_workers=1, progress=False)
+
+
+def test_an_interrupted_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def crash(self, allocations):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "finalize", crash)
+    out = tmp_path / "out.beton"
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset((np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4)), out, num_workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
