@@ -11,7 +11,9 @@ pytestmark = pytest.mark.ffcv
 
 
 def sequential(path, **kwargs):
-    return Loader(path, batch_size=16, resolution=32, order="sequential", scale=None, flip_p=0.0, drop_last=False, **kwargs)
+    return Loader(
+        path, batch_size=16, resolution=32, order="sequential", scale=None, flip_p=0.0, drop_last=False, **kwargs
+    )
 
 
 def test_round_trip_keeps_labels_indices_and_pixels(shapes_beton, shapes_small):
@@ -57,7 +59,9 @@ def test_folder_source_skips_and_reports_corrupt_images(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p, _ in report.skipped) == ["broken.jpg", "truncated.png"]
     sidecar = json.loads((tmp_path / "out.beton.json").read_text())
     assert len(sidecar["skipped"]) == 2
-    labels = torch.cat([b.labels for b in Loader(tmp_path / "out.beton", batch_size=3, resolution=16, order="sequential")])
+    labels = torch.cat(
+        [b.labels for b in Loader(tmp_path / "out.beton", batch_size=3, resolution=16, order="sequential")]
+    )
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 

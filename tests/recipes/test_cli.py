@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+from masklab.recipes.cli import build_parser, main
+
+pytestmark = pytest.mark.ffcv
+
+
+def test_write_builtin_then_info(tmp_path, capsys):
+    out = tmp_path / "s.beton"
+    assert (
+        main(["write-dataset", "--builtin", "shapes", "--length", "24", "--size", "32", "--workers", "1", str(out)])
+        == 0
+    )
+    assert "wrote 24 images" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "images:     24" in text
+    assert "resolution: 32x32" in text
+    assert "classes:    8 (circle, square, triangle, cross, star, ring, semicircle, arrow)" in text
+
+
+def test_existing_output_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "s.beton"
+    out.write_bytes(b"keep me")
+    code = main(["write-dataset", "--builtin", "digits", str(out)])
+    assert code == 2
+    assert "s.beton exists; pass overwrite=True (--overwrite on the command line)" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_source_is_a_clear_error(tmp_path, capsys):
+    assert main(["write-dataset", str(tmp_path / "nope"), str(tmp_path / "o.beton")]) == 2
+    assert "source path" in capsys.readouterr().err
+
+
+def test_write_digits_folder_round_trip(tmp_path, capsys):
+    out = tmp_path / "d.beton"
+    assert main(["write-dataset", "--builtin", "digits", "--split", "test", "--workers", "1", str(out)]) == 0
+    assert main(["info", str(out)]) == 0
+    assert "classes:    10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], ["write-dataset"], ["info"], ["demo"]])
+def test_help_everywhere(command):
+    result = subprocess.run(
+        [sys.executable, "-m", "masklab.recipes.cli", *command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "usage: masklab" in result.stdout
+
+
+def test_parser_knows_its_commands():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"write-dataset", "info", "demo"} <= set(sub.choices)
