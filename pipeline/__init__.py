@@ -7,7 +7,15 @@ functions that need it.
 from ._ffcv import ffcv_available, require_ffcv
 from .batch import Batch
 from .builtin import BUILTIN, SHAPE_CLASSES, Digits, Shapes, builtin_dataset
-from .crop import CropParams, RandomResizedCrop, apply_crop, full_crop_params, random_resized_crop_params
+from .crop import (
+    CropParams,
+    RandomResizedCrop,
+    apply_crop,
+    centre_crop_params,
+    check_crop_args,
+    draw_crop_params,
+    random_resized_crop_params,
+)
 from .loader import DatasetLoader, Loader
 from .order import epoch_order
 from .stage import Chain, Lambda, Stage, batch_generator, derive_seed, stage_node
@@ -34,7 +42,9 @@ __all__ = [
     "derive_seed",
     "epoch_order",
     "ffcv_available",
-    "full_crop_params",
+    "centre_crop_params",
+    "check_crop_args",
+    "draw_crop_params",
     "random_resized_crop_params",
     "read_info",
     "require_ffcv",

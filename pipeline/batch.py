@@ -40,7 +40,7 @@ class Batch:
             (``x1``/``y1`` exclusive).
         flips: ``(B,)`` bool, ``True`` where the crop was flipped left-right
             after cropping.
-        source_size: ``(H, W)`` of the decoded source image the boxes refer to.
+        source_sizes: ``(B, 2)`` int ``(H, W)`` of each source image the boxes refer to.
         views: extra augmented views, each ``(B, C, H, W)``.
         view_crops: ``(B, 4)`` boxes for each view, same convention as ``crops``.
         view_flips: ``(B,)`` flips for each view.
@@ -69,7 +69,7 @@ class Batch:
     index: torch.Tensor | None = None
     crops: torch.Tensor | None = None
     flips: torch.Tensor | None = None
-    source_size: tuple[int, int] | None = None
+    source_sizes: torch.Tensor | None = None
     views: list[torch.Tensor] | None = None
     view_crops: list[torch.Tensor] | None = None
     view_flips: list[torch.Tensor] | None = None
@@ -83,7 +83,7 @@ class Batch:
             shape = tuple(self.images.shape) if isinstance(self.images, torch.Tensor) else type(self.images)
             raise ValueError(f"Batch.images must be a (B, C, H, W) tensor, got {shape}")
         n = self.images.shape[0]
-        for name in ("labels", "index", "crops", "flips"):
+        for name in ("labels", "index", "crops", "flips", "source_sizes"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(
@@ -111,6 +111,6 @@ class Batch:
         changes = {
             f.name: _move(getattr(self, f.name), device, non_blocking)
             for f in dataclasses.fields(self)
-            if f.name not in ("seed", "source_size")
+            if f.name != "seed"
         }
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,9 @@
-"""Random resized crop and flip on the device, with the boxes recorded."""
+"""Random resized crop and flip with the boxes recorded.
+
+The params are drawn here, batched, from an explicit generator; applying
+them is :func:`apply_crop` on the device, or FFCV's decoder in the
+:class:`~masklab.pipeline.Loader` (which crops while decoding, on uint8).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,15 @@ from kornia.geometry.transform import crop_and_resize
 from .batch import Batch
 from .stage import Stage
 
-__all__ = ["CropParams", "random_resized_crop_params", "full_crop_params", "apply_crop", "RandomResizedCrop"]
+__all__ = [
+    "CropParams",
+    "RandomResizedCrop",
+    "apply_crop",
+    "centre_crop_params",
+    "check_crop_args",
+    "draw_crop_params",
+    "random_resized_crop_params",
+]
 
 _ATTEMPTS = 10
 
@@ -28,14 +41,47 @@ class CropParams:
     boxes: torch.Tensor
     flips: torch.Tensor
 
+    def __getitem__(self, rows: slice | torch.Tensor) -> CropParams:
+        return CropParams(self.boxes[rows], self.flips[rows])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CropParams:
+        return CropParams(
+            self.boxes.to(device, non_blocking=non_blocking), self.flips.to(device, non_blocking=non_blocking)
+        )
+
+
+def check_crop_args(scale: tuple[float, float] | None, ratio: tuple[float, float], flip_p: float) -> None:
+    """Raise ``ValueError`` naming the value if crop arguments are out of range."""
+    if scale is not None and not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}")
+    if not 0 <= flip_p <= 1:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device) * (high - low) + low
 
 
+def _sizes(batch_size: int, source_size: tuple[int, int] | torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 1)`` float heights and widths from one ``(H, W)`` or per-sample ``(B, 2)`` sizes."""
+    if isinstance(source_size, torch.Tensor):
+        if tuple(source_size.shape) != (batch_size, 2):
+            raise ValueError(f"per-sample source sizes must be ({batch_size}, 2), got {tuple(source_size.shape)}")
+        sizes = source_size.to(device=device, dtype=torch.float32)
+    else:
+        sizes = torch.tensor([float(source_size[0]), float(source_size[1])], device=device).expand(batch_size, 2)
+    return sizes[:, :1], sizes[:, 1:]
+
+
+def _flips(batch_size: int, flip_p: float, generator, device) -> torch.Tensor:
+    return torch.rand((batch_size,), generator=generator, device=device) < flip_p
+
+
 def random_resized_crop_params(
     batch_size: int,
-    source_size: tuple[int, int],
+    source_size: tuple[int, int] | torch.Tensor,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = 0.5,
@@ -45,12 +91,12 @@ def random_resized_crop_params(
     """Draw random-resized-crop boxes for a batch, on ``device``.
 
     torchvision's rule, batched: per sample, ten (area, log-aspect) attempts;
-    the first that fits is used, else a centre crop with the aspect clamped
-    to ``ratio``. Box sides and corners are whole pixels.
+    the first that fits is used, else the whole image with its aspect clamped
+    into ``ratio``, centred. Box sides and corners are whole pixels.
 
     Args:
         batch_size: ``B``.
-        source_size: ``(H, W)`` of the images the boxes refer to.
+        source_size: ``(H, W)`` of every source image, or per-sample ``(B, 2)`` sizes.
         scale: range of the crop's area as a fraction of the source area.
         ratio: range of the crop's aspect ratio (width / height).
         flip_p: probability of a left-right flip.
@@ -60,45 +106,61 @@ def random_resized_crop_params(
     Returns:
         :class:`CropParams` with ``boxes (B, 4)`` and ``flips (B,)``.
     """
-    height, width = source_size
-    area = float(height * width)
+    height, width = _sizes(batch_size, source_size, device)
     shape = (batch_size, _ATTEMPTS)
-    target_area = area * _uniform(shape, scale[0], scale[1], generator, device)
-    log_ratio = _uniform(shape, math.log(ratio[0]), math.log(ratio[1]), generator, device)
-    aspect = torch.exp(log_ratio)
+    target_area = height * width * _uniform(shape, scale[0], scale[1], generator, device)
+    aspect = torch.exp(_uniform(shape, math.log(ratio[0]), math.log(ratio[1]), generator, device))
     w = torch.round(torch.sqrt(target_area * aspect))
     h = torch.round(torch.sqrt(target_area / aspect))
     fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
     # First fitting attempt per sample (argmax returns the first maximum).
     first = torch.argmax(fits.to(torch.uint8), dim=1, keepdim=True)
-    any_fit = fits.any(dim=1)
-    w = torch.gather(w, 1, first).squeeze(1)
-    h = torch.gather(h, 1, first).squeeze(1)
-    # Fallback: the whole image with the aspect clamped into `ratio`.
+    any_fit = fits.any(dim=1, keepdim=True)
+    w, h = torch.gather(w, 1, first), torch.gather(h, 1, first)
+    # Fallback: the whole image with the aspect clamped into `ratio`, centred.
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(any_fit, w, torch.full_like(w, fw))
-    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w, h = torch.where(any_fit, w, fw), torch.where(any_fit, h, fh)
     u = torch.rand((batch_size, 2), generator=generator, device=device)
-    x0 = torch.where(any_fit, torch.floor(u[:, 0] * (width - w + 1)), torch.full_like(w, (width - fw) // 2))
-    y0 = torch.where(any_fit, torch.floor(u[:, 1] * (height - h + 1)), torch.full_like(h, (height - fh) // 2))
-    boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
-    flips = torch.rand((batch_size,), generator=generator, device=device) < flip_p
+    x0 = torch.where(any_fit, torch.floor(u[:, :1] * (width - w + 1)), torch.floor((width - w) / 2))
+    y0 = torch.where(any_fit, torch.floor(u[:, 1:] * (height - h + 1)), torch.floor((height - h) / 2))
+    boxes = torch.cat([x0, y0, x0 + w, y0 + h], dim=1)
+    return CropParams(boxes=boxes, flips=_flips(batch_size, flip_p, generator, device))
+
+
+def centre_crop_params(
+    batch_size: int,
+    source_size: tuple[int, int] | torch.Tensor,
+    flip_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> CropParams:
+    """The largest centred square of each source image (the whole image when square)."""
+    height, width = _sizes(batch_size, source_size, device)
+    side = torch.minimum(height, width)
+    x0, y0 = torch.floor((width - side) / 2), torch.floor((height - side) / 2)
+    boxes = torch.cat([x0, y0, x0 + side, y0 + side], dim=1)
+    if flip_p > 0:
+        flips = _flips(batch_size, flip_p, generator, device)
+    else:
+        flips = torch.zeros(batch_size, dtype=torch.bool, device=device)
     return CropParams(boxes=boxes, flips=flips)
 
 
-def full_crop_params(batch_size: int, source_size: tuple[int, int], device: torch.device | str = "cpu") -> CropParams:
-    """Boxes covering the whole source image, no flips."""
-    height, width = source_size
-    box = torch.tensor([0.0, 0.0, float(width), float(height)], device=device)
-    return CropParams(
-        boxes=box.expand(batch_size, 4).clone(), flips=torch.zeros(batch_size, dtype=torch.bool, device=device)
-    )
+def draw_crop_params(
+    batch_size: int,
+    source_size: tuple[int, int] | torch.Tensor,
+    scale: tuple[float, float] | None,
+    ratio: tuple[float, float],
+    flip_p: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> CropParams:
+    """Random resized crop params, or centred squares when ``scale`` is ``None``."""
+    if scale is None:
+        return centre_crop_params(batch_size, source_size, flip_p, generator, device)
+    return random_resized_crop_params(batch_size, source_size, scale, ratio, flip_p, generator, device)
 
 
 def apply_crop(images: torch.Tensor, params: CropParams, size: tuple[int, int]) -> torch.Tensor:
@@ -130,16 +192,15 @@ def apply_crop(images: torch.Tensor, params: CropParams, size: tuple[int, int]) 
 
 
 class RandomResizedCrop(Stage):
-    """Random resized crop and flip of ``batch.images``, boxes recorded in the batch.
+    """Random resized crop and flip of ``batch.images`` on the device, boxes recorded.
 
-    The loader decodes each image once at a fixed size and runs this stage on
-    the device, so the crop boxes (``batch.crops``, in source pixels) and
-    flips (``batch.flips``) are known to later stages, e.g. to align a
-    per-image saliency map with the crop.
+    The crop boxes (``batch.crops``, in source pixels), flips (``batch.flips``)
+    and source sizes (``batch.source_sizes``) are kept so later stages can
+    align per-image maps (AMT's saliency) with the crop.
 
     Args:
         size: output side (int) or ``(h, w)``.
-        scale: area range of the crop; ``None`` resizes the whole image.
+        scale: area range of the crop; ``None`` takes the centred square (evaluation).
         ratio: aspect range of the crop.
         flip_p: probability of a left-right flip.
 
@@ -148,8 +209,8 @@ class RandomResizedCrop(Stage):
         >>> from masklab.pipeline import Batch
         >>> _ = torch.manual_seed(0)
         >>> out = RandomResizedCrop(8)(Batch(images=torch.rand(2, 3, 16, 16)))
-        >>> tuple(out.images.shape), tuple(out.crops.shape), out.source_size
-        ((2, 3, 8, 8), (2, 4), (16, 16))
+        >>> tuple(out.images.shape), tuple(out.crops.shape), out.source_sizes.tolist()
+        ((2, 3, 8, 8), (2, 4), [[16, 16], [16, 16]])
     """
 
     def __init__(
@@ -163,34 +224,23 @@ class RandomResizedCrop(Stage):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         if min(self.size) < 1:
             raise ValueError(f"size must be positive, got {size}")
-        if scale is not None and not (0 < scale[0] <= scale[1] <= 1):
-            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
-        if not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
-        if not 0 <= flip_p <= 1:
-            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        check_crop_args(scale, ratio, flip_p)
         self.scale = None if scale is None else tuple(scale)
         self.ratio = tuple(ratio)
         self.flip_p = flip_p
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> CropParams:
         source = tuple(batch.images.shape[-2:])
-        if self.scale is None:
-            params = full_crop_params(len(batch), source, batch.device)
-            if self.flip_p > 0:
-                flips = torch.rand((len(batch),), generator=generator, device=batch.device) < self.flip_p
-                params = CropParams(params.boxes, flips)
-            return params
-        return random_resized_crop_params(
-            len(batch), source, self.scale, self.ratio, self.flip_p, generator, batch.device
-        )
+        return draw_crop_params(len(batch), source, self.scale, self.ratio, self.flip_p, generator, batch.device)
 
     def apply(self, batch: Batch, params: CropParams) -> Batch:
+        height, width = batch.images.shape[-2:]
+        sizes = torch.tensor([height, width], device=batch.device).expand(len(batch), 2)
         return batch.replace(
             images=apply_crop(batch.images, params, self.size),
             crops=params.boxes,
             flips=params.flips,
-            source_size=tuple(batch.images.shape[-2:]),
+            source_sizes=sizes,
         )
 
     def extra_repr(self) -> str:

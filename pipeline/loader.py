@@ -2,15 +2,16 @@
 
 :class:`Loader` reads a ``.beton`` file with FFCV; :class:`DatasetLoader`
 reads any map-style dataset (in-memory tensors, a torch ``Dataset``) with a
-torch ``DataLoader``. Both decode each image once at a fixed square size,
-move the uint8 batch to ``device``, then run the same chain there: a
-:class:`~masklab.pipeline.RandomResizedCrop` that records its boxes and
-flips, then the user's stages.
+torch ``DataLoader``. Both draw every crop box and flip of an epoch up front
+from ``(seed, epoch, rank)``, record them in each :class:`Batch`
+(``crops``, ``flips``, ``source_sizes``), then run the user's stages on
+``device``.
 
-Why crop on the device rather than in FFCV's crop decoder: FFCV's
-``RandomResizedCropRGBImageDecoder`` does not expose the boxes it draws, and
-model-guided masks (AMT) must resample a per-image map with them; one decode
-also serves several views. ``benchmarks/loader.py`` measures both.
+Where the crop runs: in :class:`Loader`, inside FFCV's decoder threads on
+uint8 pixels (OpenCV's area resize), from the drawn boxes; FFCV's own
+``RandomResizedCropRGBImageDecoder`` cannot report its boxes, and cropping on
+the device instead costs more than the decode on a CPU (``benchmarks/loader.py``
+measures all three). In :class:`DatasetLoader`, on the device with kornia.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from ._ffcv import require_ffcv
 from .batch import Batch
-from .crop import RandomResizedCrop
+from .crop import CropParams, apply_crop, check_crop_args, draw_crop_params
 from .order import epoch_order
 from .stage import Chain, derive_seed
 from .writer import to_hwc_uint8
@@ -35,6 +36,7 @@ __all__ = ["Loader", "DatasetLoader"]
 
 StageLike = nn.Module | Callable[[Batch], Batch]
 _ORDERS = ("random", "sequential")
+_CROP_SALT = 0xC409
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -51,7 +53,7 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
 
 
 class _BatchLoader:
-    """Epochs, ordering, seeding, resume and the stage chain; subclasses read."""
+    """Epochs, ordering, crop draws, seeding, resume and the stage chain; subclasses read."""
 
     def __init__(
         self,
@@ -70,10 +72,13 @@ class _BatchLoader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
         if num_samples < 1:
             raise ValueError("the dataset holds no samples")
+        check_crop_args(scale, ratio, flip_p)
         self.num_samples = int(num_samples)
         self.batch_size = batch_size
         self.resolution = resolution
@@ -83,8 +88,10 @@ class _BatchLoader:
         self.drop_last = drop_last
         self.distributed = distributed
         self.rank, self.world_size = _rank_and_world(distributed)
-        self.crop = RandomResizedCrop(resolution, scale=scale, ratio=ratio, flip_p=flip_p)
-        self.chain = Chain([self.crop, *stages])
+        self.scale = None if scale is None else tuple(scale)
+        self.ratio = tuple(ratio)
+        self.flip_p = flip_p
+        self.chain = Chain(stages)
         self.epoch = 0
         self.step = 0
         if len(self) == 0:
@@ -110,19 +117,46 @@ class _BatchLoader:
         )
         return indices[: len(self) * self.batch_size]
 
-    def _read(self, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(uint8 images (B, 3, S, S), labels, index)`` on ``self.device``."""
+    def source_sizes(self, indices: np.ndarray) -> torch.Tensor:
+        """``(len(indices), 2)`` int64 ``(H, W)`` of the source images the boxes refer to."""
+        raise NotImplementedError
+
+    def epoch_crops(self, indices: np.ndarray, epoch: int | None = None) -> CropParams:
+        """Crop boxes and flips of every position of ``indices`` in ``epoch``, drawn on the CPU.
+
+        One draw per epoch, seeded from ``(seed, epoch, rank)``, so a resumed
+        epoch gets the same boxes, and FFCV can crop batches it reads ahead.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, _CROP_SALT))
+        return draw_crop_params(
+            len(indices), self.source_sizes(indices), self.scale, self.ratio, self.flip_p, generator
+        )
+
+    def _read(
+        self, indices: np.ndarray, crops: CropParams
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(float images (B, 3, r, r) cropped as ``crops`` says, labels, index)`` on ``self.device``."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.step
-        remaining = self.epoch_indices()[start * self.batch_size :]
-        for offset, (images, labels, index) in enumerate(self._read(remaining)):
+        indices = self.epoch_indices()
+        crops = self.epoch_crops(indices)
+        sizes = self.source_sizes(indices)
+        first = start * self.batch_size
+        non_blocking = self.device.type == "cuda"
+        reader = self._read(indices[first:], crops[first:])
+        for offset, (images, labels, index) in enumerate(reader):
             step = start + offset
+            rows = slice(step * self.batch_size, step * self.batch_size + len(index))
             batch = Batch(
                 images=images,
                 labels=labels,
                 index=index,
+                crops=crops.boxes[rows].to(self.device, non_blocking=non_blocking),
+                flips=crops.flips[rows].to(self.device, non_blocking=non_blocking),
+                source_sizes=sizes[rows].to(self.device, non_blocking=non_blocking),
                 seed=derive_seed(self.seed, self.epoch, step, self.rank),
             )
             out = self.chain(batch)
@@ -136,7 +170,7 @@ class _BatchLoader:
         return {"seed": self.seed, "epoch": self.epoch, "step": self.step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``: the same order and stage randomness as the saved run."""
+        """Continue from ``state``: the same order, crops and stage randomness as the saved run."""
         missing = {"seed", "epoch", "step"} - set(state)
         if missing:
             raise KeyError(f"loader state lacks {sorted(missing)}")
@@ -147,15 +181,6 @@ class _BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch``."""
         self.epoch, self.step = int(epoch), 0
-
-
-def _common_square_size(reader: Any) -> int | None:
-    """The side of the images if they are all one square size, else ``None``."""
-    image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
-    heights, widths = np.unique(image["height"]), np.unique(image["width"])
-    if len(heights) == len(widths) == 1 and heights[0] == widths[0]:
-        return int(heights[0])
-    return None
 
 
 def _ffcv_loader_class():
@@ -182,32 +207,29 @@ def _ffcv_loader_class():
 class Loader(_BatchLoader):
     """Read a ``.beton`` file with FFCV and yield :class:`Batch` objects.
 
-    FFCV reads and JPEG-decodes each image on the CPU (numba threads) at a
-    fixed ``decode_size`` (centre square, resized), batches it, and moves it to
-    ``device``. There the chain runs: random resized crop and flip (boxes
-    recorded in ``batch.crops`` / ``batch.flips``), then ``stages``.
+    FFCV reads each image and, in its numba worker threads, decodes the JPEG,
+    crops the box masklab drew for it, resizes to ``resolution`` (uint8,
+    OpenCV area resize) and flips it; the batch moves to ``device``, becomes
+    float in ``[0, 1]``, and ``stages`` run there. Boxes are in pixels of the
+    stored image (``batch.crops``, with ``batch.source_sizes``).
 
     The epoch order comes from ``(seed, epoch)`` and is sharded across ranks
     by masklab (the rule of PyTorch's ``DistributedSampler``), not by FFCV's
     ``distributed=True``: owning the order is what lets a run resume
-    mid-epoch. Stage randomness is seeded from ``(seed, epoch, step, rank)``.
+    mid-epoch. Build a distributed loader after the process group exists.
 
     Args:
         path: a ``.beton`` file from :func:`~masklab.pipeline.write_dataset`.
         stages: batch stages run on the device after the crop.
         batch_size: images per batch (per rank).
         resolution: side of the output crops.
-        decode_size: side images are decoded at (centre square, resized). By
-            default the images' own side when they all share one square size
-            (the built-in sets), else ``resolution``; for photos of mixed
-            sizes set it a little above ``resolution`` (e.g. 256 for 224).
         device: where batches and stages live (``"cpu"``, ``"cuda"``, ...).
-        seed: seeds the order and every stage's randomness.
+        seed: seeds the order, the crops and every stage's randomness.
         num_workers: FFCV decoding threads (default: the cores available).
         order: ``"random"`` or ``"sequential"``.
         drop_last: drop the last partial batch (so every batch has the same size).
         distributed: shard across the ranks of the initialised process group.
-        scale: crop area range; ``None`` resizes the whole image (evaluation).
+        scale: crop area range; ``None`` takes the centred square (evaluation).
         ratio: crop aspect range.
         flip_p: probability of a left-right flip.
         batches_ahead: batches FFCV prepares in advance.
@@ -223,7 +245,6 @@ class Loader(_BatchLoader):
         stages: Sequence[StageLike] = (),
         batch_size: int = 64,
         resolution: int = 32,
-        decode_size: int | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
         num_workers: int | None = None,
@@ -237,18 +258,19 @@ class Loader(_BatchLoader):
     ) -> None:
         ffcv_cls = _ffcv_loader_class()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.reader import Reader
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        from ._ffcv_decode import TABLE_COLUMNS, TableCropDecoder
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
         self.path = str(path)
         reader = Reader(self.path)
-        num_samples = reader.num_samples
-        self.decode_size = int(decode_size or _common_square_size(reader) or resolution)
+        image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+        self._sizes = torch.from_numpy(np.stack([image["height"], image["width"]], axis=1).astype(np.int64))
         super().__init__(
-            num_samples,
+            reader.num_samples,
             stages,
             batch_size,
             resolution,
@@ -261,6 +283,8 @@ class Loader(_BatchLoader):
             ratio,
             flip_p,
         )
+        # Read by the compiled decoder through its address: fill in place, never reassign.
+        self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
         ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
         self._ffcv = ffcv_cls(
             self.path,
@@ -270,7 +294,7 @@ class Loader(_BatchLoader):
             batches_ahead=batches_ahead,
             pipelines={
                 "image": [
-                    CenterCropRGBImageDecoder((self.decode_size, self.decode_size), ratio=1.0),
+                    TableCropDecoder((resolution, resolution), self._crop_table),
                     ToTensor(),
                     ToDevice(self.device, non_blocking=True),
                     ToTorchImage(),
@@ -281,11 +305,18 @@ class Loader(_BatchLoader):
             first_order=self.epoch_indices(),
         )
 
-    def _read(self, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def source_sizes(self, indices: np.ndarray) -> torch.Tensor:
+        return self._sizes[torch.from_numpy(indices)]
+
+    def _read(
+        self, indices: np.ndarray, crops: CropParams
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        x0, y0, x1, y1 = crops.boxes.long().unbind(1)
+        self._crop_table[indices] = torch.stack([y0, x0, y1 - y0, x1 - x0, crops.flips.long()], dim=1).numpy()
         self._ffcv.masklab_order = indices
-        # FFCV recycles its output buffers: keep copies of what outlives the step.
+        # FFCV recycles its output buffers: what outlives the step is copied.
         for images, labels, index in self._ffcv:
-            yield images, labels.long().clone(), index.long().clone()
+            yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
 
 
 def _square_uint8(image: Any, size: int | None) -> torch.Tensor:
@@ -322,6 +353,10 @@ class _Collate:
         return images, labels, index
 
 
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) >= 2
+
+
 class _WithIndex:
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -331,7 +366,7 @@ class _WithIndex:
 
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
         item = self.dataset[i]
-        if isinstance(item, (tuple, list)) and len(item) >= 2:
+        if _is_pair(item):
             return item[0], item[1], i
         return item, -1, i
 
@@ -342,9 +377,11 @@ class DatasetLoader(_BatchLoader):
     Use it for in-memory tensors (``torch.utils.data.TensorDataset``), the
     built-in datasets, or any dataset returning ``(image, label)`` with PIL,
     array or tensor images. A torch ``DataLoader`` reads and collates on the
-    CPU; the crop and ``stages`` then run on ``device`` exactly as in
-    :class:`Loader`. Arguments are those of :class:`Loader`, with ``dataset``
-    in place of ``path``.
+    CPU, bringing every image to one square ``decode_size`` (centre square,
+    resized; by default the images' own side, which they must then share);
+    the crop (kornia) and ``stages`` run on ``device``. The order, the crop
+    draws, the seeding and resume are those of :class:`Loader`, whose other
+    arguments this takes, with ``dataset`` in place of ``path``.
 
     Examples:
         >>> import torch
@@ -391,8 +428,22 @@ class DatasetLoader(_BatchLoader):
         self.dataset = dataset
         self.decode_size = decode_size
         self.num_workers = num_workers
+        self._side: int | None = None
 
-    def _read(self, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def source_sizes(self, indices: np.ndarray) -> torch.Tensor:
+        side = self.decode_size if self.decode_size is not None else self._native_side()
+        return torch.full((len(indices), 2), side, dtype=torch.long)
+
+    def _native_side(self) -> int:
+        if self._side is None:
+            self._side = int(
+                _square_uint8(self.dataset[0][0] if _is_pair(self.dataset[0]) else self.dataset[0], None).shape[-1]
+            )
+        return self._side
+
+    def _read(
+        self, indices: np.ndarray, crops: CropParams
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
         reader = DataLoader(
@@ -406,9 +457,14 @@ class DatasetLoader(_BatchLoader):
             persistent_workers=False,
         )
         non_blocking = self.device.type == "cuda"
+        size = (self.resolution, self.resolution)
+        start = 0
         for images, labels, index in reader:
+            rows = slice(start, start + len(index))
+            start += len(index)
+            images = images.to(self.device, non_blocking=non_blocking)
             yield (
-                images.to(self.device, non_blocking=non_blocking),
+                apply_crop(images, crops[rows].to(self.device, non_blocking=non_blocking), size),
                 labels.to(self.device, non_blocking=non_blocking),
                 index.to(self.device, non_blocking=non_blocking),
             )

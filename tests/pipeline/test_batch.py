@@ -28,13 +28,13 @@ def test_to_moves_nested_tensors_and_keeps_meta():
         views=[torch.zeros(1, 3, 2, 2)],
         mix={"lam": torch.ones(1)},
         seed=7,
-        source_size=(2, 2),
+        source_sizes=torch.tensor([[2, 2]]),
     )
     moved = batch.to("meta")
     assert moved.images.device.type == "meta"
     assert moved.views[0].device.type == "meta"
     assert moved.mix["lam"].device.type == "meta"
-    assert moved.seed == 7 and moved.source_size == (2, 2)
+    assert moved.seed == 7 and moved.source_sizes.device.type == "meta"
     assert batch.images.device.type == "cpu"
 
 

@@ -50,7 +50,7 @@ def test_stage_records_boxes_and_leaves_input_alone():
     assert torch.equal(batch.images, images)
     assert out.images.shape == (4, 3, 8, 8)
     assert out.crops.shape == (4, 4) and out.flips.dtype == torch.bool
-    assert out.source_size == (16, 16)
+    assert out.source_sizes.tolist() == [[16, 16]] * 4
 
 
 def test_no_scale_means_the_whole_image():
