@@ -1,12 +1,15 @@
 """Loader throughput: masklab's FFCV loader against a torch DataLoader over PIL.
 
 Same JPEG images, same random-resized crop (scale 0.2-1) and flip, 2 workers,
-batch 256, at 64 and 128 px, all in one process. Three contenders:
+batch 256, at 64 and 128 px, all in one process. Contenders:
 
-- ``masklab``: FFCV decodes each image at a fixed size, then the crop and
-  flip run on the device (kornia) with their boxes recorded in the Batch;
+- ``masklab``: masklab draws the boxes, FFCV's decoder threads crop with
+  them on uint8 pixels; boxes recorded in the Batch;
 - ``ffcv-crop-decoder``: FFCV's own RandomResizedCropRGBImageDecoder + flip,
   which crops while decoding but cannot report the boxes;
+- ``ffcv+device-crop``: FFCV decodes the whole image, the crop and flip run
+  after it on the device (kornia), the alternative masklab measured and
+  rejected for the CPU;
 - ``dataloader+PIL``: torch DataLoader, PIL decode, torchvision
   RandomResizedCrop + RandomHorizontalFlip, the way most peers load.
 
@@ -68,13 +71,13 @@ def rate(make_iter, epochs: int) -> float:
 
 def bench(size: int, count: int, epochs: int, root: Path) -> dict[str, float]:
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader as FFCVLoader
     from ffcv.loader import OrderOption
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
     from torchvision import transforms as T
 
-    from masklab.pipeline import Loader, write_dataset
+    from masklab.pipeline import Loader, apply_crop, random_resized_crop_params, write_dataset
 
     folder = root / f"jpeg{size}"
     make_images(folder, size, count)
@@ -108,6 +111,25 @@ def bench(size: int, count: int, epochs: int, root: Path) -> dict[str, float]:
         # Same output as masklab's: float images in [0, 1].
         return ((images.float().div(255), labels) for images, labels in crop_decoder)
 
+    whole = FFCVLoader(
+        str(beton),
+        batch_size=BATCH,
+        num_workers=WORKERS,
+        order=OrderOption.RANDOM,
+        drop_last=True,
+        pipelines={
+            "image": [CenterCropRGBImageDecoder((size, size), ratio=1.0), ToTensor(), ToTorchImage()],
+            "label": [IntDecoder(), ToTensor()],
+            "index": None,
+        },
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    def device_crop_iter():
+        for images, labels in whole:
+            params = random_resized_crop_params(images.shape[0], (size, size), generator=generator)
+            yield apply_crop(images, params, (size, size)), labels
+
     transform = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
     dataloader = torch.utils.data.DataLoader(
         JpegFolder(folder, transform),
@@ -120,6 +142,7 @@ def bench(size: int, count: int, epochs: int, root: Path) -> dict[str, float]:
     results = {
         "masklab": rate(masklab_iter, epochs),
         "ffcv-crop-decoder": rate(ffcv_iter, epochs),
+        "ffcv+device-crop": rate(device_crop_iter, epochs),
         "dataloader+PIL": rate(lambda: iter(dataloader), epochs),
     }
     return results
