@@ -13,6 +13,7 @@ from .crop import (
     apply_crop,
     centre_crop_params,
     check_crop_args,
+    compose_crops,
     draw_crop_params,
     random_resized_crop_params,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ffcv_available",
     "centre_crop_params",
     "check_crop_args",
+    "compose_crops",
     "draw_crop_params",
     "random_resized_crop_params",
     "read_info",

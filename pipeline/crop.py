@@ -22,6 +22,7 @@ __all__ = [
     "apply_crop",
     "centre_crop_params",
     "check_crop_args",
+    "compose_crops",
     "draw_crop_params",
     "random_resized_crop_params",
 ]
@@ -245,3 +246,20 @@ class RandomResizedCrop(Stage):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p}"
+
+
+def compose_crops(outer: CropParams, image_size: tuple[int, int], inner: CropParams) -> CropParams:
+    """Express crops of already-cropped images in the coordinates of their sources.
+
+    ``inner`` boxes are in pixels of images of ``image_size`` that were cut from
+    their sources by ``outer`` (and flipped where ``outer.flips``). Returns the
+    same regions as boxes of the sources, with the two flips combined.
+    """
+    height, width = image_size
+    ox0, oy0, ox1, oy1 = outer.boxes.unbind(1)
+    ix0, iy0, ix1, iy1 = inner.boxes.to(outer.boxes.dtype).unbind(1)
+    sx, sy = (ox1 - ox0) / width, (oy1 - oy0) / height
+    x0 = torch.where(outer.flips, ox1 - ix1 * sx, ox0 + ix0 * sx)
+    x1 = torch.where(outer.flips, ox1 - ix0 * sx, ox0 + ix1 * sx)
+    boxes = torch.stack([x0, oy0 + iy0 * sy, x1, oy0 + iy1 * sy], dim=1)
+    return CropParams(boxes=boxes, flips=outer.flips ^ inner.flips)

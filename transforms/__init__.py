@@ -1,5 +1,61 @@
-"""masklab.transforms: mask stages, view and augmentation stages, mixing."""
+"""masklab.transforms: mask stages, view and augmentation stages, mixing.
 
+Every stage is an ``nn.Module`` on a :class:`~masklab.pipeline.Batch` with a
+plain functional form on tensors; random draws (``make_params``) are apart
+from their application (``apply``), on the batch's device.
+"""
+
+from ._mask_stage import PatchMaskStage, erase_patches
+from .block_mask import BlockDraw, BlockMask, block_cells, block_patch_mask
+from .feature_mask import FeatureMask, FeatureMasks, feature_masks
+from .mix_mask import MixMask, MixParams, mix_images, mix_targets, mixmask_params
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
+from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
+from .random_mask import RandomMask, random_patch_mask
+from .simmim_mask import SimMIMMask, simmim_patch_mask
+from .views import PRESETS, ViewParams, ViewRecipe, Views, apply_view, draw_view_params
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "normalize"]
+MASK_STAGES = {
+    "random": RandomMask,
+    "block": BlockMask,
+    "simmim": SimMIMMask,
+    "mixmask": MixMask,
+    "feature": FeatureMask,
+}
+"""The model-free mask stages by name (model-guided ones join with their issues)."""
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MASKED",
+    "MASK_STAGES",
+    "PRESETS",
+    "THROWN",
+    "VISIBLE",
+    "BlockDraw",
+    "BlockMask",
+    "FeatureMask",
+    "FeatureMasks",
+    "MixMask",
+    "MixParams",
+    "Normalize",
+    "PatchMask",
+    "PatchMaskStage",
+    "RandomMask",
+    "SimMIMMask",
+    "ViewParams",
+    "ViewRecipe",
+    "Views",
+    "apply_view",
+    "block_cells",
+    "block_patch_mask",
+    "draw_view_params",
+    "erase_patches",
+    "feature_masks",
+    "mix_images",
+    "mix_targets",
+    "mixmask_params",
+    "normalize",
+    "random_patch_mask",
+    "simmim_patch_mask",
+]

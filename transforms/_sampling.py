@@ -1,0 +1,67 @@
+"""Shared pieces of the mask generators: argument checks, grids, exact top-k selection."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_ratio", "cumulative_or", "mask_count", "patch_grid", "top_cells"]
+
+
+def check_ratio(name: str, ratio: float, allow_zero: bool = True) -> float:
+    """Return ``ratio`` if it lies in ``[0, 1)`` (``(0, 1)`` without ``allow_zero``), else raise."""
+    ratio = float(ratio)
+    low_ok = ratio >= 0 if allow_zero else ratio > 0
+    if not (low_ok and ratio < 1):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {ratio}")
+    return ratio
+
+
+def mask_count(num_cells: int, ratio: float) -> int:
+    """``round(num_cells * ratio)``: the exact number of cells a ratio asks for."""
+    return int(round(num_cells * ratio))
+
+
+def patch_grid(height: int, width: int, patch_size: int, what: str = "patch_size") -> tuple[int, int]:
+    """The ``(Gh, Gw)`` grid of ``patch_size`` patches over an image, or a ``ValueError``."""
+    if patch_size < 1:
+        raise ValueError(f"{what} must be positive, got {patch_size}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by {what}={patch_size}")
+    return height // patch_size, width // patch_size
+
+
+def top_cells(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """Mark the ``count`` highest-scoring cells of each row.
+
+    Args:
+        scores: ``(B, N)`` float scores; give them a random tie-break.
+        count: cells to mark, one int for all rows or a ``(B,)`` tensor.
+
+    Returns:
+        ``(B, N)`` bool with exactly ``count`` (per row) ``True`` entries.
+    """
+    batch, cells = scores.shape
+    if not isinstance(count, torch.Tensor):
+        # One count for all rows: an unsorted top-k is several times cheaper than a sort.
+        chosen = torch.zeros((batch, cells), dtype=torch.bool, device=scores.device)
+        if count <= 0:
+            return chosen
+        return chosen.scatter_(1, torch.topk(scores, count, dim=1, sorted=False).indices, True)
+    order = torch.argsort(scores, dim=1, descending=True)
+    rank = torch.arange(cells, device=scores.device).expand(batch, cells)
+    return torch.zeros((batch, cells), dtype=torch.bool, device=scores.device).scatter(1, order, rank < count.view(-1, 1))
+
+
+def cumulative_or(flags: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``out[..., r, ...] = flags[..., :r + 1, ...].any(dim)``: an inclusive OR scan.
+
+    A log-step (Hillis-Steele) scan: ``ceil(log2 R)`` whole-tensor ORs,
+    several times faster than ``cummax`` or ``cumsum`` on the CPU.
+    """
+    out = flags.transpose(0, dim)
+    step = 1
+    while step < out.shape[0]:
+        out = torch.cat([out[:step], out[step:] | out[:-step]], dim=0)
+        step *= 2
+    return out.transpose(0, dim)

@@ -1,0 +1,126 @@
+"""Nested masks for multi-stage feature maps (MaskDeep)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+
+from masklab.pipeline import Batch, Stage
+
+from ._sampling import check_ratio, mask_count, patch_grid, top_cells
+
+__all__ = ["FeatureMask", "FeatureMasks", "feature_masks"]
+
+
+@dataclass(frozen=True)
+class FeatureMasks:
+    """Masks for the feature maps of several stages, ``G`` groups per image.
+
+    Attributes:
+        strides: the stages' strides in pixels, finest first.
+        masks: one ``(B, G, H / s, W / s)`` bool tensor per stride, ``True`` = masked.
+            A masked cell of a coarse stage masks all its children in finer stages.
+    """
+
+    strides: tuple[int, ...]
+    masks: tuple[torch.Tensor, ...]
+
+    @property
+    def groups(self) -> int:
+        return int(self.masks[0].shape[1])
+
+    def __getitem__(self, stride: int) -> torch.Tensor:
+        return self.masks[self.strides.index(stride)]
+
+    def to(self, device: torch.device | str) -> FeatureMasks:
+        return FeatureMasks(self.strides, tuple(m.to(device) for m in self.masks))
+
+
+def feature_masks(
+    batch_size: int,
+    image_size: tuple[int, int],
+    strides: Sequence[int] = (8, 16, 32),
+    ratio: float = 0.5,
+    groups: int = 4,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> FeatureMasks:
+    """Draw ``groups`` nested random masks per image over the stages' feature grids.
+
+    Our reading of MaskDeep (Bao et al., 2023, abstract only): random masks on
+    the coarsest stage's grid, exactly ``round(n * ratio)`` cells per group,
+    repeated down to every finer stage, so a masked coarse cell masks its
+    ``(s / s')^2`` children and every stage masks the same image regions.
+
+    Args:
+        batch_size: ``B``.
+        image_size: ``(H, W)``, multiples of the largest stride.
+        strides: stage strides in pixels, each dividing the next (e.g. C3/C4/C5 of a ResNet).
+        ratio: fraction of cells masked in every stage.
+        groups: ``G`` independent masks per image.
+        generator: a ``torch.Generator`` on ``device``.
+        device: where to draw.
+    """
+    strides = tuple(sorted(int(s) for s in strides))
+    if not strides or strides[0] < 1:
+        raise ValueError(f"strides must be positive, got {strides}")
+    for fine, coarse in zip(strides, strides[1:], strict=False):
+        if coarse % fine:
+            raise ValueError(f"each stride must divide the next, got {strides}")
+    check_ratio("ratio", ratio)
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    gh, gw = patch_grid(*image_size, strides[-1], what="the largest stride")
+    count = mask_count(gh * gw, ratio)
+    scores = torch.rand((batch_size * groups, gh * gw), generator=generator, device=device)
+    coarse = top_cells(scores, count).view(batch_size, groups, gh, gw)
+    masks = tuple(
+        repeat(coarse, "b g h w -> b g (h p) (w q)", p=strides[-1] // s, q=strides[-1] // s) for s in strides
+    )
+    return FeatureMasks(strides, masks)
+
+
+class FeatureMask(Stage):
+    """Nested feature-map masks for MaskDeep, put in ``batch.extras["feature_masks"]``.
+
+    The masks are drawn for the batch's image size; the objective applies them
+    to the backbone's feature maps (the stage never sees a model).
+
+    Args:
+        strides: the backbone stages' strides in pixels.
+        ratio: fraction of cells masked in every stage.
+        groups: independent masks per image.
+
+    Examples:
+        >>> import torch
+        >>> from masklab.pipeline import Batch
+        >>> out = FeatureMask(strides=(8, 16, 32), ratio=0.5, groups=4)(Batch(images=torch.zeros(2, 3, 64, 64), seed=0))
+        >>> [tuple(m.shape) for m in out.extras["feature_masks"].masks]
+        [(2, 4, 8, 8), (2, 4, 4, 4), (2, 4, 2, 2)]
+    """
+
+    key = "feature_masks"
+
+    def __init__(self, strides: Sequence[int] = (8, 16, 32), ratio: float = 0.5, groups: int = 4) -> None:
+        super().__init__()
+        self.strides = tuple(sorted(int(s) for s in strides))
+        if not self.strides or self.strides[0] < 1:
+            raise ValueError(f"strides must be positive, got {tuple(strides)}")
+        self.ratio = check_ratio("ratio", ratio)
+        if groups < 1:
+            raise ValueError(f"groups must be positive, got {groups}")
+        self.groups = int(groups)
+
+    def make_params(self, batch: Batch, generator: torch.Generator | None) -> FeatureMasks:
+        return feature_masks(
+            len(batch), tuple(batch.images.shape[-2:]), self.strides, self.ratio, self.groups, generator, batch.device
+        )
+
+    def apply(self, batch: Batch, params: FeatureMasks) -> Batch:
+        return batch.with_extras(**{self.key: params})
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}, ratio={self.ratio}, groups={self.groups}"

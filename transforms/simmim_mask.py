@@ -1,0 +1,77 @@
+"""SimMIM's masking: random cells of a coarse mask grid, upsampled to the model's patch grid."""
+
+from __future__ import annotations
+
+import torch
+
+from ._mask_stage import PatchMaskStage
+from ._sampling import check_ratio, patch_grid
+from .patch_mask import PatchMask
+from .random_mask import random_patch_mask
+
+__all__ = ["SimMIMMask", "simmim_patch_mask"]
+
+
+def simmim_patch_mask(
+    batch_size: int,
+    image_size: tuple[int, int],
+    ratio: float = 0.6,
+    mask_patch_size: int = 32,
+    patch_size: int = 16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> PatchMask:
+    """Mask ``round(n * ratio)`` of the ``n`` coarse ``mask_patch_size`` cells, on the model's patch grid.
+
+    Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", 2022:
+    uniformly random cells of a coarse grid (32 px), each covering
+    ``(mask_patch_size / patch_size)^2`` model patches.
+
+    Args:
+        batch_size: ``B``.
+        image_size: ``(H, W)``, multiples of ``mask_patch_size``.
+        ratio: fraction of coarse cells masked (SimMIM: 0.6).
+        mask_patch_size: side of a coarse mask cell in pixels, a multiple of ``patch_size``.
+        patch_size: the model's patch size in pixels.
+        generator: a ``torch.Generator`` on ``device``.
+        device: where the mask lives.
+
+    Returns:
+        A :class:`PatchMask` on the ``(H / patch_size, W / patch_size)`` grid.
+    """
+    check_ratio("ratio", ratio)
+    if patch_size < 1 or mask_patch_size % patch_size:
+        raise ValueError(f"mask_patch_size={mask_patch_size} must be a multiple of patch_size={patch_size}")
+    coarse = patch_grid(*image_size, mask_patch_size, what="mask_patch_size")
+    fine = patch_grid(*image_size, patch_size)
+    return random_patch_mask(batch_size, coarse, ratio, generator, device).regrid(*fine)
+
+
+class SimMIMMask(PatchMaskStage):
+    """SimMIM's coarse random masking as a loader stage.
+
+    Args:
+        ratio: fraction of coarse cells masked (SimMIM: 0.6).
+        mask_patch_size: coarse cell side in pixels (SimMIM: 32).
+        patch_size: the model's patch size in pixels.
+
+    Examples:
+        >>> import torch
+        >>> from masklab.pipeline import Batch
+        >>> out = SimMIMMask(0.5, mask_patch_size=16, patch_size=4)(Batch(images=torch.zeros(2, 3, 64, 64), seed=0))
+        >>> out.mask.grid, out.mask.counts
+        ((16, 16), (128, 128, 0))
+    """
+
+    def __init__(self, ratio: float = 0.6, mask_patch_size: int = 32, patch_size: int = 16) -> None:
+        super().__init__(patch_size)
+        self.ratio = check_ratio("ratio", ratio)
+        if mask_patch_size < 1 or mask_patch_size % patch_size:
+            raise ValueError(f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}")
+        self.mask_patch_size = int(mask_patch_size)
+
+    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+        return simmim_patch_mask(batch_size, image_size, self.ratio, self.mask_patch_size, self.patch_size, generator, device)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, mask_patch_size={self.mask_patch_size}, patch_size={self.patch_size}"
