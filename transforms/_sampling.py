@@ -50,7 +50,9 @@ def top_cells(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
         return chosen.scatter_(1, torch.topk(scores, count, dim=1, sorted=False).indices, True)
     order = torch.argsort(scores, dim=1, descending=True)
     rank = torch.arange(cells, device=scores.device).expand(batch, cells)
-    return torch.zeros((batch, cells), dtype=torch.bool, device=scores.device).scatter(1, order, rank < count.view(-1, 1))
+    return torch.zeros((batch, cells), dtype=torch.bool, device=scores.device).scatter(
+        1, order, rank < count.view(-1, 1)
+    )
 
 
 def cumulative_or(flags: torch.Tensor, dim: int = 1) -> torch.Tensor:

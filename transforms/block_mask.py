@@ -169,7 +169,9 @@ class BlockMask(PatchMaskStage):
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
-        return block_patch_mask(batch_size, grid, self.ratio, self.min_cells, self.aspect, generator, device, self.rounds)
+        return block_patch_mask(
+            batch_size, grid, self.ratio, self.min_cells, self.aspect, generator, device, self.rounds
+        )
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, patch_size={self.patch_size}, min_cells={self.min_cells}, aspect={self.aspect}"

@@ -77,9 +77,7 @@ def feature_masks(
     count = mask_count(gh * gw, ratio)
     scores = torch.rand((batch_size * groups, gh * gw), generator=generator, device=device)
     coarse = top_cells(scores, count).view(batch_size, groups, gh, gw)
-    masks = tuple(
-        repeat(coarse, "b g h w -> b g (h p) (w q)", p=strides[-1] // s, q=strides[-1] // s) for s in strides
-    )
+    masks = tuple(repeat(coarse, "b g h w -> b g (h p) (w q)", p=strides[-1] // s, q=strides[-1] // s) for s in strides)
     return FeatureMasks(strides, masks)
 
 

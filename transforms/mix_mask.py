@@ -153,7 +153,14 @@ class MixMask(Stage):
     def draw(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MixParams:
         """Draw masks and partners for ``(B, C, H, W)`` images."""
         return mixmask_params(
-            images.shape[0], tuple(images.shape[-2:]), self.grid, self.ratio, self.partner, self.per_sample, generator, images.device
+            images.shape[0],
+            tuple(images.shape[-2:]),
+            self.grid,
+            self.ratio,
+            self.partner,
+            self.per_sample,
+            generator,
+            images.device,
         )
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> MixParams:
@@ -162,7 +169,13 @@ class MixMask(Stage):
     def apply(self, batch: Batch, params: MixParams) -> Batch:
         mixed = mix_images(self._query(batch), params)
         return batch.replace(
-            mix={"images": mixed, "own": params.own, "lam": params.lam, "partner": params.partner, "inverse": params.inverse}
+            mix={
+                "images": mixed,
+                "own": params.own,
+                "lam": params.lam,
+                "partner": params.partner,
+                "inverse": params.inverse,
+            }
         )
 
     def mix(

@@ -67,11 +67,15 @@ class SimMIMMask(PatchMaskStage):
         super().__init__(patch_size)
         self.ratio = check_ratio("ratio", ratio)
         if mask_patch_size < 1 or mask_patch_size % patch_size:
-            raise ValueError(f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}")
+            raise ValueError(
+                f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}"
+            )
         self.mask_patch_size = int(mask_patch_size)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
-        return simmim_patch_mask(batch_size, image_size, self.ratio, self.mask_patch_size, self.patch_size, generator, device)
+        return simmim_patch_mask(
+            batch_size, image_size, self.ratio, self.mask_patch_size, self.patch_size, generator, device
+        )
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, mask_patch_size={self.mask_patch_size}, patch_size={self.patch_size}"

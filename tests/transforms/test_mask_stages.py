@@ -1,0 +1,207 @@
+import math
+
+import pytest
+import torch
+
+from masklab.pipeline import Batch, Chain
+from masklab.transforms import (
+    BlockMask,
+    FeatureMask,
+    MixMask,
+    PatchMask,
+    RandomMask,
+    SimMIMMask,
+    block_cells,
+    feature_masks,
+    mix_targets,
+    mixmask_params,
+    random_patch_mask,
+)
+
+
+def batch(n=8, size=32, seed=0, dtype=torch.float32):
+    return Batch(images=torch.rand(n, 3, size, size, dtype=dtype), seed=seed)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.4, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize(
+    "make,patch,cells",
+    [
+        (lambda r: RandomMask(r, patch_size=4), 4, 64),
+        (lambda r: BlockMask(r, patch_size=4), 4, 64),
+        (lambda r: BlockMask(r, patch_size=2, min_cells=16), 2, 256),
+        (lambda r: SimMIMMask(r, mask_patch_size=8, patch_size=4), 4, 64),
+    ],
+    ids=["random", "block", "block-min16", "simmim"],
+)
+def test_exact_counts_in_every_sample(make, patch, cells, ratio):
+    out = make(ratio)(batch(n=16))
+    mask = out.mask
+    assert isinstance(mask, PatchMask)
+    per_sample = mask.masked.flatten(1).sum(1)
+    expected = round(16 * ratio) * 4 if isinstance(make(ratio), SimMIMMask) else round(cells * ratio)
+    assert per_sample.tolist() == [expected] * 16
+    assert mask.counts == (cells - expected, expected, 0)
+
+
+def test_random_mask_masks_each_cell_about_equally_often():
+    g = torch.Generator().manual_seed(0)
+    draws = 4000
+    freq = random_patch_mask(draws, (8, 8), 0.75, g).masked.float().mean(0)
+    # Binomial(4000, 0.75): sd 0.0068; 5 sd either way.
+    assert (freq - 0.75).abs().max() < 0.035
+
+
+def test_block_sizes_and_aspects_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    draw = block_cells(512, (14, 14), 78, min_cells=4, aspect=(0.3, 1 / 0.3), generator=g)
+    top, left, h, w = draw.blocks[draw.accepted].unbind(1)
+    assert len(h) > 512  # most samples place several whole blocks
+    assert (h * w >= 4).all()
+    assert ((h / w >= 0.3 - 1e-6) & (h / w <= 1 / 0.3 + 1e-6)).all()
+    assert ((top >= 0) & (left >= 0) & (top + h <= 14) & (left + w <= 14)).all()
+    assert draw.cells.flatten(1).sum(1).eq(78).all()
+    # Blocks, not scattered cells: nearly every masked cell lies in a placed block.
+    assert draw.from_blocks.float().mean() > 0.97 * 78
+
+
+def test_block_cells_honours_per_sample_counts():
+    counts = torch.tensor([0, 1, 5, 40, 63])
+    cells = block_cells(5, (8, 8), counts, generator=torch.Generator().manual_seed(1)).cells
+    assert cells.flatten(1).sum(1).tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize(
+    "stage", [RandomMask(0.5, 4), BlockMask(0.5, 4), SimMIMMask(0.5, 8, 4), MixMask(4), FeatureMask((4, 8), 0.5, 2)]
+)
+def test_one_seed_gives_one_mask_and_another_seed_another(stage):
+    def key(out):
+        if out.mask is not None:
+            return out.mask.states
+        if out.mix is not None:
+            return out.mix["own"]
+        return out.extras["feature_masks"].masks[0]
+
+    a, b, c = stage(batch(seed=3)), stage(batch(seed=3)), stage(batch(seed=4))
+    assert torch.equal(key(a), key(b))
+    assert not torch.equal(key(a), key(c))
+
+
+def test_stages_do_not_mutate_and_follow_device_and_dtype():
+    b = batch(dtype=torch.float64)
+    before = b.images.clone()
+    out = Chain([RandomMask(0.5, 4), MixMask(4), FeatureMask((8, 16), 0.5, 2)])(b)
+    assert torch.equal(b.images, before) and b.mask is None and b.mix is None
+    assert out.mask.device == b.images.device
+    assert out.mix["images"].dtype == torch.float64 and out.mix["images"].device == b.images.device
+    assert out.extras["feature_masks"].masks[0].device == b.images.device
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("partner", ["reverse", "permute"])
+def test_mixmask_lambda_partner_and_inverse(partner, per_sample):
+    b = batch(n=6, size=32, seed=2)
+    out = MixMask(grid=4, ratio=0.5, partner=partner, per_sample=per_sample)(b)
+    mix = out.mix
+    own, lam, p, inv = mix["own"], mix["lam"], mix["partner"], mix["inverse"]
+    assert torch.allclose(lam, own.mean(dim=(1, 2, 3)))
+    assert torch.allclose(lam, torch.full((6,), 0.5))
+    assert sorted(p.tolist()) == list(range(6))
+    assert torch.equal(inv[p], torch.arange(6)) and torch.equal(p[inv], torch.arange(6))
+    if partner == "reverse":
+        assert p.tolist() == [5, 4, 3, 2, 1, 0]
+    expected = own * b.images + (1 - own) * b.images[p]
+    assert torch.allclose(mix["images"], expected)
+    # The own region is whole 8x8 cells of the 4x4 layout.
+    assert torch.equal(own[:, :, ::8, ::8].repeat_interleave(8, 2).repeat_interleave(8, 3), own)
+    if not per_sample:
+        assert (own == own[:1]).all()
+
+
+def test_mixmask_mixes_the_query_view_and_leaves_the_key_clean():
+    b = batch(n=4).replace(views=[torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)])
+    out = MixMask(grid=4, view=0)(b)
+    own, p = out.mix["own"], out.mix["partner"]
+    assert torch.allclose(out.mix["images"], own * b.views[0] + (1 - own) * b.views[0][p])
+    assert out.views[1] is b.views[1]
+
+
+def test_mix_targets_are_lambda_weighted():
+    params = mixmask_params(
+        4, (16, 16), grid=4, ratio=0.25, partner="permute", generator=torch.Generator().manual_seed(0)
+    )
+    y = torch.tensor([0, 1, 2, 1])
+    soft = mix_targets(y, params, num_classes=3)
+    for i in range(4):
+        expected = torch.zeros(3)
+        expected[y[i]] += params.lam[i]
+        expected[y[params.partner[i]]] += 1 - params.lam[i]
+        assert torch.allclose(soft[i], expected)
+    assert torch.allclose(soft.sum(1), torch.ones(4))
+    with pytest.raises(ValueError, match="num_classes"):
+        mix_targets(y, params)
+
+
+def test_feature_masks_are_nested():
+    fm = feature_masks(
+        3, (64, 64), strides=(8, 16, 32), ratio=0.5, groups=4, generator=torch.Generator().manual_seed(0)
+    )
+    m8, m16, m32 = fm[8], fm[16], fm[32]
+    assert m8.shape == (3, 4, 8, 8) and m16.shape == (3, 4, 4, 4) and m32.shape == (3, 4, 2, 2)
+    assert m32.flatten(2).sum(2).eq(2).all()
+    assert torch.equal(m16, m32.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert torch.equal(m8, m16.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    # Groups differ from each other.
+    assert not all(torch.equal(m32[:, 0], m32[:, g]) for g in range(1, 4))
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: RandomMask(1.0), r"ratio must be in \[0, 1\), got 1.0"),
+        (lambda: RandomMask(-0.1), r"got -0.1"),
+        (lambda: BlockMask(1.2), r"got 1.2"),
+        (lambda: BlockMask(0.5, min_cells=0), r"min_cells must be at least 1, got 0"),
+        (lambda: BlockMask(0.5, aspect=(2, 1)), r"aspect .* got \(2, 1\)"),
+        (
+            lambda: SimMIMMask(0.6, mask_patch_size=30, patch_size=16),
+            r"mask_patch_size=30 must be a positive multiple of patch_size=16",
+        ),
+        (lambda: MixMask(ratio=0.0), r"ratio must be in \(0, 1\), got 0.0"),
+        (lambda: MixMask(partner="shuffle"), r"partner must be one of .* got 'shuffle'"),
+        (lambda: FeatureMask(ratio=1.5), r"got 1.5"),
+        (lambda: FeatureMask(groups=0), r"groups must be positive, got 0"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    "stage,size,match",
+    [
+        (RandomMask(0.5, patch_size=16), 40, r"40x40 is not divisible by patch_size=16"),
+        (BlockMask(0.5, patch_size=6), 32, r"32x32 is not divisible by patch_size=6"),
+        (SimMIMMask(0.5, mask_patch_size=32, patch_size=8), 48, r"48x48 is not divisible by mask_patch_size=32"),
+        (MixMask(grid=5), 32, r"32x32 is not divisible by the 5x5 mix grid"),
+        (FeatureMask(strides=(8, 16, 32)), 48, r"48x48 is not divisible by the largest stride=32"),
+    ],
+)
+def test_grid_mismatch_raises_naming_the_size(stage, size, match):
+    with pytest.raises(ValueError, match=match):
+        stage(batch(size=size))
+
+
+def test_feature_mask_strides_must_nest():
+    with pytest.raises(ValueError, match=r"each stride must divide the next, got \(8, 12\)"):
+        feature_masks(1, (48, 48), strides=(8, 12))
+
+
+def test_erase_and_mix_for_supervised_loops():
+    x = torch.rand(4, 3, 32, 32)
+    erased = BlockMask(0.5, patch_size=8).erase(x, fill=0.0, generator=torch.Generator().manual_seed(0))
+    assert math.isclose(float((erased == 0).all(1).float().mean()), 0.5, abs_tol=1e-6)
+    mixed, soft = MixMask(grid=4).mix(x, torch.tensor([0, 1, 2, 3]), num_classes=4)
+    assert mixed.shape == x.shape and soft.shape == (4, 4)
+    assert torch.allclose(soft.sum(1), torch.ones(4))
