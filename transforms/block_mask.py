@@ -32,6 +32,61 @@ class BlockDraw:
     from_blocks: torch.Tensor
 
 
+_MAX_BIT_WIDTH = 62
+
+
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each non-negative int64 (SWAR, no multiplication overflow)."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+def _select(stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``stack[b, index[b]]`` for a ``(B, R, ...)`` stack, with index ``R`` meaning all zeros."""
+    padded = torch.cat([stack, torch.zeros_like(stack[:, :1])], dim=1)
+    shape = (-1, 1, *stack.shape[2:])
+    return padded.gather(1, index.view(-1, *([1] * (stack.ndim - 1))).expand(shape)).squeeze(1)
+
+
+def _place(blocks: torch.Tensor, sizes_of, target: torch.Tensor):
+    """Place proposals in order while the union stays within ``target``.
+
+    Returns the union of the placed proposals, the first proposal that would
+    overshoot (all zeros if none), and how many were placed.
+    """
+    unions = cumulative_or(blocks, dim=1)
+    placed = (sizes_of(unions) <= target[:, None]).sum(1)
+    before = torch.cat([torch.zeros_like(unions[:, :1]), unions], dim=1)
+    return _select(before, placed), _select(blocks, placed), placed
+
+
+def _place_as_bits(in_rows, left, w, target, gw):
+    """Grids up to 62 cells wide: each block row is a bit field in one int64."""
+    span = (torch.ones_like(w) << w) - 1
+    row_bits = torch.where(in_rows, (span << left)[..., None], torch.zeros_like(in_rows, dtype=torch.long))
+    union, partial, placed = _place(row_bits, lambda u: _popcount(u).sum(-1), target)
+    bits = torch.arange(gw, device=row_bits.device)
+
+    def unpack(rows: torch.Tensor) -> torch.Tensor:  # (B, Gh) bit fields -> (B, Gh * Gw) bool
+        return ((rows[..., None] >> bits) & 1).flatten(1).bool()
+
+    return unpack(union), unpack(partial), placed
+
+
+def _place_as_bools(in_rows, left, w, target, gw):
+    """Wider grids: blocks as ``(B, R, N)`` bools."""
+    cols = torch.arange(gw, device=in_rows.device)
+    in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])
+    blocks = (in_rows[..., :, None] & in_cols[..., None, :]).flatten(2)
+    union, partial, placed = _place(blocks, lambda u: u.sum(-1), target)
+    return union, partial, placed
+
+
 def block_cells(
     batch_size: int,
     grid: tuple[int, int],
@@ -89,18 +144,9 @@ def block_cells(
     top = torch.floor(u[..., 2] * (gh - h + 1).clamp(min=1)).long()
     left = torch.floor(u[..., 3] * (gw - w + 1).clamp(min=1)).long()
     rows = torch.arange(gh, device=device)
-    cols = torch.arange(gw, device=device)
     in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None]) & valid[..., None]  # (B, R, Gh)
-    in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # (B, R, Gw)
-    blocks = (in_rows[..., :, None] & in_cols[..., None, :]).flatten(2)  # (B, R, N)
-    # Union of the first r + 1 proposals, for every r at once; (B, R, N) bool.
-    unions = cumulative_or(blocks, dim=1)
-    sizes = unions.sum(2)  # (B, R), non-decreasing in r
-    placed = (sizes <= target[:, None]).sum(1)  # proposals placed whole
-    before = torch.cat([torch.zeros_like(unions[:, :1]), unions], dim=1)
-    union = before.gather(1, placed.view(-1, 1, 1).expand(-1, 1, gh * gw)).squeeze(1)
-    padded = torch.cat([blocks, torch.zeros_like(blocks[:, :1])], dim=1)
-    partial = padded.gather(1, placed.view(-1, 1, 1).expand(-1, 1, gh * gw)).squeeze(1)
+    place = _place_as_bits if gw <= _MAX_BIT_WIDTH else _place_as_bools
+    union, partial, placed = place(in_rows, left, w, target, gw)  # (B, N), (B, N), (B,)
     # Placed cells first, then the overshooting block's, then any cell; random within each.
     noise = torch.rand((batch_size, gh * gw), generator=generator, device=device)
     scores = union.float() * 4 + partial.float() * 2 + noise

@@ -84,9 +84,8 @@ def mixmask_params(
 
 
 def mix_images(images: torch.Tensor, params: MixParams) -> torch.Tensor:
-    """``own * x + (1 - own) * x[partner]`` for ``(B, C, H, W)`` images."""
-    own = params.own.to(images.dtype)
-    return own * images + (1 - own) * images[params.partner]
+    """``own * x + (1 - own) * x[partner]`` for ``(B, C, H, W)`` images (``own`` is 0 or 1)."""
+    return torch.where(params.own.bool(), images, images[params.partner])
 
 
 def mix_targets(targets: torch.Tensor, params: MixParams, num_classes: int | None = None) -> torch.Tensor:

@@ -205,3 +205,17 @@ def test_erase_and_mix_for_supervised_loops():
     mixed, soft = MixMask(grid=4).mix(x, torch.tensor([0, 1, 2, 3]), num_classes=4)
     assert mixed.shape == x.shape and soft.shape == (4, 4)
     assert torch.allclose(soft.sum(1), torch.ones(4))
+
+
+def test_bit_field_and_bool_block_paths_agree(monkeypatch):
+    import masklab.transforms.block_mask as block_mask
+
+    fast = block_cells(32, (14, 14), 78, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(block_mask, "_MAX_BIT_WIDTH", 0)
+    slow = block_cells(32, (14, 14), 78, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fast.cells, slow.cells) and torch.equal(fast.from_blocks, slow.from_blocks)
+
+
+def test_wide_grids_take_the_bool_path_with_exact_counts():
+    draw = block_cells(4, (3, 70), 100, generator=torch.Generator().manual_seed(0))
+    assert draw.cells.flatten(1).sum(1).tolist() == [100] * 4

@@ -1,0 +1,169 @@
+"""Mask stages, batched on the device, against per-sample CPU generators as peers run them.
+
+B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
+
+- ``RandomMask`` (0.75) and ``SimMIMMask`` (0.6, 32 px cells) against a
+  SimMIM-style generator: per sample, a NumPy permutation of the cells, the
+  first ``round(n * ratio)`` masked, upsampled to the patch grid;
+- ``BlockMask`` (0.4, BEiT) against a BEiT-style generator: per sample, a
+  Python loop placing random rectangles (10 attempts each) until the count;
+- ``MixMask`` (8x8 layout, 0.5; the draw of masks and partners) against the
+  BEiT-style generator on the 8x8 layout, per sample, upsampled to pixels;
+- ``FeatureMask`` (strides 8/16/32, 0.5, 4 groups) against the SimMIM-style
+  generator per sample and group, upsampled to every stride.
+
+Then each stage's cost as a share of one ViT-tiny forward + backward on the
+same batch. Run: ``python benchmarks/masks.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from masklab.pipeline import Batch
+from masklab.transforms import BlockMask, FeatureMask, MixMask, RandomMask, SimMIMMask, mix_images
+
+BATCH, SIZE, PATCH = 256, 224, 16
+
+
+def simmim_style(batch: int, grid: int, ratio: float, scale: int = 1) -> np.ndarray:
+    """Per sample: permute the cells, mask the first ones, repeat up to the patch grid."""
+    out = []
+    for _ in range(batch):
+        cells = grid * grid
+        mask = np.zeros(cells, dtype=int)
+        mask[np.random.permutation(cells)[: int(math.ceil(cells * ratio))]] = 1
+        mask = mask.reshape(grid, grid).repeat(scale, axis=0).repeat(scale, axis=1)
+        out.append(mask)
+    return np.stack(out)
+
+
+def beit_style_one(height: int, width: int, count: int, min_cells: int = 4, aspect=(0.3, 1 / 0.3)) -> np.ndarray:
+    """One sample: random rectangles, 10 attempts each, until ``count`` cells (may stop short)."""
+    mask = np.zeros((height, width), dtype=int)
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    masked = 0
+    while masked < count:
+        budget = count - masked
+        added = 0
+        for _ in range(10):
+            area = random.uniform(min_cells, max(min_cells, budget))
+            ratio = math.exp(random.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * ratio)))
+            w = int(round(math.sqrt(area / ratio)))
+            if 0 < w < width and 0 < h < height:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                new = h * w - mask[top : top + h, left : left + w].sum()
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = 1
+                    added = new
+                    break
+        if added == 0:
+            break
+        masked += added
+    return mask
+
+
+def beit_style(batch: int, grid: int, ratio: float, min_cells: int = 4, pixel_scale: int = 1) -> np.ndarray:
+    count = int(round(grid * grid * ratio))
+    masks = [beit_style_one(grid, grid, count, min_cells) for _ in range(batch)]
+    if pixel_scale > 1:
+        masks = [m.repeat(pixel_scale, 0).repeat(pixel_scale, 1) for m in masks]
+    return np.stack(masks)
+
+
+def feature_style(batch: int, groups: int, strides=(8, 16, 32), ratio: float = 0.5) -> list[np.ndarray]:
+    coarse = SIZE // strides[-1]
+    base = simmim_style(batch * groups, coarse, ratio).reshape(batch, groups, coarse, coarse)
+    return [base.repeat(strides[-1] // s, 2).repeat(strides[-1] // s, 3) for s in strides]
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def vit_step_ms(batch: torch.Tensor) -> float:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(batch).float().pow(2).mean().backward()
+
+    return timed(step, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the ViT step")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 20
+    torch.set_num_threads(2)
+    images = torch.rand(BATCH, 3, SIZE, SIZE)
+    grid = SIZE // PATCH
+
+    def stage_fn(stage):
+        counter = iter(range(10**9))
+        return lambda: stage(Batch(images=images, seed=next(counter)))
+
+    mixer = MixMask(8, 0.5)
+    generator = torch.Generator().manual_seed(0)
+
+    def mix_draw():  # the masks and partners; mixing the pixels is timed apart below
+        return mixer.draw(images, generator)
+
+    rows = [
+        ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(BATCH, grid, 0.75)),
+        (
+            "SimMIMMask 0.6",
+            stage_fn(SimMIMMask(0.6, 32, PATCH)),
+            "SimMIM-style",
+            lambda: simmim_style(BATCH, SIZE // 32, 0.6, 2),
+        ),
+        ("BlockMask 0.4", stage_fn(BlockMask(0.4, PATCH)), "BEiT-style", lambda: beit_style(BATCH, grid, 0.4)),
+        ("MixMask 8x8", mix_draw, "BEiT-style 8x8", lambda: beit_style(BATCH, 8, 0.5, 1, SIZE // 8)),
+        (
+            "FeatureMask G=4",
+            stage_fn(FeatureMask((8, 16, 32), 0.5, 4)),
+            "SimMIM-style x G",
+            lambda: feature_style(BATCH, 4),
+        ),
+    ]
+    print(
+        f"mask benchmark: B={BATCH}, {SIZE} px, patch {PATCH} ({grid}x{grid} grid), cpu, {torch.get_num_threads()} threads"
+    )
+    print(f"{'stage':>16} {'ms/batch':>9} {'reference':>17} {'ms/batch':>9} {'speed-up':>9}")
+    results = []
+    for name, ours, ref_name, ref in rows:
+        ours_ms, ref_ms = timed(ours, repeats), timed(ref, max(3, repeats // 4))
+        results.append((name, ours_ms))
+        print(f"{name:>16} {ours_ms:>9.2f} {ref_name:>17} {ref_ms:>9.2f} {ref_ms / ours_ms:>8.1f}x")
+    if args.quick:
+        return
+    step = vit_step_ms(images)
+    print(f"\nViT-tiny forward+backward, B={BATCH}, {SIZE} px: {step:.0f} ms")
+    for name, ms in results:
+        print(f"{name:>16} {100 * ms / step:>6.2f}% of a step")
+    mix_ms = timed(lambda: mix_images(images, mixer.draw(images, generator)), 3)
+    print(
+        f"{'MixMask + mixing':>16} {100 * mix_ms / step:>6.2f}% of a step ({mix_ms:.0f} ms: the pixel mixing dominates)"
+    )
+
+
+if __name__ == "__main__":
+    main()
