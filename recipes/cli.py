@@ -54,6 +54,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_masks(args: argparse.Namespace) -> int:
+    from masklab.recipes.show_masks import show_masks
+
+    if args.data is not None and args.builtin is not None:
+        raise SystemExit("show-masks: give --builtin or --data, not both")
+    path = show_masks(
+        args.mask,
+        Path(args.out),
+        data=args.data,
+        n=args.n,
+        size=args.size,
+        patch_size=args.patch_size,
+        ratio=args.ratio,
+        seed=args.seed,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="masklab", description="masked self-supervised learning with on-device mask stages"
@@ -85,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("file", help="a .beton file")
     info.set_defaults(func=_info)
+
+    from masklab.recipes.show_masks import MASK_PICTURES
+
+    show = sub.add_parser(
+        "show-masks",
+        help="draw masks over images to a PNG",
+        description="Draw a mask stage's masks over images: masked cells red, thrown blue; mixed images for mixmask; each level for feature.",
+    )
+    show.add_argument("--mask", required=True, choices=MASK_PICTURES, help="which mask stage to draw")
+    show.add_argument("--builtin", choices=["shapes"], default=None, help="draw over the built-in shapes (the default)")
+    show.add_argument("--data", default=None, help="draw over the first images of this .beton file")
+    show.add_argument("--out", default="masks.png", help="output PNG (default masks.png)")
+    show.add_argument("-n", type=int, default=8, help="images to draw (default 8)")
+    show.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    show.add_argument("--patch-size", type=int, default=8, help="patch size in pixels (default 8)")
+    show.add_argument("--ratio", type=float, default=None, help="mask ratio (default: the stage's)")
+    show.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    show.set_defaults(func=_show_masks)
 
     demo = sub.add_parser(
         "demo",

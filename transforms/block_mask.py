@@ -220,4 +220,5 @@ class BlockMask(PatchMaskStage):
         )
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, patch_size={self.patch_size}, min_cells={self.min_cells}, aspect={self.aspect}"
+        aspect = f"({self.aspect[0]:.3g}, {self.aspect[1]:.3g})"
+        return f"ratio={self.ratio}, patch_size={self.patch_size}, min_cells={self.min_cells}, aspect={aspect}"

@@ -1,0 +1,28 @@
+"""The README's examples run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def example(name: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README has no example '{name}'"
+    return match.group(1)
+
+
+def test_readme_opens_with_the_two_commands():
+    head = "\n".join(README.read_text().splitlines()[:40])
+    assert "make demo" in head and "make test" in head
+
+
+@pytest.mark.slow
+def test_supervised_example_trains():
+    scope: dict = {}
+    exec(compile(example("supervised"), "README.md", "exec"), scope)
+    assert scope["loss"].isfinite()
+    assert scope["targets"].shape == (64, 8)
