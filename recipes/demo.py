@@ -45,7 +45,10 @@ def save_crop_picture(
 def run_demo(
     out_dir: Path = Path("runs/demo"), device: str = "cpu", batch_size: int = 128, epochs: int = 2
 ) -> dict[str, float]:
-    """Write ``shapes`` (once), stream ``epochs`` epochs through the loader, report throughput.
+    """Write ``shapes`` (once), stream ``epochs`` epochs through the loader, report, draw.
+
+    Saves the crop boxes over their sources (``crops.png``) and block masks
+    over the images (``masks.png``) in ``out_dir``.
 
     Returns:
         ``{"images": ..., "images_per_s": ...}`` for the epochs after the first
@@ -83,7 +86,11 @@ def run_demo(
     batch = next(iter(Loader(data, batch_size=8, resolution=32, device=device, order="sequential", seed=1)))
     picture = out_dir / "crops.png"
     save_crop_picture(sources, batch.crops, batch.flips, batch.images, picture)
+    from masklab.recipes.show_masks import show_masks
+
+    masks = show_masks("block", out_dir / "masks.png", data=str(data), n=8, size=32, patch_size=4)
     rate = seen / timed if timed else float("nan")
     print(f"streamed {epochs} epochs in {total:.1f} s; after the first: {rate:.0f} img/s on {device}")
     print(f"crop boxes drawn over their sources: {picture}")
+    print(f"block masks drawn over the images: {masks}")
     return {"images": float(seen), "images_per_s": rate}
