@@ -1,3 +1,37 @@
-"""masklab.objectives: backbone adapters, heads, losses and EMA teachers."""
+"""masklab.objectives: backbone adapters, heads, losses and EMA teachers.
 
-__all__: list[str] = []
+Objectives consume what the stages emit (a :class:`~masklab.pipeline.Batch`
+with a :class:`~masklab.transforms.PatchMask`) and never see a loader.
+"""
+
+from ._common import ObjectiveOutput, patchify, sincos_pos_embed, unpatchify
+from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, minmax
+from .compat import COMPATIBILITY, Support, check_compatible, supported_triples
+from .ema import EMATeacher, cosine_decay
+from .mae import MAE, mae_loss
+from .simmim import SimMIM, simmim_loss
+
+OBJECTIVES = {"mae": MAE, "simmim": SimMIM}
+
+__all__ = [
+    "COMPATIBILITY",
+    "MAE",
+    "OBJECTIVES",
+    "CNNBackbone",
+    "EMATeacher",
+    "ObjectiveOutput",
+    "SimMIM",
+    "Support",
+    "ViTBackbone",
+    "backbone_family",
+    "build_backbone",
+    "check_compatible",
+    "cosine_decay",
+    "mae_loss",
+    "minmax",
+    "patchify",
+    "simmim_loss",
+    "sincos_pos_embed",
+    "supported_triples",
+    "unpatchify",
+]

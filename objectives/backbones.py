@@ -1,0 +1,276 @@
+"""Backbone adapters: any timm model as the few calls the objectives need.
+
+Two families. ``ViTBackbone`` wraps any timm vision transformer that has
+``patch_embed``, ``pos_embed``, ``blocks`` and ``norm`` (vit_*, deit_*, ...):
+embed, encode only the visible tokens of a :class:`PatchMask`, or encode with
+a mask token. ``CNNBackbone`` wraps a timm model built with
+``features_only=True`` (resnet*, convnext*, ...): multi-stage features, with
+hidden regions replaced at pixel level. Both give the guidance that
+model-guided masks use, under ``no_grad``: ``saliency`` and ``affinity``.
+Attention is read with a forward hook on timm's own ``attn_drop`` (its
+unfused path), never by re-implementing a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masklab.transforms import MASKED, THROWN, PatchMask
+from masklab.transforms._sampling import patch_grid
+
+__all__ = ["CNNBackbone", "ViTBackbone", "backbone_family", "build_backbone", "minmax"]
+
+_VIT_PARTS = ("patch_embed", "pos_embed", "blocks", "norm")
+
+
+def backbone_family(model: nn.Module) -> str:
+    """``"vit"`` or ``"cnn"`` for a timm model (or an adapter), else ``ValueError``."""
+    if isinstance(model, (ViTBackbone, CNNBackbone)):
+        return model.family
+    if all(hasattr(model, part) for part in _VIT_PARTS):
+        return "vit"
+    if hasattr(model, "feature_info") and callable(getattr(model.feature_info, "reduction", None)):
+        return "cnn"
+    raise ValueError(
+        f"{type(model).__name__} is neither a ViT (needs {', '.join(_VIT_PARTS)}) "
+        "nor a features_only CNN (timm.create_model(..., features_only=True))"
+    )
+
+
+def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Rescale ``x`` to ``[0, 1]`` over ``dims`` (constant slices become 0)."""
+    low = x.amin(dim=dims, keepdim=True)
+    high = x.amax(dim=dims, keepdim=True)
+    return (x - low) / (high - low).clamp(min=1e-12)
+
+
+@contextlib.contextmanager
+def _attention_probe(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass."""
+    captured: list[torch.Tensor] = []
+    handles, fused = [], []
+    for block in blocks:
+        attn = block.attn
+        if not hasattr(attn, "attn_drop"):
+            raise ValueError(f"{type(attn).__name__} has no attn_drop to read attention from")
+        fused.append(getattr(attn, "fused_attn", False))
+        attn.fused_attn = False  # the unfused path materialises the softmax attention
+        handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, was_fused in zip(blocks, fused, strict=True):
+            block.attn.fused_attn = was_fused
+
+
+class ViTBackbone(nn.Module):
+    """A timm vision transformer as token operations on a :class:`PatchMask`.
+
+    Args:
+        model: a timm ViT (``num_classes=0`` is enough; the head is unused).
+
+    Examples:
+        >>> import torch
+        >>> from masklab.transforms import random_patch_mask
+        >>> vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=32, patch_size=8)
+        >>> mask = random_patch_mask(2, vit.grid_size, 0.75)
+        >>> tuple(vit.encode_visible(torch.rand(2, 3, 32, 32), mask).shape)
+        (2, 5, 192)
+    """
+
+    family = "vit"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        missing = [part for part in _VIT_PARTS if not hasattr(model, part)]
+        if missing:
+            raise ValueError(f"{type(model).__name__} is not a timm ViT: it lacks {', '.join(missing)}")
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("dynamic_img_size ViTs are not supported; build the model with the training img_size")
+        self.model = model
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.embed_dim = int(model.embed_dim)
+        self.num_prefix = int(model.num_prefix_tokens)
+
+    @classmethod
+    def from_name(cls, name: str, img_size: int = 224, patch_size: int | None = None, **kwargs) -> ViTBackbone:
+        """Build ``timm.create_model(name, pretrained=False, img_size=..., num_classes=0)``."""
+        import timm
+
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+        return cls(timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0, **kwargs))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(int(g) for g in self.model.patch_embed.grid_size)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
+
+    def embed(self, images: torch.Tensor, replace: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, P + N, D)`` prefix and patch tokens with position embeddings.
+
+        ``replace`` (``(B, N)`` bool) swaps those patch embeddings for
+        ``token`` (``(D,)``) before position embeddings are added (SimMIM).
+        """
+        x = self.model.patch_embed(images)
+        if replace is not None:
+            x = torch.where(replace.unsqueeze(-1), token.to(x.dtype), x)
+        x = self.model._pos_embed(x)
+        x = self.model.patch_drop(x)
+        return self.model.norm_pre(x)
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(self.model.blocks(tokens))
+
+    def encode_visible(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """Encode the prefix tokens and the VISIBLE patches only: ``(B, P + n_visible, D)``.
+
+        The visible patches come in :attr:`PatchMask.ids_keep` order.
+        """
+        tokens = self.embed(images)
+        prefix, patches = tokens[:, : self.num_prefix], tokens[:, self.num_prefix :]
+        keep = mask.ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return self._encode(torch.cat([prefix, patches.gather(1, keep)], dim=1))
+
+    def encode_with_mask_token(
+        self, images: torch.Tensor, mask: PatchMask, token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SimMIM's encoding: MASKED patches become ``token``, THROWN patches are dropped.
+
+        Returns:
+            ``(B, n_kept, D)`` patch outputs (prefix removed) and ``(B, n_kept)``
+            their cell indices, ascending; ``n_kept = N - n_thrown``.
+        """
+        tokens = self.embed(images, replace=mask.masked.flatten(1), token=token)
+        prefix, patches = tokens[:, : self.num_prefix], tokens[:, self.num_prefix :]
+        kept = mask.num_visible + mask.num_masked
+        ids = mask.ids_shuffle[:, :kept].sort(dim=1).values if mask.num_thrown else None
+        if ids is not None:
+            patches = patches.gather(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        else:
+            ids = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
+        out = self._encode(torch.cat([prefix, patches], dim=1))
+        return out[:, self.num_prefix :], ids
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features for evaluation (timm's own pooling)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    @torch.no_grad()
+    def saliency(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Last block's CLS-to-patch attention: ``(B, Gh, Gw)`` in ``[0, 1]``.
+
+        Per head min-max normalised, then averaged over heads (AMT). Models
+        without a class token use the mean attention each patch receives.
+        """
+        gh, gw = self.grid(images)
+        with _attention_probe([self.model.blocks[-1]]) as captured:
+            self._encode(self.embed(images))
+        attn = captured[-1].float()  # (B, heads, T, T)
+        p = self.num_prefix
+        scores = attn[:, :, 0, p:] if p else attn.mean(dim=2)
+        scores = minmax(scores, dims=(2,)).mean(dim=1)
+        return _resize(scores.view(-1, gh, gw), grid)
+
+    @torch.no_grad()
+    def affinity(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch-to-patch softmax attention summed over layers and heads, symmetrised: ``(B, N, N)``."""
+        with _attention_probe(list(self.model.blocks)) as captured:
+            self._encode(self.embed(images))
+        p = self.num_prefix
+        total = torch.stack([a[:, :, p:, p:].float().sum(dim=1) for a in captured]).sum(dim=0)
+        return (total + total.transpose(1, 2)) / 2
+
+
+def _resize(maps: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    if grid is None or tuple(maps.shape[-2:]) == tuple(grid):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=grid, mode="bilinear", align_corners=False, antialias=True).squeeze(1)
+
+
+class CNNBackbone(nn.Module):
+    """A timm ``features_only`` CNN: multi-stage features, masks at pixel level.
+
+    Args:
+        model: ``timm.create_model(name, features_only=True)``.
+
+    Examples:
+        >>> import torch
+        >>> cnn = CNNBackbone.from_name("resnet18")
+        >>> [tuple(f.shape) for f in cnn.features(torch.rand(1, 3, 64, 64))][-1], cnn.strides[-1]
+        ((1, 512, 2, 2), 32)
+    """
+
+    family = "cnn"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if backbone_family(model) != "cnn":
+            raise ValueError(f"{type(model).__name__} is not a features_only CNN")
+        self.model = model
+        self.strides = tuple(int(s) for s in model.feature_info.reduction())
+        self.channels = tuple(int(c) for c in model.feature_info.channels())
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> CNNBackbone:
+        """Build ``timm.create_model(name, pretrained=False, features_only=True)``."""
+        import timm
+
+        return cls(timm.create_model(name, pretrained=False, features_only=True, **kwargs))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.channels[-1]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(B, C_s, H / s, W / s)`` map per stage, finest first."""
+        return list(self.model(images))
+
+    def hide(self, images: torch.Tensor, mask: PatchMask, token: torch.Tensor) -> torch.Tensor:
+        """Replace the pixels of MASKED and THROWN cells by ``token`` (``(C,)``)."""
+        states = mask.to_pixels(*images.shape[-2:]).unsqueeze(1)
+        hidden = (states == MASKED) | (states == THROWN)
+        return torch.where(hidden, token.view(1, -1, 1, 1).to(images.dtype), images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled last-stage features for evaluation: ``(B, C)``."""
+        return self.features(images)[-1].mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def saliency(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Activation norm of the last stage, on ``grid``, min-max normalised per image (our generalisation)."""
+        last = self.features(images)[-1].float()
+        scores = _resize(last.norm(dim=1) / last.shape[1] ** 0.5, grid)
+        return minmax(scores, dims=(1, 2))
+
+    @torch.no_grad()
+    def affinity(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Cosine similarity of last-stage features on ``grid``: ``(B, N, N)``, symmetric."""
+        last = self.features(images)[-1].float()
+        if grid is not None:
+            last = F.interpolate(last, size=grid, mode="bilinear", align_corners=False)
+        flat = F.normalize(last.flatten(2), dim=1)  # (B, C, N)
+        return flat.transpose(1, 2) @ flat
+
+
+def build_backbone(name: str, img_size: int = 224, patch_size: int | None = None, **kwargs) -> ViTBackbone | CNNBackbone:
+    """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN."""
+    import timm
+
+    vit_kwargs = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **vit_kwargs, **kwargs)
+    except TypeError:  # a CNN: it takes no img_size / patch_size
+        model = None
+    if model is not None and all(hasattr(model, part) for part in _VIT_PARTS):
+        return ViTBackbone(model)
+    return CNNBackbone.from_name(name, **kwargs)

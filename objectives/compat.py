@@ -1,0 +1,58 @@
+"""Which objective takes which backbone family and which masks: declared once, checked everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["COMPATIBILITY", "Support", "check_compatible", "check_family", "supported_triples"]
+
+
+@dataclass(frozen=True)
+class Support:
+    families: tuple[str, ...]
+    masks: tuple[str, ...]
+
+
+COMPATIBILITY: dict[str, Support] = {
+    "mae": Support(families=("vit",), masks=("random", "block", "simmim")),
+    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim")),
+}
+"""objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes."""
+
+
+def _support(objective: str) -> Support:
+    if objective not in COMPATIBILITY:
+        raise ValueError(f"unknown objective {objective!r}; known: {sorted(COMPATIBILITY)}")
+    return COMPATIBILITY[objective]
+
+
+def check_compatible(objective: str, family: str | None = None, mask: str | None = None) -> None:
+    """Raise ``ValueError`` saying what is supported if ``objective`` cannot take ``family`` or ``mask``."""
+    support = _support(objective)
+    if family is not None and family not in support.families:
+        raise ValueError(
+            f"objective {objective!r} does not take {family!r} backbones; it supports backbone families "
+            f"{list(support.families)} with masks {list(support.masks)}"
+        )
+    if mask is not None and mask not in support.masks:
+        raise ValueError(
+            f"objective {objective!r} does not take the {mask!r} mask; it supports masks {list(support.masks)} "
+            f"on backbone families {list(support.families)}"
+        )
+
+
+def check_family(objective: str, backbone) -> None:
+    from .backbones import backbone_family
+
+    check_compatible(objective, family=backbone_family(backbone))
+
+
+def supported_triples(backbones: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Every supported ``(backbone, mask, objective)`` for ``backbones`` (name -> family)."""
+    return [
+        (backbone, mask, objective)
+        for objective, support in COMPATIBILITY.items()
+        for backbone, family in backbones.items()
+        if family in support.families
+        for mask in support.masks
+    ]

@@ -1,0 +1,97 @@
+"""MAE: reconstruct the pixels of masked patches from the visible ones."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from masklab.pipeline import Batch
+from masklab.transforms import PatchMask
+
+from ._common import ObjectiveOutput, patchify, sincos_pos_embed
+from .backbones import ViTBackbone
+from .compat import check_family
+
+__all__ = ["MAE", "mae_loss"]
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch mean squared error, averaged over the given (masked) patches.
+
+    Args:
+        pred: ``(B, n, p * p * C)`` predictions of the masked patches.
+        target: ``(B, n, p * p * C)`` their pixels.
+        norm_pix: normalise each target patch by its own mean and variance (MAE's default).
+        eps: added to the variance.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps).sqrt()
+    return (pred - target).pow(2).mean(dim=-1).mean()
+
+
+class MAE(nn.Module):
+    """Masked autoencoder (He et al., 2022) on a :class:`ViTBackbone`.
+
+    The encoder sees the VISIBLE patches only; a light decoder sees them and a
+    mask token at every MASKED cell (with fixed sine-cosine positions);
+    THROWN cells appear nowhere: not in the encoder, not in the decoder, not
+    in the loss. The loss is :func:`mae_loss` over MASKED patches.
+
+    Args:
+        backbone: a :class:`ViTBackbone`.
+        decoder_dim: decoder width (divisible by 4 and by ``decoder_heads``).
+        decoder_depth: decoder blocks.
+        decoder_heads: decoder attention heads.
+        norm_pix: per-patch normalised targets.
+    """
+
+    name = "mae"
+
+    def __init__(
+        self, backbone: ViTBackbone, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4, norm_pix: bool = True
+    ) -> None:
+        super().__init__()
+        check_family(self.name, backbone)
+        if decoder_dim % decoder_heads or decoder_dim % 4:
+            raise ValueError(f"decoder_dim={decoder_dim} must be divisible by 4 and by decoder_heads={decoder_heads}")
+        if decoder_depth < 1:
+            raise ValueError(f"decoder_depth must be at least 1, got {decoder_depth}")
+        self.backbone = backbone
+        self.norm_pix = norm_pix
+        patch = backbone.patch_size
+        self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
+        self.decoder = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
+        latent = self.decoder_embed(self.backbone.encode_visible(images, mask))
+        p = self.backbone.num_prefix
+        pos = sincos_pos_embed(latent.shape[-1], mask.grid, images.device).to(latent.dtype)
+        visible = latent[:, p:] + pos[mask.ids_keep]
+        masked = self.mask_token.to(latent.dtype) + pos[mask.ids_masked]
+        # A transformer is order-free given positions: no un-shuffling needed, and THROWN cells never enter.
+        tokens = torch.cat([latent[:, :p], visible, masked], dim=1)
+        out = self.decoder_pred(self.decoder_norm(self.decoder(tokens)))
+        return out[:, p + mask.num_visible :]
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        mask = batch.mask
+        if not isinstance(mask, PatchMask):
+            raise ValueError("MAE needs a PatchMask in batch.mask: add a mask stage (RandomMask, BlockMask, ...)")
+        if mask.num_masked == 0:
+            raise ValueError("MAE needs at least one MASKED cell per sample")
+        pred = self.predict(batch.images, mask)
+        patches = patchify(batch.images, self.backbone.patch_size)
+        target = patches.gather(1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        loss = mae_loss(pred, target, self.norm_pix)
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})

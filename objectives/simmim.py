@@ -1,0 +1,84 @@
+"""SimMIM: predict the raw pixels of masked patches from an input with mask tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from masklab.pipeline import Batch
+from masklab.transforms import MASKED, PatchMask
+
+from ._common import ObjectiveOutput, patchify
+from .backbones import CNNBackbone, ViTBackbone
+from .compat import check_family
+
+__all__ = ["SimMIM", "simmim_loss"]
+
+
+def simmim_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the weighted (masked) pixels and channels.
+
+    Args:
+        pred: predictions, e.g. ``(B, C, H, W)`` pixels or ``(B, n, p * p * C)`` patches.
+        target: same shape as ``pred``.
+        weight: 0/1, broadcastable to ``pred`` (``(B, 1, H, W)`` or ``(B, n, 1)``).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    weight = weight.to(pred.dtype).expand_as(pred)
+    return ((pred - target).abs() * weight).sum() / weight.sum().clamp(min=1)
+
+
+class SimMIM(nn.Module):
+    """SimMIM (Xie et al., 2022) on a ViT or a CNN backbone.
+
+    ViT: MASKED patch embeddings become a learnable mask token, THROWN patches
+    are dropped from the input, and a linear head predicts each patch's
+    pixels. CNN: MASKED and THROWN pixels become a learnable colour token, and
+    a 1x1 convolution on the last feature map, then a pixel shuffle, predicts
+    the image. Both: :func:`simmim_loss` (L1) over MASKED pixels only.
+
+    Args:
+        backbone: a :class:`ViTBackbone` or :class:`CNNBackbone`.
+    """
+
+    name = "simmim"
+
+    def __init__(self, backbone: ViTBackbone | CNNBackbone) -> None:
+        super().__init__()
+        check_family(self.name, backbone)
+        self.backbone = backbone
+        if isinstance(backbone, ViTBackbone):
+            self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
+            self.head = nn.Linear(backbone.embed_dim, backbone.patch_size**2 * 3)
+        else:
+            self.mask_token = nn.Parameter(torch.zeros(3))
+            stride = backbone.strides[-1]
+            self.head = nn.Sequential(nn.Conv2d(backbone.channels[-1], stride**2 * 3, kernel_size=1), nn.PixelShuffle(stride))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        mask = batch.mask
+        if not isinstance(mask, PatchMask):
+            raise ValueError("SimMIM needs a PatchMask in batch.mask: add a mask stage (SimMIMMask, RandomMask, ...)")
+        images = batch.images
+        if isinstance(self.backbone, ViTBackbone):
+            out, ids = self.backbone.encode_with_mask_token(images, mask, self.mask_token)
+            pred = self.head(out)  # (B, n_kept, p * p * 3)
+            patches = patchify(images, self.backbone.patch_size)
+            target = patches.gather(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            weight = (mask.states.flatten(1).gather(1, ids) == MASKED).unsqueeze(-1)
+        else:
+            stride = self.backbone.strides[-1]
+            if images.shape[-1] % stride or images.shape[-2] % stride:
+                raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the backbone's stride {stride}")
+            hidden = self.backbone.hide(images, mask, self.mask_token)
+            pred = self.head(self.backbone.features(hidden)[-1])
+            target = images
+            weight = (mask.to_pixels(*images.shape[-2:]) == MASKED).unsqueeze(1)
+            if pred.shape != target.shape:
+                pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        loss = simmim_loss(pred, target, weight)
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})
