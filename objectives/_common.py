@@ -25,7 +25,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
     """Inverse of :func:`patchify`."""
-    return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size, c=channels)
+    return rearrange(
+        patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size, c=channels
+    )
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
@@ -33,7 +35,11 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tens
     if dim % 4:
         raise ValueError(f"sincos position embeddings need dim divisible by 4, got {dim}")
     gh, gw = grid
-    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float32, device=device), torch.arange(gw, dtype=torch.float32, device=device), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float32, device=device),
+        torch.arange(gw, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
     parts = []
     for coord in (ys.flatten(), xs.flatten()):

@@ -115,7 +115,9 @@ class ViTBackbone(nn.Module):
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
 
-    def embed(self, images: torch.Tensor, replace: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, images: torch.Tensor, replace: torch.Tensor | None = None, token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, P + N, D)`` prefix and patch tokens with position embeddings.
 
         ``replace`` (``(B, N)`` bool) swaps those patch embeddings for
@@ -262,7 +264,9 @@ class CNNBackbone(nn.Module):
         return flat.transpose(1, 2) @ flat
 
 
-def build_backbone(name: str, img_size: int = 224, patch_size: int | None = None, **kwargs) -> ViTBackbone | CNNBackbone:
+def build_backbone(
+    name: str, img_size: int = 224, patch_size: int | None = None, **kwargs
+) -> ViTBackbone | CNNBackbone:
     """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN."""
     import timm
 

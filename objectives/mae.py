@@ -54,7 +54,12 @@ class MAE(nn.Module):
     name = "mae"
 
     def __init__(
-        self, backbone: ViTBackbone, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4, norm_pix: bool = True
+        self,
+        backbone: ViTBackbone,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        norm_pix: bool = True,
     ) -> None:
         super().__init__()
         check_family(self.name, backbone)

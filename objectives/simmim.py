@@ -56,7 +56,9 @@ class SimMIM(nn.Module):
         else:
             self.mask_token = nn.Parameter(torch.zeros(3))
             stride = backbone.strides[-1]
-            self.head = nn.Sequential(nn.Conv2d(backbone.channels[-1], stride**2 * 3, kernel_size=1), nn.PixelShuffle(stride))
+            self.head = nn.Sequential(
+                nn.Conv2d(backbone.channels[-1], stride**2 * 3, kernel_size=1), nn.PixelShuffle(stride)
+            )
         trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
@@ -73,7 +75,9 @@ class SimMIM(nn.Module):
         else:
             stride = self.backbone.strides[-1]
             if images.shape[-1] % stride or images.shape[-2] % stride:
-                raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the backbone's stride {stride}")
+                raise ValueError(
+                    f"image size {tuple(images.shape[-2:])} is not divisible by the backbone's stride {stride}"
+                )
             hidden = self.backbone.hide(images, mask, self.mask_token)
             pred = self.head(self.backbone.features(hidden)[-1])
             target = images

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from masklab.objectives import (
+    MAE,
+    CNNBackbone,
+    EMATeacher,
+    SimMIM,
+    ViTBackbone,
+    build_backbone,
+    check_compatible,
+    cosine_decay,
+)
+
+
+def vit_attending_to(patch: int, img_size=16, patch_size=4) -> ViTBackbone:
+    """A ViT whose last block's CLS query matches one patch's key only.
+
+    Earlier blocks add nothing (zero output projections); patch embeddings are
+    zero; only the CLS token and patch ``patch``'s position embedding carry a
+    vector ``e``. In the last block q = 8 * LN(x), k = LN(x), so CLS attends to
+    that patch.
+    """
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=img_size, patch_size=patch_size, depth=3)
+    m, d = vit.model, vit.embed_dim
+    e = torch.zeros(d)
+    e[: d // 2] = 1.0
+    with torch.no_grad():
+        for block in m.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        m.patch_embed.proj.weight.zero_()
+        m.patch_embed.proj.bias.zero_()
+        m.pos_embed.zero_()
+        m.pos_embed[0, 1 + patch] = e
+        m.cls_token.copy_(e.view(1, 1, -1))
+        qkv = m.blocks[-1].attn.qkv
+        qkv.weight.zero_()
+        qkv.bias.zero_()
+        qkv.weight[:d] = 8 * torch.eye(d)
+        qkv.weight[d : 2 * d] = torch.eye(d)
+    return vit
+
+
+@pytest.mark.parametrize("patch", [0, 5, 15])
+def test_vit_saliency_peaks_at_the_attended_patch(patch):
+    vit = vit_attending_to(patch)
+    saliency = vit.saliency(torch.rand(2, 3, 16, 16))
+    assert saliency.shape == (2, 4, 4)
+    assert saliency.flatten(1).argmax(1).tolist() == [patch, patch]
+    assert saliency.min() >= 0 and saliency.max() <= 1
+    assert vit.model.blocks[-1].attn.fused_attn  # restored after the probe
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18"])
+def test_affinity_is_symmetric_with_the_documented_shape(name):
+    bb = build_backbone(name, img_size=32, patch_size=4)
+    images = torch.rand(2, 3, 32, 32)
+    aff = bb.affinity(images) if bb.family == "vit" else bb.affinity(images, grid=(8, 8))
+    assert aff.shape == (2, 64, 64)
+    torch.testing.assert_close(aff, aff.transpose(1, 2))
+    assert not aff.requires_grad
+
+
+def test_cnn_saliency_is_on_the_grid_in_unit_range():
+    cnn = CNNBackbone.from_name("resnet18")
+    s = cnn.saliency(torch.rand(3, 3, 64, 64), grid=(8, 8))
+    assert s.shape == (3, 8, 8)
+    assert torch.allclose(s.flatten(1).amax(1), torch.ones(3)) and torch.allclose(s.flatten(1).amin(1), torch.zeros(3))
+
+
+def test_unsupported_pairs_say_what_is_supported():
+    with pytest.raises(
+        ValueError, match=r"objective 'mae' does not take 'cnn' backbones; it supports backbone families \['vit'\]"
+    ):
+        MAE(CNNBackbone.from_name("resnet18"))
+    with pytest.raises(
+        ValueError, match=r"does not take the 'mixmask' mask; it supports masks \['random', 'block', 'simmim'\]"
+    ):
+        check_compatible("simmim", mask="mixmask")
+    with pytest.raises(ValueError, match=r"unknown objective 'dino'"):
+        check_compatible("dino")
+
+
+def test_not_a_vit_is_refused():
+    with pytest.raises(ValueError, match=r"is not a timm ViT: it lacks"):
+        ViTBackbone(torch.nn.Linear(2, 2))
+
+
+def test_ema_teacher_follows_by_schedule_and_gets_no_gradients():
+    student = SimMIM(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1))
+    teacher = EMATeacher(student.backbone, base=0.9, final=1.0)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert cosine_decay(0.0, 0.9, 1.0) == pytest.approx(0.9) and cosine_decay(1.0, 0.9, 1.0) == pytest.approx(1.0)
+    assert cosine_decay(0.5, 0.9, 1.0) == pytest.approx(0.95)
+    before = teacher.module.model.patch_embed.proj.weight.clone()
+    with torch.no_grad():
+        student.backbone.model.patch_embed.proj.weight.add_(1.0)
+    teacher.update(student.backbone, progress=0.0)
+    torch.testing.assert_close(teacher.module.model.patch_embed.proj.weight, before + 0.1)
+    out = teacher(torch.rand(1, 3, 16, 16))
+    assert out.grad_fn is None
