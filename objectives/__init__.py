@@ -6,7 +6,7 @@ with a :class:`~masklab.transforms.PatchMask`) and never see a loader.
 
 from ._common import ObjectiveOutput, patchify, sincos_pos_embed, unpatchify
 from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, minmax
-from .compat import COMPATIBILITY, Support, check_compatible, supported_triples
+from .compat import COMPATIBILITY, Support, check_compatible, compatibility_table, supported_triples
 from .ema import EMATeacher, cosine_decay
 from .mae import MAE, mae_loss
 from .simmim import SimMIM, simmim_loss
@@ -26,6 +26,7 @@ __all__ = [
     "backbone_family",
     "build_backbone",
     "check_compatible",
+    "compatibility_table",
     "cosine_decay",
     "mae_loss",
     "minmax",

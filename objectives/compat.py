@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COMPATIBILITY", "Support", "check_compatible", "check_family", "supported_triples"]
+__all__ = ["COMPATIBILITY", "Support", "check_compatible", "check_family", "compatibility_table", "supported_triples"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,11 @@ def supported_triples(backbones: dict[str, str]) -> list[tuple[str, str, str]]:
         if family in support.families
         for mask in support.masks
     ]
+
+
+def compatibility_table() -> str:
+    """The declaration as a Markdown table (the README shows exactly this)."""
+    lines = ["| objective | backbone families | masks |", "|---|---|---|"]
+    for objective, support in COMPATIBILITY.items():
+        lines.append(f"| `{objective}` | {', '.join(support.families)} | {', '.join(support.masks)} |")
+    return "\n".join(lines)

@@ -26,3 +26,17 @@ def test_supervised_example_trains():
     exec(compile(example("supervised"), "README.md", "exec"), scope)
     assert scope["loss"].isfinite()
     assert scope["targets"].shape == (64, 8)
+
+
+def test_readme_compatibility_table_is_the_declared_one():
+    from masklab.objectives import compatibility_table
+
+    text = README.read_text()
+    shown = text.split("<!-- compatibility -->\n", 1)[1].split("\n<!-- /compatibility -->", 1)[0]
+    assert shown == compatibility_table()
+
+
+def test_objective_example_runs():
+    scope: dict = {}
+    exec(compile(example("objective"), "README.md", "exec"), scope)
+    assert scope["out"].loss.isfinite()

@@ -11,7 +11,7 @@ from .feature_mask import FeatureMask, FeatureMasks, feature_masks
 from .mix_mask import MixMask, MixParams, mix_images, mix_targets, mixmask_params
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
-from .random_mask import RandomMask, random_patch_mask
+from .random_mask import RandomMask, mask_from_scores, random_patch_mask
 from .simmim_mask import SimMIMMask, simmim_patch_mask
 from .views import PRESETS, ViewParams, ViewRecipe, Views, apply_view, draw_view_params
 
@@ -52,6 +52,7 @@ __all__ = [
     "draw_view_params",
     "erase_patches",
     "feature_masks",
+    "mask_from_scores",
     "mix_images",
     "mix_targets",
     "mixmask_params",

@@ -6,9 +6,31 @@ import torch
 
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, mask_count, patch_grid, top_cells
-from .patch_mask import PatchMask
+from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
 
-__all__ = ["RandomMask", "random_patch_mask"]
+__all__ = ["RandomMask", "mask_from_scores", "random_patch_mask"]
+
+
+def mask_from_scores(scores: torch.Tensor, grid: tuple[int, int], num_masked: int, num_thrown: int = 0) -> PatchMask:
+    """Rank the cells of each sample by ``scores`` (highest first): MASKED, then THROWN, the rest VISIBLE.
+
+    Args:
+        scores: ``(B, Gh * Gw)`` float scores (give them a random tie-break).
+        grid: ``(Gh, Gw)``.
+        num_masked: cells MASKED per sample.
+        num_thrown: cells THROWN per sample, those ranked right after the masked ones.
+    """
+    batch, cells = scores.shape
+    if num_masked < 0 or num_thrown < 0 or num_masked + num_thrown > cells:
+        raise ValueError(f"cannot mask {num_masked} and throw {num_thrown} of {cells} cells")
+    if num_thrown == 0:
+        return PatchMask.from_masked(top_cells(scores, num_masked).view(batch, *grid), num_masked)
+    order = torch.argsort(scores, dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(cells, device=scores.device).expand(batch, cells))
+    states = torch.where(rank < num_masked, MASKED, torch.where(rank < num_masked + num_thrown, THROWN, VISIBLE))
+    return PatchMask(
+        states.to(torch.uint8).view(batch, *grid), (cells - num_masked - num_thrown, num_masked, num_thrown)
+    )
 
 
 def random_patch_mask(
@@ -17,6 +39,7 @@ def random_patch_mask(
     ratio: float = 0.75,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    throw_ratio: float = 0.0,
 ) -> PatchMask:
     """Mask ``round(N * ratio)`` cells of each sample, uniformly at random.
 
@@ -30,6 +53,9 @@ def random_patch_mask(
         ratio: fraction of cells masked, in ``[0, 1)``.
         generator: a ``torch.Generator`` on ``device``, or ``None`` for the global one.
         device: where the mask lives.
+        throw_ratio: fraction of cells THROWN (dropped everywhere), drawn at
+            random too: the cells ranked ``round(N * ratio)`` to
+            ``round(N * (ratio + throw_ratio))`` (AMT's counts, random order).
 
     Returns:
         A :class:`PatchMask` with exactly ``round(N * ratio)`` MASKED cells per sample.
@@ -41,11 +67,12 @@ def random_patch_mask(
         ((49, 147, 0), [147, 147, 147, 147])
     """
     check_ratio("ratio", ratio)
+    check_ratio("ratio + throw_ratio", ratio + check_ratio("throw_ratio", throw_ratio))
     cells = grid[0] * grid[1]
     count = mask_count(cells, ratio)
+    thrown = mask_count(cells, ratio + throw_ratio) - count
     scores = torch.rand((batch_size, cells), generator=generator, device=device)
-    masked = top_cells(scores, count).view(batch_size, *grid)
-    return PatchMask.from_masked(masked, count)
+    return mask_from_scores(scores, grid, count, thrown)
 
 
 class RandomMask(PatchMaskStage):
@@ -54,6 +81,7 @@ class RandomMask(PatchMaskStage):
     Args:
         ratio: fraction of patches masked (MAE: 0.75).
         patch_size: the model's patch size in pixels; image sides must be multiples of it.
+        throw_ratio: fraction of patches thrown at random (0 for MAE).
 
     Examples:
         >>> import torch
@@ -63,13 +91,16 @@ class RandomMask(PatchMaskStage):
         ((4, 4), (4, 12, 0))
     """
 
-    def __init__(self, ratio: float = 0.75, patch_size: int = 16) -> None:
+    def __init__(self, ratio: float = 0.75, patch_size: int = 16, throw_ratio: float = 0.0) -> None:
         super().__init__(patch_size)
         self.ratio = check_ratio("ratio", ratio)
+        self.throw_ratio = check_ratio("throw_ratio", throw_ratio)
+        check_ratio("ratio + throw_ratio", self.ratio + self.throw_ratio)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
-        return random_patch_mask(batch_size, grid, self.ratio, generator, device)
+        return random_patch_mask(batch_size, grid, self.ratio, generator, device, self.throw_ratio)
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, patch_size={self.patch_size}"
+        throw = f", throw_ratio={self.throw_ratio}" if self.throw_ratio else ""
+        return f"ratio={self.ratio}, patch_size={self.patch_size}{throw}"

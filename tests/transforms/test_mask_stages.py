@@ -219,3 +219,21 @@ def test_bit_field_and_bool_block_paths_agree(monkeypatch):
 def test_wide_grids_take_the_bool_path_with_exact_counts():
     draw = block_cells(4, (3, 70), 100, generator=torch.Generator().manual_seed(0))
     assert draw.cells.flatten(1).sum(1).tolist() == [100] * 4
+
+
+def test_random_throwing_counts_are_amts():
+    out = RandomMask(0.45, patch_size=16, throw_ratio=0.40)(batch(n=6, size=224))
+    m = out.mask
+    # N = 196: round(196 * 0.45) = 88 masked, round(196 * 0.85) - 88 = 79 thrown.
+    assert m.counts == (29, 88, 79)
+    assert m.masked.flatten(1).sum(1).eq(88).all() and m.thrown.flatten(1).sum(1).eq(79).all()
+    with pytest.raises(ValueError, match=r"ratio \+ throw_ratio must be in \[0, 1\), got 1.05"):
+        RandomMask(0.75, throw_ratio=0.3)
+
+
+def test_mask_from_scores_ranks_masked_then_thrown():
+    from masklab.transforms import mask_from_scores
+
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7]])
+    m = mask_from_scores(scores, (2, 2), num_masked=1, num_thrown=2)
+    assert m.states.flatten().tolist() == [1, 0, 2, 2]
