@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import statistics
-import time
 
 import numpy as np
 import torch
+from _timing import median_ms
 
 from masklab.pipeline import Batch
 from masklab.transforms import BlockMask, FeatureMask, MixMask, RandomMask, SimMIMMask, mix_images
@@ -85,17 +84,6 @@ def feature_style(batch: int, groups: int, strides=(8, 16, 32), ratio: float = 0
     return [base.repeat(strides[-1] // s, 2).repeat(strides[-1] // s, 3) for s in strides]
 
 
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def vit_step_ms(batch: torch.Tensor) -> float:
     import timm
 
@@ -105,7 +93,7 @@ def vit_step_ms(batch: torch.Tensor) -> float:
         model.zero_grad(set_to_none=True)
         model(batch).float().pow(2).mean().backward()
 
-    return timed(step, 1)
+    return median_ms(step, 1)
 
 
 def main() -> None:
@@ -150,7 +138,7 @@ def main() -> None:
     print(f"{'stage':>16} {'ms/batch':>9} {'reference':>17} {'ms/batch':>9} {'speed-up':>9}")
     results = []
     for name, ours, ref_name, ref in rows:
-        ours_ms, ref_ms = timed(ours, repeats), timed(ref, max(3, repeats // 4))
+        ours_ms, ref_ms = median_ms(ours, repeats), median_ms(ref, max(3, repeats // 4))
         results.append((name, ours_ms))
         print(f"{name:>16} {ours_ms:>9.2f} {ref_name:>17} {ref_ms:>9.2f} {ref_ms / ours_ms:>8.1f}x")
     if args.quick:
@@ -159,7 +147,7 @@ def main() -> None:
     print(f"\nViT-tiny forward+backward, B={BATCH}, {SIZE} px: {step:.0f} ms")
     for name, ms in results:
         print(f"{name:>16} {100 * ms / step:>6.2f}% of a step")
-    mix_ms = timed(lambda: mix_images(images, mixer.draw(images, generator)), 3)
+    mix_ms = median_ms(lambda: mix_images(images, mixer.draw(images, generator)), 3)
     print(
         f"{'MixMask + mixing':>16} {100 * mix_ms / step:>6.2f}% of a step ({mix_ms:.0f} ms: the pixel mixing dominates)"
     )

@@ -12,10 +12,9 @@ Run: ``python benchmarks/throwing.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_ms
 
 from masklab.objectives import MAE, ViTBackbone
 from masklab.pipeline import Batch
@@ -28,13 +27,7 @@ def step_ms(model: MAE, batch: Batch, optimizer: torch.optim.Optimizer, repeats:
         model(batch).loss.backward()
         optimizer.step()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_ms(step, repeats)
 
 
 def main() -> None:

@@ -87,6 +87,16 @@ def _place_as_bools(in_rows, left, w, target, gw):
     return union, partial, placed
 
 
+def check_block_args(min_cells: int, aspect: tuple[float, float], rounds: int) -> None:
+    """Raise ``ValueError`` naming the value if block-sampling arguments are out of range."""
+    if min_cells < 1:
+        raise ValueError(f"min_cells must be at least 1, got {min_cells}")
+    if not 0 < aspect[0] <= aspect[1]:
+        raise ValueError(f"aspect must satisfy 0 < low <= high, got {tuple(aspect)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+
+
 def block_cells(
     batch_size: int,
     grid: tuple[int, int],
@@ -125,12 +135,7 @@ def block_cells(
         A :class:`BlockDraw`.
     """
     gh, gw = grid
-    if min_cells < 1:
-        raise ValueError(f"min_cells must be at least 1, got {min_cells}")
-    if not 0 < aspect[0] <= aspect[1]:
-        raise ValueError(f"aspect must satisfy 0 < low <= high, got {tuple(aspect)}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    check_block_args(min_cells, aspect, rounds)
     target = torch.as_tensor(count, device=device).expand(batch_size).long()
     u = torch.rand((batch_size, rounds, 4), generator=generator, device=device)
     high = target.clamp(min=min_cells).float().view(-1, 1)
@@ -205,12 +210,7 @@ class BlockMask(PatchMaskStage):
     ) -> None:
         super().__init__(patch_size)
         self.ratio = check_ratio("ratio", ratio)
-        if min_cells < 1:
-            raise ValueError(f"min_cells must be at least 1, got {min_cells}")
-        if not 0 < aspect[0] <= aspect[1]:
-            raise ValueError(f"aspect must satisfy 0 < low <= high, got {tuple(aspect)}")
-        if rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        check_block_args(min_cells, aspect, rounds)
         self.min_cells, self.aspect, self.rounds = int(min_cells), tuple(aspect), int(rounds)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
