@@ -10,6 +10,7 @@ from .compat import COMPATIBILITY, Support, check_compatible, compatibility_tabl
 from .ema import EMATeacher, cosine_decay
 from .mae import MAE, mae_loss
 from .simmim import SimMIM, simmim_loss
+from .supervised import Supervised, soft_cross_entropy
 
 OBJECTIVES = {"mae": MAE, "simmim": SimMIM}
 
@@ -21,6 +22,7 @@ __all__ = [
     "EMATeacher",
     "ObjectiveOutput",
     "SimMIM",
+    "Supervised",
     "Support",
     "ViTBackbone",
     "backbone_family",
@@ -32,6 +34,7 @@ __all__ = [
     "minmax",
     "patchify",
     "simmim_loss",
+    "soft_cross_entropy",
     "sincos_pos_embed",
     "supported_triples",
     "unpatchify",

@@ -1,0 +1,61 @@
+"""Supervised classification with masklab's stages as augmentation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masklab.pipeline import Batch
+from masklab.transforms import MixParams, PatchMask, erase_patches, mix_targets
+
+from ._common import ObjectiveOutput
+
+__all__ = ["Supervised", "soft_cross_entropy"]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against ``(B, K)`` soft targets, averaged over the batch."""
+    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+class Supervised(nn.Module):
+    """A classifier trained on the loader's batches, reusing mask and mix stages.
+
+    When the batch carries a MixMask draw (``batch.mix``), the mixed images
+    are classified against ``lam * y + (1 - lam) * y[partner]``; when it
+    carries a :class:`PatchMask` (``batch.mask``), hidden patches are erased
+    (set to 0, the mean after normalisation) first.
+
+    Args:
+        model: a timm classifier with ``num_classes`` outputs.
+        num_classes: ``K``.
+        label_smoothing: mass spread over all classes.
+    """
+
+    name = "supervised"
+
+    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.model, self.num_classes, self.label_smoothing = model, int(num_classes), float(label_smoothing)
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        if batch.labels is None:
+            raise ValueError("supervised training needs labels in the batch")
+        images = batch.images
+        targets = F.one_hot(batch.labels.long(), self.num_classes).to(images.dtype)
+        if batch.mix is not None:
+            mix = batch.mix
+            images = mix["images"]
+            params = MixParams(mix["own"], mix["lam"], mix["partner"], mix["inverse"])
+            targets = mix_targets(targets, params)
+        if isinstance(batch.mask, PatchMask):
+            images = erase_patches(images, batch.mask)
+        if self.label_smoothing:
+            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        logits = self.model(images)
+        loss = soft_cross_entropy(logits, targets)
+        accuracy = (logits.argmax(1) == batch.labels).float().mean()
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "accuracy": accuracy.detach()})

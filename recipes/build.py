@@ -1,0 +1,192 @@
+"""Turn a TrainConfig into loaders, a model and an optimizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from masklab.objectives import (
+    MAE,
+    OBJECTIVES,
+    SimMIM,
+    Supervised,
+    ViTBackbone,
+    backbone_family,
+    build_backbone,
+    check_compatible,
+)
+from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
+from masklab.transforms import BlockMask, MixMask, Normalize, RandomMask, SimMIMMask
+
+from .config import TrainConfig
+
+__all__ = [
+    "build_encoder",
+    "build_loader",
+    "build_model",
+    "build_optimizer",
+    "checkpoint_dir",
+    "encoder_of",
+    "family_of",
+    "num_classes_of",
+    "patch_size_of",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _builtin(spec: str, cfg: TrainConfig):
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != "builtin":
+        raise ValueError(f"data source {spec!r} must be a .beton path or builtin:NAME[:SPLIT]")
+    name, split = parts[1], parts[2] if len(parts) == 3 else "train"
+    kwargs = {"size": cfg.data.resolution, "split": split, "seed": 0}
+    if name == "shapes":
+        kwargs["length"] = cfg.data.length if split == "train" else max(1, cfg.data.length // 4)
+    return builtin_dataset(name, **kwargs)
+
+
+def num_classes_of(spec: str) -> int:
+    if spec.startswith("builtin:"):
+        return {"shapes": 8, "digits": 10}[spec.split(":")[1]]
+    from masklab.pipeline import read_info
+
+    return read_info(spec).num_classes
+
+
+def patch_size_of(cfg: TrainConfig, family: str) -> int:
+    """The mask grid's cell: the ViT's patch, or 1/8 of the image side for CNNs."""
+    if family == "vit":
+        return int(cfg.model.patch_size or 16)
+    return max(1, cfg.data.resolution // 8)
+
+
+def mask_stages(cfg: TrainConfig, family: str) -> list[nn.Module]:
+    patch = patch_size_of(cfg, family)
+    m = cfg.mask
+    if cfg.task == "supervised":
+        stages: list[nn.Module] = []
+        if cfg.objective.mixmask:
+            stages.append(MixMask(grid=cfg.objective.mixmask_grid))
+        if cfg.objective.erase_ratio > 0:
+            stages.append(BlockMask(cfg.objective.erase_ratio, patch_size=patch))
+        return stages
+    if m.name == "none" or cfg.task != "pretrain":
+        return []
+    if m.name == "random":
+        return [RandomMask(m.ratio, patch, throw_ratio=m.throw_ratio)]
+    if m.name == "block":
+        return [BlockMask(m.ratio, patch)]
+    if m.name == "simmim":
+        return [SimMIMMask(m.ratio, mask_patch_size=m.mask_patch_size, patch_size=patch)]
+    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim or none")
+
+
+def build_loader(
+    cfg: TrainConfig,
+    split: str,
+    device: torch.device,
+    family: str = "vit",
+    distributed: bool = False,
+    train: bool = True,
+):
+    """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
+    spec = cfg.data.train if split == "train" else cfg.data.test
+    stages: list[nn.Module] = [Normalize(cfg.data.mean, cfg.data.std)]
+    common = {
+        "batch_size": cfg.data.batch_size,
+        "resolution": cfg.data.resolution,
+        "device": device,
+        "seed": cfg.run.seed,
+    }
+    if train:
+        stages += mask_stages(cfg, family)
+        common.update(
+            scale=tuple(cfg.data.scale) if cfg.data.scale else None, flip_p=cfg.data.flip_p, distributed=distributed
+        )
+    else:
+        common.update(scale=None, flip_p=0.0, order="sequential", drop_last=False)
+    if spec.endswith(".beton"):
+        return Loader(spec, stages=stages, num_workers=cfg.data.num_workers, **common)
+    return DatasetLoader(_builtin(spec, cfg), stages=stages, **common)
+
+
+def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
+    return build_backbone(
+        cfg.model.backbone, img_size=cfg.data.resolution, patch_size=cfg.model.patch_size, **cfg.model.kwargs
+    )
+
+
+def _load_backbone_weights(module: nn.Module, checkpoint: str, prefix: str = "backbone.model.") -> None:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"checkpoint {checkpoint} holds no backbone weights (no keys starting with {prefix!r})")
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    logger.info(
+        "loaded %d tensors from %s (%d missing, %d unexpected)", len(weights), checkpoint, len(missing), len(unexpected)
+    )
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The trainable module: an objective holding its backbone (pretrain) or a classifier."""
+    if cfg.task == "pretrain":
+        backbone = build_encoder(cfg)
+        family = backbone_family(backbone)
+        check_compatible(cfg.objective.name, family=family, mask=None if cfg.mask.name == "none" else cfg.mask.name)
+        if cfg.objective.name == "mae":
+            return MAE(
+                backbone, cfg.objective.decoder_dim, cfg.objective.decoder_depth, norm_pix=cfg.objective.norm_pix
+            )
+        if cfg.objective.name == "simmim":
+            return SimMIM(backbone)
+        raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
+    if cfg.task in ("supervised", "finetune"):
+        import timm
+
+        classes = num_classes_of(cfg.data.train)
+        kwargs = dict(cfg.model.kwargs)
+        probe = build_encoder(cfg)
+        if backbone_family(probe) == "vit":
+            kwargs.update(img_size=cfg.data.resolution)
+            if cfg.model.patch_size:
+                kwargs["patch_size"] = cfg.model.patch_size
+        model = timm.create_model(cfg.model.backbone, pretrained=False, num_classes=classes, **kwargs)
+        if cfg.model.init:
+            _load_backbone_weights(model, cfg.model.init)
+        return Supervised(model, classes, cfg.objective.label_smoothing)
+    raise ValueError(f"task {cfg.task!r} does not train a model")
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """A timm optimizer; layer-wise lr decay groups the timm model's blocks (fine-tuning)."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    target = model.model if isinstance(model, Supervised) else model
+    kwargs = {"momentum": o.momentum} if o.name.lower() in ("sgd", "momentum", "lars", "nesterov") else {}
+    return create_optimizer_v2(
+        target, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay, **kwargs
+    )
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The part whose pooled features kNN and linear probes evaluate."""
+    if isinstance(model, Supervised):
+        net = model.model
+        return lambda images: net.forward_head(net.forward_features(images), pre_logits=True)
+    return model.backbone
+
+
+def family_of(model: nn.Module) -> str:
+    """``"vit"`` or ``"cnn"`` for what :func:`build_model` returns."""
+    if isinstance(model, Supervised):
+        return "vit" if hasattr(model.model, "patch_embed") else "cnn"
+    return backbone_family(model.backbone)
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.out) / "checkpoints"

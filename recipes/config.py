@@ -1,0 +1,179 @@
+"""Typed training configs: dataclass schemas, YAML files and dotted overrides (OmegaConf)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+__all__ = [
+    "CONFIG_DIR",
+    "DataConfig",
+    "EvalConfig",
+    "MaskConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TASKS = ("pretrain", "supervised", "finetune", "linear", "knn")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how the loader cuts them."""
+
+    train: str = "builtin:shapes"  # a .beton file, or builtin:shapes / builtin:digits
+    test: str = "builtin:shapes:test"
+    resolution: int = 32
+    batch_size: int = 128
+    num_workers: int = 2
+    scale: list[float] | None = field(default_factory=lambda: [0.35, 1.0])  # crop area range; null: centred square
+    flip_p: float = 0.5
+    length: int = 4000  # images of builtin:shapes (train); the test split has a quarter
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+
+@dataclass
+class ModelConfig:
+    """A timm backbone by name (never pretrained: no downloads)."""
+
+    backbone: str = "vit_tiny_patch16_224"
+    patch_size: int | None = 4  # ViTs only; None keeps the model's
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (e.g. depth: 6)
+    init: str | None = None  # a masklab checkpoint whose backbone initialises this one (finetune, linear)
+
+
+@dataclass
+class MaskConfig:
+    """The mask stage of the loader (``none`` for supervised runs without one)."""
+
+    name: str = "random"  # random | block | simmim | none
+    ratio: float = 0.75
+    throw_ratio: float = 0.0
+    mask_patch_size: int = 8  # simmim's coarse cell, in pixels
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mae"  # mae | simmim (pretrain); supervised tasks use cross-entropy
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    norm_pix: bool = True
+    mixmask: bool = False  # supervised: MixMask as a CutMix-like regulariser
+    mixmask_grid: int = 4
+    erase_ratio: float = 0.0  # supervised: block patch erasing
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer: adamw, sgd, lars, lamb, ...
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    warmup_epochs: float = 1.0
+    grad_accum: int = 1
+    clip_grad: float | None = 3.0
+    mixed_precision: str = "auto"  # auto (bf16 where the device supports it) | no | bf16 | fp16
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 100
+    linear_lr: float = 0.01
+    at_end: bool = True  # kNN of the trained encoder after training
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/train"
+    seed: int = 0
+    epochs: int = 10
+    max_steps: int | None = None  # end the run (and its lr schedule) after this many optimizer updates
+    stop_at: int | None = None  # stop this process after N updates with a checkpoint; the schedule still spans the run
+    device: str = "auto"  # auto | cpu | cuda | ...
+    log_every: int = 10
+    ckpt_every: int = 200  # updates between checkpoints (and one at the end)
+    keep: int = 3  # checkpoints kept
+    resume: str | None = None  # a checkpoint path, or "auto" for the latest in `out`
+    progress: bool = True
+    record_indices: bool = False  # keep the dataset indices each rank trained on (debugging, tests)
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Unknown or mistyped keys are errors that name the key."""
+
+    task: str = "pretrain"  # pretrain | supervised | finetune | linear | knn
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    named = CONFIG_DIR / f"{path}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config {str(path)!r}: not a file, nor one of the recipes {known}")
+
+
+def load_config(source: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Schema defaults, then a YAML file (a path or a recipe name such as ``mae``), then ``key=value`` overrides.
+
+    Raises:
+        ValueError: an unknown key (named, with its place), a value of the wrong type, or a bad task.
+    """
+    config = OmegaConf.structured(TrainConfig)
+    layers = []
+    if source is not None:
+        layers.append(OmegaConf.load(_resolve(source)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value, got {bad}")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        for layer in layers:
+            config = OmegaConf.merge(config, layer)
+    except (ConfigKeyError, ConfigAttributeError) as error:
+        key = getattr(error, "full_key", None) or str(error)
+        hint = str(error).splitlines()[0]
+        raise ValueError(f"unknown config key {key!r}: {hint}") from None
+    except ValidationError as error:
+        hint = str(error).splitlines()[0]
+        raise ValueError(f"bad value for config key {getattr(error, 'full_key', '?')!r}: {hint}") from None
+    result: TrainConfig = OmegaConf.to_object(config)
+    if result.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {result.task!r}")
+    return result
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML (what :func:`load_config` reads back)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,357 @@
+"""The training loop: any (loader stages, backbone, objective) on Accelerate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_loader, build_model, build_optimizer, checkpoint_dir, encoder_of, family_of
+from .config import TrainConfig, save_config, to_dict
+
+__all__ = [
+    "TrainResult",
+    "evaluate_checkpoint",
+    "evaluate_knn",
+    "latest_checkpoint",
+    "plot_losses",
+    "save_checkpoint",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+CSV_FIELDS = ("update", "epoch", "loss", "lr", "images_per_s", "masked_fraction", "thrown_fraction")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out: Path
+    updates: int
+    model: torch.nn.Module | None = None  # the trained module (unwrapped)
+    losses: list[float] = field(default_factory=list)  # per update, averaged over ranks
+    knn: float | None = None  # kNN accuracy of the encoder at the end
+    checkpoint: Path | None = None
+    indices: torch.Tensor | None = None  # dataset indices this rank trained on (run.record_indices)
+
+
+def _mixed_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    device = torch.device("cpu") if cpu else torch.device("cuda" if cfg.run.device == "auto" else cfg.run.device)
+    log_with = []
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with.append("tensorboard")
+    except ImportError:
+        logger.info("tensorboard is not installed: metrics go to the CSV only")
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=_mixed_precision(cfg.optim.mixed_precision, device),
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with=log_with or None,
+        project_dir=cfg.run.out,
+    )
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("ckpt-*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, update: int, keep: int) -> Path:
+    """Write ``ckpt-UPDATE.pt`` under a temporary name, rename it, keep the last ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{update:08d}.pt"
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(r["update"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss")
+    ax.set_title(png_path.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _keep_rows_until(csv_path: Path, update: int) -> None:
+    """On resume, drop rows a killed run logged after its last checkpoint."""
+    if not csv_path.exists():
+        return
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["update"]) <= update]
+    tmp = csv_path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+
+
+def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -> float:
+    """kNN accuracy of ``encoder``'s pooled features, train split against test split."""
+    from .evaluate import extract_features, knn_accuracy
+
+    was_training = getattr(encoder, "training", False)
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    train = extract_features(encoder, build_loader(cfg, "train", device, family, train=False))
+    test = extract_features(encoder, build_loader(cfg, "test", device, family, train=False))
+    if was_training:
+        encoder.train()
+    return knn_accuracy(*train, *test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    if cfg.run.resume is None:
+        return None
+    if cfg.run.resume == "auto":
+        return latest_checkpoint(checkpoint_dir(cfg))
+    path = Path(cfg.run.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run ``cfg``: pretrain or train a classifier, checkpoint, log, evaluate kNN at the end."""
+    from accelerate.utils import set_seed
+    from timm.scheduler import CosineLRScheduler
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    out = Path(cfg.run.out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    set_seed(cfg.run.seed)
+    model = build_model(cfg)
+    family = family_of(model)
+    loader = build_loader(cfg, "train", accelerator.device, family, distributed=accelerator.num_processes > 1)
+    updates_per_epoch = max(1, len(loader) // cfg.optim.grad_accum)
+    total = cfg.run.epochs * updates_per_epoch
+    if cfg.run.max_steps is not None:
+        total = min(total, cfg.run.max_steps)
+    optimizer = build_optimizer(cfg, model)
+    warmup = int(round(cfg.optim.warmup_epochs * updates_per_epoch))
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total),
+        lr_min=cfg.optim.min_lr,
+        warmup_t=min(warmup, max(0, total - 1)),
+        warmup_lr_init=cfg.optim.lr * 0.01,
+        t_in_epochs=False,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    update = 0
+    resume = _resume_path(cfg)
+    csv_path = out / "metrics.csv"
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        raw.load_state_dict(state["model"])
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        update = int(state["update"])
+        if main:
+            _keep_rows_until(csv_path, update)
+        logger.info("resumed from %s at update %d", resume, update)
+    scheduler.step_update(update)
+    if main:
+        accelerator.init_trackers("masklab", config=_flat(to_dict(cfg)))
+        if not csv_path.exists() or resume is None:
+            with open(csv_path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": raw.state_dict(),
+            "optimizer": optimizer.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "update": update,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": to_dict(cfg),
+        }
+
+    progress = tqdm(
+        total=total, initial=update, disable=not (main and cfg.run.progress), desc=out.name, dynamic_ncols=True
+    )
+    pending: list[dict[str, Any]] = []
+    recorded: list[torch.Tensor] = []
+    losses: list[float] = []
+    last_path: Path | None = None
+    tick, seen = time.perf_counter(), 0
+    stop_at = total if cfg.run.stop_at is None else min(total, cfg.run.stop_at)
+    model.train()
+    while update < stop_at:
+        epoch = loader.epoch
+        for batch in loader:
+            with accelerator.accumulate(model):
+                result = model(batch)
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients and cfg.optim.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += len(batch)
+            if cfg.run.record_indices:
+                recorded.append(batch.index.cpu())
+            if not accelerator.sync_gradients:
+                continue
+            update += 1
+            scheduler.step_update(update)
+            mask = batch.mask
+            pending.append(
+                {
+                    "update": update,
+                    "epoch": epoch,
+                    "loss": result.loss.detach(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "masked_fraction": mask.num_masked / mask.num_cells if mask is not None else 0.0,
+                    "thrown_fraction": mask.num_thrown / mask.num_cells if mask is not None else 0.0,
+                }
+            )
+            if len(pending) >= cfg.run.log_every or update >= stop_at or update % cfg.run.ckpt_every == 0:
+                # One host sync per log interval, not per step.
+                values = accelerator.reduce(torch.stack([p["loss"] for p in pending]), reduction="mean").tolist()
+                now = time.perf_counter()
+                rate = seen * accelerator.num_processes / (now - tick)
+                tick, seen = now, 0
+                for row, value in zip(pending, values, strict=True):
+                    row.update(loss=value, images_per_s=rate)
+                    losses.append(value)
+                if main:
+                    with open(csv_path, "a", newline="") as f:
+                        csv.DictWriter(f, fieldnames=CSV_FIELDS).writerows(pending)
+                    accelerator.log({"loss": values[-1], "lr": pending[-1]["lr"], "images_per_s": rate}, step=update)
+                progress.update(len(pending))
+                progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.0f}")
+                pending = []
+            if update % cfg.run.ckpt_every == 0 or update >= stop_at:
+                if main:
+                    last_path = save_checkpoint(snapshot(), checkpoint_dir(cfg), update, cfg.run.keep)
+                accelerator.wait_for_everyone()
+            if update >= stop_at:
+                break
+        if update >= stop_at:
+            break
+    progress.close()
+
+    result = TrainResult(out=out, updates=update, model=raw, losses=losses, checkpoint=last_path)
+    if recorded:
+        result.indices = torch.cat(recorded)
+    if main:
+        plot_losses(csv_path, out / "loss.png")
+    if cfg.eval.at_end and update >= total and main:
+        model.eval()
+        result.knn = evaluate_knn(cfg, encoder_of(raw), accelerator.device, family)
+        (out / "eval.json").write_text(json.dumps({"knn": result.knn, "updates": update}, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = "null" if value is None else value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike, kind: str = "knn", overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, float]:
+    """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
+
+    ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
+    config at random initialisation (the baseline a trained one must beat).
+    """
+    from omegaconf import OmegaConf
+
+    from .config import load_config
+    from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+
+    if kind not in ("knn", "linear"):
+        raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
+    if str(checkpoint) == "random":
+        state = None
+        cfg = load_config(None, list(overrides))
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        base = OmegaConf.to_yaml(OmegaConf.create(state["config"]))
+        tmp = path.with_name(f".{path.name}.config.yaml")
+        tmp.write_text(base)
+        try:
+            cfg = load_config(tmp, list(overrides))
+        finally:
+            tmp.unlink()
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.eval()
+    device = (
+        torch.device("cpu")
+        if cfg.run.device in ("auto", "cpu") and not torch.cuda.is_available()
+        else torch.device("cuda" if cfg.run.device == "auto" else cfg.run.device)
+    )
+    model.to(device)
+    family = family_of(model)
+    encoder = encoder_of(model)
+    train_set = extract_features(encoder, build_loader(cfg, "train", device, family, train=False))
+    test_set = extract_features(encoder, build_loader(cfg, "test", device, family, train=False))
+    if kind == "knn":
+        return {"knn": knn_accuracy(*train_set, *test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)}
+    return {
+        "linear": linear_probe_accuracy(*train_set, *test_set, epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr)
+    }

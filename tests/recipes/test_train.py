@@ -1,0 +1,137 @@
+import csv
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from masklab.recipes.config import load_config
+from masklab.recipes.train import evaluate_checkpoint, train
+
+TINY = [
+    "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+    "objective.decoder_dim=32",
+    "objective.decoder_depth=1",
+    "data.resolution=16",
+    "data.length=64",
+    "data.batch_size=16",
+    "run.epochs=3",
+    "run.progress=false",
+    "run.log_every=2",
+    "eval.at_end=false",
+    "optim.warmup_epochs=1",
+]
+
+
+def losses_of(out):
+    with open(out / "metrics.csv") as f:
+        return {int(r["update"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    full = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
+    assert full.updates == 12  # 64 images / 16 per batch = 4 updates per epoch, 3 epochs
+    stopped = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=2", "run.stop_at=5"]))
+    assert stopped.updates == 5
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
+        "ckpt-00000002.pt",
+        "ckpt-00000004.pt",
+        "ckpt-00000005.pt",
+    ]
+    resumed = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=2", "run.resume=auto"]))
+    assert resumed.updates == 12
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 13))
+    for update in range(6, 13):
+        assert b[update] == pytest.approx(a[update], abs=1e-6), update
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_resume_from_a_middle_checkpoint_after_a_crash_drops_the_lost_rows(tmp_path):
+    out = tmp_path / "run"
+    train(load_config("mae", [*TINY, f"run.out={out}", "run.ckpt_every=4", "run.stop_at=7", "run.keep=5"]))
+    # A crash after update 7: the checkpoint of update 7 never made it.
+    (out / "checkpoints" / "ckpt-00000007.pt").unlink()
+    train(
+        load_config(
+            "mae",
+            [*TINY, f"run.out={out}", "run.ckpt_every=4", f"run.resume={out / 'checkpoints' / 'ckpt-00000004.pt'}"],
+        )
+    )
+    full = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'full'}"]))
+    got, want = losses_of(out), losses_of(tmp_path / "full")
+    assert sorted(got) == list(range(1, 13))
+    assert all(got[u] == pytest.approx(want[u], abs=1e-6) for u in range(1, 13))
+    assert full.updates == 12
+
+
+def test_outputs_keep_last_k_and_leave_no_temporary_files(tmp_path):
+    out = tmp_path / "run"
+    result = train(load_config("mae", [*TINY, f"run.out={out}", "run.ckpt_every=1", "run.keep=2"]))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["ckpt-00000011.pt", "ckpt-00000012.pt"]
+    assert (out / "loss.png").exists() and (out / "config.yaml").exists()
+    assert len(losses_of(out)) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["masked_fraction"]) == pytest.approx(0.75) and float(row["images_per_s"]) > 0
+
+
+def test_gradient_accumulation_halves_the_updates(tmp_path):
+    result = train(load_config("mae", [*TINY, f"run.out={tmp_path}", "optim.grad_accum=2"]))
+    assert result.updates == 6
+
+
+@pytest.mark.parametrize("recipe", ["simmim", "supervised"])
+def test_other_recipes_train(recipe, tmp_path):
+    extra = ["model.backbone=resnet18", "model.kwargs={}"] if recipe == "supervised" else []
+    result = train(load_config(recipe, [*TINY, *extra, f"run.out={tmp_path}", "run.max_steps=3"]))
+    assert result.updates == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_eval_of_a_checkpoint_and_of_random_init(tmp_path):
+    result = train(load_config("mae", [*TINY, f"run.out={tmp_path}", "run.max_steps=2"]))
+    scores = evaluate_checkpoint(result.checkpoint, "knn")
+    assert 0 <= scores["knn"] <= 1
+    linear = evaluate_checkpoint(result.checkpoint, "linear", ["eval.linear_epochs=5"])
+    assert 0 <= linear["linear"] <= 1
+    random = evaluate_checkpoint("random", "knn", TINY)
+    assert 0 <= random["knn"] <= 1
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_path):
+    script = tmp_path / "two.py"
+    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "run.record_indices=true", "data.length=68"]
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch, torch.distributed as dist
+            from masklab.recipes.config import load_config
+            from masklab.recipes.train import train
+            result = train(load_config("mae", {overrides!r}))
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": dist.get_world_size() if dist.is_initialized() else 1}},
+                       {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["world"] == r1["world"] == 2
+    # 68 images on 2 ranks: 34 each, 2 batches of 16 per epoch; each epoch's shards are disjoint.
+    per_epoch = 32
+    for epoch in range(3):
+        a = set(r0["indices"][epoch * per_epoch : (epoch + 1) * per_epoch].tolist())
+        b = set(r1["indices"][epoch * per_epoch : (epoch + 1) * per_epoch].tolist())
+        assert len(a) == len(b) == per_epoch and not a & b
+    for name, value in r0["weights"].items():
+        torch.testing.assert_close(r1["weights"][name], value)
