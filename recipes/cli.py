@@ -186,7 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_numba_finalizer_noise() -> None:
+    """numba's dispatcher finalizer raises a harmless KeyError at exit once FFCV has compiled
+    several pipelines in one process; keep it off the user's terminal, pass anything else on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(unraisable.exc_value, KeyError) and tb is not None and "numba" in tb.tb_frame.f_code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _ignore_numba_finalizer_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -124,6 +124,46 @@ def _keep_rows_until(csv_path: Path, update: int) -> None:
     os.replace(tmp, csv_path)
 
 
+def bind_guidance(stages, objective) -> int:
+    """Hand model-guided stages their guide: the objective's ``guidance(kind)``.
+
+    A stage that needs a model (AMT's saliency, EHM's affinity) has a
+    ``guide_kind`` attribute and a ``bind(guide)`` method; stages never import
+    a model, the loop binds them. Returns how many stages were bound.
+    """
+    bound = 0
+    for stage in stages:
+        kind = getattr(stage, "guide_kind", None)
+        if kind is None:
+            continue
+        if not hasattr(objective, "guidance"):
+            raise ValueError(
+                f"{type(stage).__name__} needs {kind!r} guidance but {type(objective).__name__} offers none"
+            )
+        stage.bind(objective.guidance(kind))
+        bound += 1
+    return bound
+
+
+def set_progress(stages, progress: float) -> None:
+    """Tell stages that evolve with training (``set_progress``) where training is, in [0, 1]."""
+    for stage in stages:
+        if hasattr(stage, "set_progress"):
+            stage.set_progress(min(max(progress, 0.0), 1.0))
+
+
+def step_teachers(objective, progress: float) -> int:
+    """Step every EMA teacher of ``objective`` after an update.
+
+    An objective with teachers exposes ``teachers()``: ``(EMATeacher, student)``
+    pairs. Returns how many were stepped.
+    """
+    pairs = objective.teachers() if hasattr(objective, "teachers") else []
+    for teacher, student in pairs:
+        teacher.update(student, progress)
+    return len(pairs)
+
+
 def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -> float:
     """kNN accuracy of ``encoder``'s pooled features, train split against test split."""
     from .evaluate import extract_features, knn_accuracy
@@ -223,6 +263,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_path: Path | None = None
     tick, seen = time.perf_counter(), 0
     stop_at = total if cfg.run.stop_at is None else min(total, cfg.run.stop_at)
+    bind_guidance(loader.chain, raw)
+    set_progress(loader.chain, update / total)
     model.train()
     while update < stop_at:
         epoch = loader.epoch
@@ -241,6 +283,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 continue
             update += 1
             scheduler.step_update(update)
+            step_teachers(raw, update / total)
+            set_progress(loader.chain, update / total)
             mask = batch.mask
             pending.append(
                 {

@@ -135,3 +135,41 @@ def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_p
         assert len(a) == len(b) == per_epoch and not a & b
     for name, value in r0["weights"].items():
         torch.testing.assert_close(r1["weights"][name], value)
+
+
+def test_finetune_from_a_pretraining_checkpoint_with_layer_decay_and_lars(tmp_path):
+    pre = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'pre'}", "run.max_steps=2"]))
+    tuned = train(
+        load_config(
+            "finetune",
+            [
+                *TINY,
+                f"run.out={tmp_path / 'ft'}",
+                f"model.init={pre.checkpoint}",
+                "optim.layer_decay=0.75",
+                "run.max_steps=2",
+            ],
+        )
+    )
+    state = torch.load(pre.checkpoint, weights_only=False)["model"]
+    assert tuned.updates == 2
+    # The classifier started from the pretrained encoder: its patch embedding moved only by two small steps.
+    start = state["backbone.model.patch_embed.proj.weight"]
+    now = tuned.model.model.patch_embed.proj.weight.detach()
+    assert (now - start).abs().max() < 0.05
+    lars = train(
+        load_config(
+            "supervised",
+            [
+                f"run.out={tmp_path / 'lars'}",
+                "optim.name=lars",
+                "optim.lr=0.1",
+                "run.max_steps=2",
+                "data.length=64",
+                "data.batch_size=16",
+                "run.progress=false",
+                "eval.at_end=false",
+            ],
+        )
+    )
+    assert lars.updates == 2 and all(torch.isfinite(torch.tensor(lars.losses)))
