@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["ObjectiveOutput", "patchify", "unpatchify", "sincos_pos_embed"]
+__all__ = ["GuidanceMixin", "ObjectiveOutput", "patchify", "unpatchify", "sincos_pos_embed"]
 
 
 @dataclass
@@ -46,3 +46,28 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tens
         angles = coord[:, None] * omega[None]
         parts += [torch.sin(angles), torch.cos(angles)]
     return torch.cat(parts, dim=1)
+
+
+class GuidanceMixin:
+    """``guidance(kind)`` for model-guided stages: the objective's backbone saliency or affinity.
+
+    The guide runs the online backbone under ``no_grad`` in eval mode and
+    restores the training mode after.
+    """
+
+    def guidance(self, kind: str):
+        backbone = self.backbone
+        if kind not in ("saliency", "affinity"):
+            raise ValueError(f"unknown guidance {kind!r}; objectives offer 'saliency' and 'affinity'")
+
+        def guide(images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+            was_training = backbone.training
+            backbone.eval()
+            try:
+                if kind == "saliency":
+                    return backbone.saliency(images, grid)
+                return backbone.affinity(images) if backbone.family == "vit" else backbone.affinity(images, grid)
+            finally:
+                backbone.train(was_training)
+
+        return guide

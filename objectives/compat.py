@@ -14,8 +14,8 @@ class Support:
 
 
 COMPATIBILITY: dict[str, Support] = {
-    "mae": Support(families=("vit",), masks=("random", "block", "simmim")),
-    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim")),
+    "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt")),
+    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt")),
 }
 """objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes."""
 

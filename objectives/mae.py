@@ -10,7 +10,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import PatchMask
 
-from ._common import ObjectiveOutput, patchify, sincos_pos_embed
+from ._common import GuidanceMixin, ObjectiveOutput, patchify, sincos_pos_embed
 from .backbones import ViTBackbone
 from .compat import check_family
 
@@ -35,7 +35,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, ep
     return (pred - target).pow(2).mean(dim=-1).mean()
 
 
-class MAE(nn.Module):
+class MAE(GuidanceMixin, nn.Module):
     """Masked autoencoder (He et al., 2022) on a :class:`ViTBackbone`.
 
     The encoder sees the VISIBLE patches only; a light decoder sees them and a

@@ -10,7 +10,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import MASKED, PatchMask
 
-from ._common import ObjectiveOutput, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, patchify
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 
@@ -31,7 +31,7 @@ def simmim_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     return ((pred - target).abs() * weight).sum() / weight.sum().clamp(min=1)
 
 
-class SimMIM(nn.Module):
+class SimMIM(GuidanceMixin, nn.Module):
     """SimMIM (Xie et al., 2022) on a ViT or a CNN backbone.
 
     ViT: MASKED patch embeddings become a learnable mask token, THROWN patches

@@ -19,7 +19,7 @@ from masklab.objectives import (
     check_compatible,
 )
 from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
-from masklab.transforms import BlockMask, MixMask, Normalize, RandomMask, SimMIMMask
+from masklab.transforms import AttentionMask, BlockMask, MixMask, Normalize, RandomMask, SimMIMMask
 
 from .config import TrainConfig
 
@@ -64,7 +64,7 @@ def patch_size_of(cfg: TrainConfig, family: str) -> int:
     return max(1, cfg.data.resolution // 8)
 
 
-def mask_stages(cfg: TrainConfig, family: str) -> list[nn.Module]:
+def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.Module]:
     patch = patch_size_of(cfg, family)
     m = cfg.mask
     if cfg.task == "supervised":
@@ -82,7 +82,20 @@ def mask_stages(cfg: TrainConfig, family: str) -> list[nn.Module]:
         return [BlockMask(m.ratio, patch)]
     if m.name == "simmim":
         return [SimMIMMask(m.ratio, mask_patch_size=m.mask_patch_size, patch_size=patch)]
-    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim or none")
+    if m.name == "amt":
+        grid = (cfg.data.resolution // patch, cfg.data.resolution // patch)
+        return [
+            AttentionMask(
+                num_samples,
+                m.ratio,
+                m.throw_ratio,
+                patch,
+                grid=grid,
+                refresh_start=m.refresh_start,
+                refresh_every=m.refresh_every,
+            )
+        ]
+    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt or none")
 
 
 def build_loader(
@@ -95,6 +108,7 @@ def build_loader(
 ):
     """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
     spec = cfg.data.train if split == "train" else cfg.data.test
+    source = spec if spec.endswith(".beton") else _builtin(spec, cfg)
     stages: list[nn.Module] = [Normalize(cfg.data.mean, cfg.data.std)]
     common = {
         "batch_size": cfg.data.batch_size,
@@ -103,15 +117,23 @@ def build_loader(
         "seed": cfg.run.seed,
     }
     if train:
-        stages += mask_stages(cfg, family)
-        common.update(
-            scale=tuple(cfg.data.scale) if cfg.data.scale else None, flip_p=cfg.data.flip_p, distributed=distributed
-        )
+        stages += mask_stages(cfg, family, _count(source))
+        scale = tuple(cfg.data.scale) if cfg.data.scale else None
+        common.update(scale=scale, flip_p=cfg.data.flip_p, distributed=distributed)
     else:
-        common.update(scale=None, flip_p=0.0, order="sequential", drop_last=False)
-    if spec.endswith(".beton"):
-        return Loader(spec, stages=stages, num_workers=cfg.data.num_workers, **common)
-    return DatasetLoader(_builtin(spec, cfg), stages=stages, **common)
+        # Evaluation and AMT's refresh pass: whole images, in order (sharded when asked).
+        common.update(scale=None, flip_p=0.0, order="sequential", drop_last=False, distributed=distributed)
+    if isinstance(source, str):
+        return Loader(source, stages=stages, num_workers=cfg.data.num_workers, **common)
+    return DatasetLoader(source, stages=stages, **common)
+
+
+def _count(source) -> int:
+    if isinstance(source, str):
+        from masklab.pipeline import read_info
+
+        return read_info(source).count
+    return len(source)
 
 
 def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:

@@ -58,10 +58,12 @@ class ModelConfig:
 class MaskConfig:
     """The mask stage of the loader (``none`` for supervised runs without one)."""
 
-    name: str = "random"  # random | block | simmim | none
+    name: str = "random"  # random | block | simmim | amt | none
     ratio: float = 0.75
     throw_ratio: float = 0.0
     mask_patch_size: int = 8  # simmim's coarse cell, in pixels
+    refresh_start: float = 0.1  # amt: first saliency refresh, as a fraction of the epochs
+    refresh_every: float = 0.1  # amt: refresh period, as a fraction of the epochs
 
 
 @dataclass

@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_knn",
     "latest_checkpoint",
     "plot_losses",
+    "refresh_caches",
     "save_checkpoint",
     "train",
 ]
@@ -41,6 +42,7 @@ class TrainResult:
     knn: float | None = None  # kNN accuracy of the encoder at the end
     checkpoint: Path | None = None
     indices: torch.Tensor | None = None  # dataset indices this rank trained on (run.record_indices)
+    stages: torch.nn.Module | None = None  # the loader's stage chain, with its state (AMT's cache)
 
 
 def _mixed_precision(name: str, device: torch.device) -> str:
@@ -145,6 +147,34 @@ def bind_guidance(stages, objective) -> int:
     return bound
 
 
+def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str, epoch: int) -> int:
+    """Refresh the caches of stages due at ``epoch`` (AMT's saliency), each rank its shard, gathered.
+
+    Returns how many stages were refreshed.
+    """
+    due = [s for s in stages if hasattr(s, "refresh_due") and s.refresh_due(epoch, cfg.run.epochs)]
+    if not due:
+        return 0
+    from masklab.transforms._sampling import patch_grid
+
+    from .build import patch_size_of
+
+    patch = patch_size_of(cfg, family)
+    grid = patch_grid(cfg.data.resolution, cfg.data.resolution, patch)
+    batches = build_loader(
+        cfg, "train", accelerator.device, family, distributed=accelerator.num_processes > 1, train=False
+    )
+
+    def gather(index: torch.Tensor, maps: torch.Tensor):
+        return accelerator.gather(index), accelerator.gather(maps)
+
+    start = time.perf_counter()
+    for stage in due:
+        stage.refresh(batches, grid, gather if accelerator.num_processes > 1 else None)
+    logger.info("refreshed %d cache(s) at epoch %d in %.1f s", len(due), epoch, time.perf_counter() - start)
+    return len(due)
+
+
 def set_progress(stages, progress: float) -> None:
     """Tell stages that evolve with training (``set_progress``) where training is, in [0, 1]."""
     for stage in stages:
@@ -231,6 +261,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
+        loader.chain.load_state_dict(state["stages"])
         torch.set_rng_state(state["rng"]["torch"])
         update = int(state["update"])
         if main:
@@ -249,6 +280,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "optimizer": optimizer.optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
+            "stages": loader.chain.state_dict(),
             "update": update,
             "rng": {"torch": torch.get_rng_state()},
             "config": to_dict(cfg),
@@ -268,6 +300,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.train()
     while update < stop_at:
         epoch = loader.epoch
+        if loader.step == 0:
+            refresh_caches(cfg, loader.chain, raw, accelerator, family, epoch)
         for batch in loader:
             with accelerator.accumulate(model):
                 result = model(batch)
@@ -322,7 +356,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
     progress.close()
 
-    result = TrainResult(out=out, updates=update, model=raw, losses=losses, checkpoint=last_path)
+    result = TrainResult(out=out, updates=update, model=raw, losses=losses, checkpoint=last_path, stages=loader.chain)
     if recorded:
         result.indices = torch.cat(recorded)
     if main:

@@ -6,6 +6,7 @@ from their application (``apply``), on the batch's device.
 """
 
 from ._mask_stage import PatchMaskStage, erase_patches
+from .attention_mask import AttentionMask, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, block_cells, block_patch_mask
 from .feature_mask import FeatureMask, FeatureMasks, feature_masks
 from .mix_mask import MixMask, MixParams, mix_images, mix_targets, mixmask_params
@@ -22,7 +23,7 @@ MASK_STAGES = {
     "mixmask": MixMask,
     "feature": FeatureMask,
 }
-"""The model-free mask stages by name (model-guided ones join with their issues)."""
+"""The model-free mask stages by name; ``AttentionMask`` (AMT) also needs the dataset size and a guide."""
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -32,6 +33,7 @@ __all__ = [
     "PRESETS",
     "THROWN",
     "VISIBLE",
+    "AttentionMask",
     "BlockDraw",
     "BlockMask",
     "FeatureMask",
@@ -46,7 +48,10 @@ __all__ = [
     "ViewParams",
     "ViewRecipe",
     "Views",
+    "align_maps",
+    "amt_refresh_epochs",
     "apply_view",
+    "attention_patch_mask",
     "block_cells",
     "block_patch_mask",
     "draw_view_params",

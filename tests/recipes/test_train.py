@@ -173,3 +173,22 @@ def test_finetune_from_a_pretraining_checkpoint_with_layer_decay_and_lars(tmp_pa
         )
     )
     assert lars.updates == 2 and all(torch.isfinite(torch.tensor(lars.losses)))
+
+
+def test_amt_refreshes_on_schedule_and_resume_restores_the_cache(tmp_path):
+    amt = [*TINY, "run.epochs=4", "run.ckpt_every=100"]
+    full = train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'full'}"]))
+    stage = next(s for s in _loader_stages(full) if hasattr(s, "refreshes"))
+    assert int(stage.refreshes) == 3  # epochs 1, 2 and 3 of 4 (every 10%, at least one epoch)
+    train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=7"]))
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000007.pt", weights_only=False)
+    assert int(state["stages"]["stages.1.refreshes"]) == 1  # refreshed at the start of epoch 1 (updates 5-8)
+    resumed = train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    for update in range(8, 17):
+        assert b[update] == pytest.approx(a[update], abs=1e-6), update
+    torch.testing.assert_close(list(_loader_stages(resumed))[1].cache, stage.cache)
+
+
+def _loader_stages(result):
+    return result.stages

@@ -1,0 +1,232 @@
+"""AMT: attention-driven masking and throwing, from a per-image saliency cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from masklab.pipeline import Batch, batch_generator
+
+from ._mask_stage import PatchMaskStage
+from ._sampling import check_ratio, mask_count, patch_grid
+from .patch_mask import PatchMask
+from .random_mask import mask_from_scores, random_patch_mask
+
+__all__ = ["AttentionMask", "align_maps", "amt_refresh_epochs", "attention_patch_mask"]
+
+Guide = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+def amt_refresh_epochs(epochs: int, start: float = 0.1, every: float = 0.1) -> list[int]:
+    """Epochs at whose start the saliency cache is refreshed.
+
+    AMT's released code refreshes every 40 of 400 epochs from epoch 40; we
+    state both as fractions of the run (default 10%), at least one epoch.
+
+    Examples:
+        >>> amt_refresh_epochs(400)[:3], amt_refresh_epochs(10)
+        ([40, 80, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    first = max(1, round(start * epochs))
+    step = max(1, round(every * epochs))
+    return list(range(first, epochs, step))
+
+
+def align_maps(
+    maps: torch.Tensor,
+    grid: tuple[int, int],
+    crops: torch.Tensor | None = None,
+    flips: torch.Tensor | None = None,
+    source_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Resample per-image maps to the patch grid of each sample's crop.
+
+    ``maps`` cover the centred square of each source image (what the
+    refresh pass sees: the uncropped image, resized). Each output cell takes
+    the map's (bilinear) value at the cell's centre, mapped through the crop
+    box into source pixels, then the row is mirrored where the crop was
+    flipped. This is the intent of AMT; the released code always crops the
+    map's top-left corner.
+
+    Args:
+        maps: ``(B, Hm, Wm)``.
+        grid: output ``(Gh, Gw)``.
+        crops: ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in source pixels (``None``: no crop).
+        flips: ``(B,)`` bool.
+        source_sizes: ``(B, 2)`` source ``(H, W)``.
+
+    Returns:
+        ``(B, Gh, Gw)``.
+    """
+    batch = maps.shape[0]
+    gh, gw = grid
+    if crops is None or source_sizes is None:
+        aligned = F.interpolate(maps.unsqueeze(1).float(), size=grid, mode="bilinear", align_corners=False).squeeze(1)
+    else:
+        sizes = source_sizes.to(maps.device, torch.float32)
+        side = torch.minimum(sizes[:, 0], sizes[:, 1])
+        ref_x0, ref_y0 = (sizes[:, 1] - side) / 2, (sizes[:, 0] - side) / 2
+        x0, y0, x1, y1 = crops.to(maps.device, torch.float32).unbind(1)
+        cx = (torch.arange(gw, device=maps.device, dtype=torch.float32) + 0.5) / gw  # (Gw,)
+        cy = (torch.arange(gh, device=maps.device, dtype=torch.float32) + 0.5) / gh
+        sx = x0[:, None] + cx[None] * (x1 - x0)[:, None]  # (B, Gw) source pixels
+        sy = y0[:, None] + cy[None] * (y1 - y0)[:, None]
+        gx = 2 * (sx - ref_x0[:, None]) / side[:, None] - 1
+        gy = 2 * (sy - ref_y0[:, None]) / side[:, None] - 1
+        sample_at = torch.stack([gx[:, None, :].expand(batch, gh, gw), gy[:, :, None].expand(batch, gh, gw)], dim=-1)
+        aligned = F.grid_sample(
+            maps.unsqueeze(1).float(), sample_at, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        aligned = aligned.squeeze(1)
+    if flips is not None:
+        aligned = torch.where(flips.to(aligned.device).view(-1, 1, 1), aligned.flip(-1), aligned)
+    return aligned
+
+
+def attention_patch_mask(
+    weights: torch.Tensor,
+    ratio: float = 0.45,
+    throw_ratio: float = 0.40,
+    generator: torch.Generator | None = None,
+    epsilon: float = 1e-3,
+) -> PatchMask:
+    """Weighted sampling without replacement of MASKED then THROWN cells (AMT).
+
+    A Gumbel-top-k draw on ``log(weights + epsilon)`` gives each sample a
+    random ordering of its cells where high-weight cells tend to come first:
+    the first ``round(N * ratio)`` are MASKED, the next
+    ``round(N * (ratio + throw_ratio)) - round(N * ratio)`` THROWN.
+
+    Args:
+        weights: ``(B, Gh, Gw)`` non-negative saliency.
+        ratio: fraction masked.
+        throw_ratio: fraction thrown.
+        generator: a ``torch.Generator`` on the weights' device.
+        epsilon: added to the weights, so zero-saliency cells can still be drawn.
+    """
+    check_ratio("ratio", ratio)
+    check_ratio("ratio + throw_ratio", ratio + check_ratio("throw_ratio", throw_ratio))
+    batch, gh, gw = weights.shape
+    cells = gh * gw
+    masked = mask_count(cells, ratio)
+    thrown = mask_count(cells, ratio + throw_ratio) - masked
+    u = torch.rand((batch, cells), generator=generator, device=weights.device).clamp_(1e-12, 1 - 1e-7)
+    scores = torch.log(weights.flatten(1).float().clamp(min=0) + epsilon) - torch.log(-torch.log(u))
+    return mask_from_scores(scores, (gh, gw), masked, thrown)
+
+
+class AttentionMask(PatchMaskStage):
+    """AMT's masking and throwing as a loader stage (Liu et al., "Improving Masked
+    Autoencoders by Learning Where to Mask", AMT, 2023).
+
+    Keeps a saliency cache ``(num_samples, Gh, Gw)`` indexed by dataset index,
+    initialised uniform. Until the first refresh it masks at random at
+    ``warmup_ratio`` (0.75) without throwing; afterwards each sample's cached
+    map is aligned with its crop and flip (:func:`align_maps`) and drives
+    :func:`attention_patch_mask`. The training loop binds the objective's
+    saliency as the guide and refreshes the cache (:meth:`refresh`) at
+    :func:`amt_refresh_epochs`; the cache is a buffer, so it is checkpointed.
+
+    Args:
+        num_samples: dataset size (cache rows).
+        ratio: fraction masked (MAE+AMT: 0.45; SimMIM+AMT: 0.44).
+        throw_ratio: fraction thrown (MAE+AMT: 0.40; SimMIM+AMT: 0.26).
+        patch_size: the model's patch size in pixels.
+        grid: the cache's grid (default: the training grid, set at first use).
+        warmup_ratio: random masking ratio before the first refresh.
+        refresh_start: first refresh, as a fraction of the run's epochs.
+        refresh_every: refresh period, as a fraction of the run's epochs.
+        epsilon: added to saliency before sampling.
+    """
+
+    guide_kind = "saliency"
+
+    def __init__(
+        self,
+        num_samples: int,
+        ratio: float = 0.45,
+        throw_ratio: float = 0.40,
+        patch_size: int = 16,
+        grid: tuple[int, int] | None = None,
+        warmup_ratio: float = 0.75,
+        refresh_start: float = 0.1,
+        refresh_every: float = 0.1,
+        epsilon: float = 1e-3,
+    ) -> None:
+        super().__init__(patch_size)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.ratio = check_ratio("ratio", ratio)
+        self.throw_ratio = check_ratio("throw_ratio", throw_ratio)
+        check_ratio("ratio + throw_ratio", ratio + throw_ratio)
+        self.warmup_ratio = check_ratio("warmup_ratio", warmup_ratio)
+        if not (0 < refresh_start <= 1 and 0 < refresh_every <= 1):
+            raise ValueError(f"refresh_start and refresh_every must be in (0, 1], got {refresh_start}, {refresh_every}")
+        self.refresh_start, self.refresh_every, self.epsilon = refresh_start, refresh_every, epsilon
+        self.num_samples = int(num_samples)
+        self.register_buffer("cache", torch.ones(self.num_samples, *(grid or (1, 1))))
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.long))
+        self.guide: Guide | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a refresh has filled the cache (before it: random masking)."""
+        return bool(self.refreshes > 0)
+
+    def bind(self, guide: Guide) -> None:
+        """The saliency function ``guide(images, grid) -> (B, Gh, Gw)`` used by :meth:`refresh`."""
+        self.guide = guide
+
+    def refresh_due(self, epoch: int, epochs: int) -> bool:
+        return epoch in amt_refresh_epochs(epochs, self.refresh_start, self.refresh_every)
+
+    def update_cache(self, index: torch.Tensor, maps: torch.Tensor) -> None:
+        """Write saliency ``maps`` ``(B, Gh, Gw)`` for dataset ``index`` ``(B,)``."""
+        if tuple(self.cache.shape[1:]) != tuple(maps.shape[1:]):
+            self.cache = torch.ones(self.num_samples, *maps.shape[1:], device=maps.device, dtype=self.cache.dtype)
+        self.cache[index.to(self.cache.device)] = maps.to(self.cache.device, self.cache.dtype)
+
+    @torch.no_grad()
+    def refresh(self, batches, grid: tuple[int, int], gather: Callable | None = None) -> None:
+        """Recompute the cache from uncropped ``batches`` with the bound guide.
+
+        Args:
+            batches: batches of uncropped, unflipped images (an evaluation loader).
+            grid: the patch grid of the saliency maps.
+            gather: optional ``(index, maps) -> (index, maps)`` that collects every
+                rank's shard (the loop passes Accelerate's ``gather``).
+        """
+        if self.guide is None:
+            raise RuntimeError("AttentionMask has no guide: the training loop binds the objective's saliency")
+        for batch in batches:
+            maps = self.guide(batch.images, grid)
+            index = batch.index
+            if gather is not None:
+                index, maps = gather(index, maps)
+            self.update_cache(index, maps)
+        self.refreshes += 1
+
+    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+        grid = patch_grid(*image_size, self.patch_size)
+        return random_patch_mask(batch_size, grid, self.warmup_ratio, generator, device)
+
+    def make_params(self, batch: Batch, generator: torch.Generator | None) -> PatchMask:
+        grid = self.grid_for(batch.images)
+        if not self.active:
+            return random_patch_mask(len(batch), grid, self.warmup_ratio, generator, batch.device)
+        if batch.index is None:
+            raise ValueError("AttentionMask needs batch.index to look up each image's saliency")
+        maps = self.cache[batch.index.to(self.cache.device)].to(batch.device)
+        weights = align_maps(maps, grid, batch.crops, batch.flips, batch.source_sizes)
+        return attention_patch_mask(weights, self.ratio, self.throw_ratio, generator, self.epsilon)
+
+    def forward(self, batch: Batch) -> Batch:
+        return self.apply(batch, self.make_params(batch, batch_generator(batch)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, ratio={self.ratio}, throw_ratio={self.throw_ratio}, "
+            f"patch_size={self.patch_size}, active={self.active}"
+        )
