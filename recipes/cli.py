@@ -95,9 +95,18 @@ def _show_masks(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
         ratio=args.ratio,
         seed=args.seed,
+        checkpoint=args.checkpoint,
     )
     print(f"wrote {path}")
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from masklab.recipes.study import run_study
+
+    summary = run_study(args.recipes, args.seeds, Path(args.out), list(args.overrides))
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if summary else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--patch-size", type=int, default=8, help="patch size in pixels (default 8)")
     show.add_argument("--ratio", type=float, default=None, help="mask ratio (default: the stage's)")
     show.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    show.add_argument("--checkpoint", default=None, help="amt: a trained checkpoint whose saliency drives the masks")
     show.set_defaults(func=_show_masks)
 
     demo = sub.add_parser(
@@ -183,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("overrides", nargs="*", help="dotted config overrides")
     evaluate.set_defaults(func=_eval)
+
+    study = sub.add_parser(
+        "study",
+        help="train recipes against each other at equal steps over several seeds; kNN table",
+        description="Train every recipe with every seed on the same data and steps, and tabulate kNN accuracy.",
+    )
+    study.add_argument("--recipes", nargs="+", required=True, help="recipe names or YAML files")
+    study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    study.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    study.set_defaults(func=_study)
     return parser
 
 

@@ -10,6 +10,7 @@ from masklab.pipeline import Batch, DatasetLoader, Loader, Shapes
 from masklab.transforms import (
     MASKED,
     THROWN,
+    AttentionMask,
     BlockMask,
     FeatureMask,
     MixMask,
@@ -23,7 +24,7 @@ __all__ = ["MASK_PICTURES", "build_mask_stage", "draw_mask_picture", "load_image
 MASK_COLOURS = {MASKED: (0.85, 0.1, 0.1), THROWN: (0.1, 0.3, 0.9)}
 """Masked cells red, thrown cells blue; visible cells keep their pixels."""
 
-MASK_PICTURES = ("random", "block", "simmim", "mixmask", "feature")
+MASK_PICTURES = ("random", "block", "simmim", "mixmask", "feature", "amt")
 
 
 def build_mask_stage(name: str, patch_size: int = 8, ratio: float | None = None, image_size: int = 64):
@@ -36,6 +37,10 @@ def build_mask_stage(name: str, patch_size: int = 8, ratio: float | None = None,
         return SimMIMMask(0.6 if ratio is None else ratio, mask_patch_size=2 * patch_size, patch_size=patch_size)
     if name == "mixmask":
         return MixMask(grid=max(1, image_size // (2 * patch_size)), ratio=0.5 if ratio is None else ratio)
+    if name == "amt":
+        return AttentionMask(
+            num_samples=1, ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
+        )
     if name == "feature":
         return FeatureMask(
             strides=(patch_size, 2 * patch_size, 4 * patch_size), ratio=0.5 if ratio is None else ratio, groups=2
@@ -117,6 +122,47 @@ def draw_mask_picture(rows: list[tuple[str, torch.Tensor]], path: Path, title: s
     plt.close(fig)
 
 
+def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, ratio: float | None, seed: int):
+    """Saliency of a trained model (or a random-init ViT) and the AMT masks it drives."""
+    from masklab.objectives import ViTBackbone
+
+    from .train import load_trained
+
+    size = images.shape[-1]
+    if checkpoint is not None:
+        cfg, model = load_trained(checkpoint)
+        if cfg.data.resolution != size:
+            raise ValueError(
+                f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}"
+            )
+        patch_size = int(cfg.model.patch_size or patch_size)
+        guide = model.guidance("saliency")
+        from masklab.transforms import Normalize
+
+        images_in = Normalize(cfg.data.mean, cfg.data.std)(Batch(images=images)).images
+    else:
+        backbone = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=size, patch_size=patch_size, depth=4).eval()
+        guide, images_in = (lambda x, grid: backbone.saliency(x, grid)), images
+    grid = (size // patch_size, size // patch_size)
+    stage = AttentionMask(
+        num_samples=len(images), ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
+    )
+    stage.bind(guide)
+    index = torch.arange(len(images))
+    stage.refresh([Batch(images=images_in, index=index)], grid)
+    out = stage(Batch(images=images, index=index, seed=seed))
+    heat = stage.cache.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    heat_rgb = torch.stack([heat, heat * 0.4, 1 - heat], dim=1)
+    m = out.mask
+    label = f"{m.grid[0]}x{m.grid[1]}: masked {m.num_masked}, thrown {m.num_thrown}"
+    source = "trained saliency" if checkpoint else "saliency (random init)"
+    return [
+        ("image", images),
+        (source, 0.5 * images + 0.5 * heat_rgb),
+        (label, overlay(images, m.to_pixels(size, size))),
+    ]
+
+
 def show_masks(
     mask: str,
     out: Path,
@@ -126,11 +172,23 @@ def show_masks(
     patch_size: int = 8,
     ratio: float | None = None,
     seed: int = 0,
+    checkpoint: str | None = None,
 ) -> Path:
-    """Draw ``mask`` over ``n`` images and save the picture to ``out``."""
+    """Draw ``mask`` over ``n`` images and save the picture to ``out``.
+
+    For ``amt`` the masks follow the saliency of ``checkpoint``'s model (a
+    random-init ViT without one), drawn as a heat map too.
+    """
     stage = build_mask_stage(mask, patch_size, ratio, size)
     images = load_images(n, size, data, seed)
-    rows = _rows_for(stage, images, seed)
+    if mask == "amt":
+        rows = _amt_rows(images, checkpoint, patch_size, ratio, seed)
+        title = f"amt: ratio={0.45 if ratio is None else ratio}, throw_ratio=0.4, " + (
+            "trained saliency" if checkpoint else "random-init saliency"
+        )
+    else:
+        rows = _rows_for(stage, images, seed)
+        title = f"{mask}: {stage.extra_repr()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    draw_mask_picture(rows, out, f"{mask}: {stage.extra_repr()}")
+    draw_mask_picture(rows, out, title)
     return out

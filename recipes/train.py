@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_knn",
     "latest_checkpoint",
+    "load_trained",
     "plot_losses",
     "refresh_caches",
     "save_checkpoint",
@@ -383,21 +384,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def evaluate_checkpoint(
-    checkpoint: str | os.PathLike, kind: str = "knn", overrides: list[str] | tuple[str, ...] = ()
-) -> dict[str, float]:
-    """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
+def load_trained(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()):
+    """``(config, model)`` of a checkpoint (its config, then ``overrides``), weights loaded, in eval mode.
 
-    ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
-    config at random initialisation (the baseline a trained one must beat).
+    ``checkpoint`` may be ``random``: the model of ``overrides``' config at random initialisation.
     """
     from omegaconf import OmegaConf
 
     from .config import load_config
-    from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 
-    if kind not in ("knn", "linear"):
-        raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
     if str(checkpoint) == "random":
         state = None
         cfg = load_config(None, list(overrides))
@@ -406,9 +401,8 @@ def evaluate_checkpoint(
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        base = OmegaConf.to_yaml(OmegaConf.create(state["config"]))
-        tmp = path.with_name(f".{path.name}.config.yaml")
-        tmp.write_text(base)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.config.yaml")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(state["config"])))
         try:
             cfg = load_config(tmp, list(overrides))
         finally:
@@ -417,7 +411,22 @@ def evaluate_checkpoint(
     model = build_model(cfg)
     if state is not None:
         model.load_state_dict(state["model"])
-    model.eval()
+    return cfg, model.eval()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike, kind: str = "knn", overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, float]:
+    """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
+
+    ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
+    config at random initialisation (the baseline a trained one must beat).
+    """
+    from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+
+    if kind not in ("knn", "linear"):
+        raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
+    cfg, model = load_trained(checkpoint, overrides)
     device = (
         torch.device("cpu")
         if cfg.run.device in ("auto", "cpu") and not torch.cuda.is_available()

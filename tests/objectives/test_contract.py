@@ -5,7 +5,7 @@ import torch
 
 from masklab.objectives import OBJECTIVES, build_backbone, supported_triples
 from masklab.pipeline import Batch
-from masklab.transforms import BlockMask, RandomMask, SimMIMMask
+from masklab.transforms import AttentionMask, BlockMask, RandomMask, SimMIMMask
 
 BACKBONES = {
     "vit_tiny_patch16_224": "vit",
@@ -16,19 +16,29 @@ BACKBONES = {
 SIZE = 32
 
 
-def mask_stage(name: str, patch: int):
-    return {
+def masked_batch(name: str, patch: int, model, images: torch.Tensor) -> Batch:
+    batch = Batch(images=images, index=torch.arange(len(images)), seed=0)
+    if name == "amt":
+        # AMT masks and throws by the model's own saliency, refreshed once.
+        stage = AttentionMask(len(images), ratio=0.45, throw_ratio=0.40, patch_size=patch)
+        stage.bind(model.guidance("saliency"))
+        stage.refresh([batch], (SIZE // patch, SIZE // patch))
+        out = stage(batch)
+        assert out.mask.num_thrown > 0
+        return out
+    stage = {
         "random": lambda: RandomMask(0.75, patch),
         "block": lambda: BlockMask(0.4, patch),
         "simmim": lambda: SimMIMMask(0.6, mask_patch_size=2 * patch, patch_size=patch),
     }[name]()
+    return stage(batch)
 
 
 TRIPLES = supported_triples(BACKBONES)
 
 
 def test_the_matrix_covers_every_family_and_mask():
-    assert len(TRIPLES) == 18
+    assert len(TRIPLES) == 24
     assert {b for b, _, _ in TRIPLES} == set(BACKBONES)
 
 
@@ -38,7 +48,7 @@ def test_contract(backbone, mask, objective):
     torch.manual_seed(0)
     patch = 4 if BACKBONES[backbone] == "vit" else 8
     model = OBJECTIVES[objective](build_backbone(backbone, img_size=SIZE, patch_size=patch))
-    batch = mask_stage(mask, patch)(Batch(images=torch.rand(8, 3, SIZE, SIZE), seed=0))
+    batch = masked_batch(mask, patch, model, torch.rand(8, 3, SIZE, SIZE))
 
     out = model(batch)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
