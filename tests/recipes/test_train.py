@@ -192,3 +192,17 @@ def test_amt_refreshes_on_schedule_and_resume_restores_the_cache(tmp_path):
 
 def _loader_stages(result):
     return result.stages
+
+
+@pytest.mark.parametrize("recipe,backbone", [("mae_amt", None), ("simmim_amt", None), ("simmim_amt", "resnet18")])
+def test_amt_recipes_train_past_the_first_refresh(recipe, backbone, tmp_path):
+    base = TINY if backbone is None else [o for o in TINY if not o.startswith("model.kwargs")]
+    extra = [] if backbone is None else [f"model.backbone={backbone}", "data.resolution=32"]
+    result = train(load_config(recipe, [*base, *extra, f"run.out={tmp_path}", "run.max_steps=6"]))
+    stage = list(result.stages)[1]
+    assert int(stage.refreshes) == 1 and stage.active
+    assert result.updates == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["thrown_fraction"]) == 0.0  # random masking before the refresh
+    assert float(rows[-1]["thrown_fraction"]) > 0.2  # masking and throwing after it
