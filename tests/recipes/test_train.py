@@ -206,3 +206,34 @@ def test_amt_recipes_train_past_the_first_refresh(recipe, backbone, tmp_path):
         rows = list(csv.DictReader(f))
     assert float(rows[0]["thrown_fraction"]) == 0.0  # random masking before the refresh
     assert float(rows[-1]["thrown_fraction"]) > 0.2  # masking and throwing after it
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_amt_cache(tmp_path):
+    script = tmp_path / "amt.py"
+    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "data.length=68"]
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, torch
+            from masklab.recipes.config import load_config
+            from masklab.recipes.train import train
+            result = train(load_config("mae_amt", {overrides!r}))
+            stage = list(result.stages)[1]
+            torch.save({{"cache": stage.cache, "refreshes": int(stage.refreshes)}}, {str(tmp_path)!r} + f"/amt{{os.environ['RANK']}}.pt")
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    a, b = torch.load(tmp_path / "amt0.pt"), torch.load(tmp_path / "amt1.pt")
+    assert a["refreshes"] == b["refreshes"] == 2
+    # Each rank computed half the maps; after the gather both hold every image's map.
+    torch.testing.assert_close(a["cache"], b["cache"])
+    assert a["cache"].shape[0] == 68 and not torch.allclose(a["cache"], torch.ones_like(a["cache"]))
+    assert (a["cache"].flatten(1).std(1) > 0).all()
