@@ -167,13 +167,20 @@ class AttentionMask(PatchMaskStage):
         self.refresh_start, self.refresh_every, self.epsilon = refresh_start, refresh_every, epsilon
         self.num_samples = int(num_samples)
         self.register_buffer("cache", torch.ones(self.num_samples, *(grid or (1, 1))))
-        self.register_buffer("refreshes", torch.zeros((), dtype=torch.long))
+        # A Python int (saved as the module's extra state), so checking it never syncs a device.
+        self.refreshes = 0
         self.guide: Guide | None = None
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"refreshes": self.refreshes}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.refreshes = int(state["refreshes"])
 
     @property
     def active(self) -> bool:
         """Whether a refresh has filled the cache (before it: random masking)."""
-        return bool(self.refreshes > 0)
+        return self.refreshes > 0
 
     def bind(self, guide: Guide) -> None:
         """The saliency function ``guide(images, grid) -> (B, Gh, Gw)`` used by :meth:`refresh`."""
@@ -186,7 +193,9 @@ class AttentionMask(PatchMaskStage):
         """Write saliency ``maps`` ``(B, Gh, Gw)`` for dataset ``index`` ``(B,)``."""
         if tuple(self.cache.shape[1:]) != tuple(maps.shape[1:]):
             self.cache = torch.ones(self.num_samples, *maps.shape[1:], device=maps.device, dtype=self.cache.dtype)
-        self.cache[index.to(self.cache.device)] = maps.to(self.cache.device, self.cache.dtype)
+        elif self.cache.device != maps.device:
+            self.cache = self.cache.to(maps.device)  # keep the cache where the batches are
+        self.cache[index.to(maps.device)] = maps.to(self.cache.dtype)
 
     @torch.no_grad()
     def refresh(self, batches, grid: tuple[int, int], gather: Callable | None = None) -> None:
@@ -218,7 +227,9 @@ class AttentionMask(PatchMaskStage):
             return random_patch_mask(len(batch), grid, self.warmup_ratio, generator, batch.device)
         if batch.index is None:
             raise ValueError("AttentionMask needs batch.index to look up each image's saliency")
-        maps = self.cache[batch.index.to(self.cache.device)].to(batch.device)
+        if self.cache.device != batch.device:
+            self.cache = self.cache.to(batch.device)  # once, e.g. after loading a checkpoint on the CPU
+        maps = self.cache[batch.index]
         weights = align_maps(maps, grid, batch.crops, batch.flips, batch.source_sizes)
         return attention_patch_mask(weights, self.ratio, self.throw_ratio, generator, self.epsilon)
 

@@ -182,7 +182,7 @@ def test_amt_refreshes_on_schedule_and_resume_restores_the_cache(tmp_path):
     assert int(stage.refreshes) == 3  # epochs 1, 2 and 3 of 4 (every 10%, at least one epoch)
     train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=7"]))
     state = torch.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000007.pt", weights_only=False)
-    assert int(state["stages"]["stages.1.refreshes"]) == 1  # refreshed at the start of epoch 1 (updates 5-8)
+    assert state["stages"]["stages.1._extra_state"]["refreshes"] == 1  # refreshed at the start of epoch 1 (updates 5-8)
     resumed = train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
     a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
     for update in range(8, 17):
