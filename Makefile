@@ -40,7 +40,9 @@ demo: $(STAMP)
 	$(VENV)/bin/masklab demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/loader.py --quick
+	$(PY) benchmarks/masks.py --quick
+	$(PY) benchmarks/throwing.py --quick
 
 clean:
 	rm -rf $(VENV) runs *.egg-info build
