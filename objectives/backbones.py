@@ -23,7 +23,7 @@ from torch import nn
 from masklab.transforms import MASKED, THROWN, PatchMask
 from masklab.transforms._sampling import patch_grid
 
-__all__ = ["CNNBackbone", "ViTBackbone", "backbone_family", "build_backbone", "minmax"]
+__all__ = ["CNNBackbone", "ViTBackbone", "backbone_family", "build_backbone", "create_timm", "minmax"]
 
 _VIT_PARTS = ("patch_embed", "pos_embed", "blocks", "norm")
 
@@ -264,17 +264,23 @@ class CNNBackbone(nn.Module):
         return flat.transpose(1, 2) @ flat
 
 
-def build_backbone(
-    name: str, img_size: int = 224, patch_size: int | None = None, **kwargs
-) -> ViTBackbone | CNNBackbone:
-    """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN."""
+def create_timm(name: str, img_size: int, patch_size: int | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)`` with ``img_size``/``patch_size`` for models
+    that take them (transformers); CNNs, which refuse them, are built without."""
     import timm
 
     vit_kwargs = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **vit_kwargs, **kwargs)
-    except TypeError:  # a CNN: it takes no img_size / patch_size
-        model = None
-    if model is not None and all(hasattr(model, part) for part in _VIT_PARTS):
+        return timm.create_model(name, pretrained=False, **vit_kwargs, **kwargs)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def build_backbone(
+    name: str, img_size: int = 224, patch_size: int | None = None, **kwargs
+) -> ViTBackbone | CNNBackbone:
+    """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN."""
+    model = create_timm(name, img_size, patch_size, num_classes=0, **kwargs)
+    if all(hasattr(model, part) for part in _VIT_PARTS):
         return ViTBackbone(model)
     return CNNBackbone.from_name(name, **kwargs)

@@ -18,6 +18,7 @@ from masklab.objectives import (
     build_backbone,
     check_compatible,
 )
+from masklab.objectives.backbones import create_timm
 from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
 from masklab.transforms import AttentionMask, BlockMask, MixMask, Normalize, RandomMask, SimMIMMask
 
@@ -167,16 +168,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             return SimMIM(backbone)
         raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
     if cfg.task in ("supervised", "finetune"):
-        import timm
-
         classes = num_classes_of(cfg.data.train)
-        kwargs = dict(cfg.model.kwargs)
-        probe = build_encoder(cfg)
-        if backbone_family(probe) == "vit":
-            kwargs.update(img_size=cfg.data.resolution)
-            if cfg.model.patch_size:
-                kwargs["patch_size"] = cfg.model.patch_size
-        model = timm.create_model(cfg.model.backbone, pretrained=False, num_classes=classes, **kwargs)
+        model = create_timm(
+            cfg.model.backbone, cfg.data.resolution, cfg.model.patch_size, num_classes=classes, **cfg.model.kwargs
+        )
         if cfg.model.init:
             _load_backbone_weights(model, cfg.model.init)
         return Supervised(model, classes, cfg.objective.label_smoothing)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from masklab.pipeline import Batch, Stage, batch_generator
+from masklab.pipeline import Batch, Stage
 
 from ._sampling import patch_grid
 from .patch_mask import VISIBLE, PatchMask
@@ -64,8 +64,3 @@ class PatchMaskStage(Stage):
         """Draw a mask for ``images`` (``(B, C, H, W)``) and erase its hidden patches (supervised reuse)."""
         mask = self.sample(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
         return erase_patches(images, mask, fill)
-
-    def mask_for(self, images: torch.Tensor, seed: int | None = None) -> PatchMask:
-        """Draw a mask for a plain ``(B, C, H, W)`` tensor (seeded when ``seed`` is given)."""
-        batch = Batch(images=images, seed=seed)
-        return self.make_params(batch, batch_generator(batch))

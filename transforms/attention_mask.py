@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from masklab.pipeline import Batch, batch_generator
+from masklab.pipeline import Batch
 
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, mask_count, patch_grid
@@ -232,9 +232,6 @@ class AttentionMask(PatchMaskStage):
         maps = self.cache[batch.index]
         weights = align_maps(maps, grid, batch.crops, batch.flips, batch.source_sizes)
         return attention_patch_mask(weights, self.ratio, self.throw_ratio, generator, self.epsilon)
-
-    def forward(self, batch: Batch) -> Batch:
-        return self.apply(batch, self.make_params(batch, batch_generator(batch)))
 
     def extra_repr(self) -> str:
         return (

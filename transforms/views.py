@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from kornia.color import rgb_to_grayscale
@@ -56,7 +56,6 @@ class ViewParams:
     gray: torch.Tensor  # (B,) bool
     blur_sigma: torch.Tensor  # (B,) float, 0 = no blur
     solarize: torch.Tensor  # (B,) bool
-    extra: dict = field(default_factory=dict)
 
 
 def draw_view_params(
