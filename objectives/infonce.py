@@ -84,7 +84,10 @@ class KeyQueue(nn.Module):
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
         """Gather ``(B, D)`` keys from every rank, normalise them and overwrite the oldest entries."""
-        keys = F.normalize(concat_all_gather(keys.detach()), dim=1)[-self.size :]
-        rows = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.size
-        self.keys.index_copy_(0, rows, keys.to(self.keys.dtype))
-        self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
+        keys = F.normalize(concat_all_gather(keys.detach()), dim=1)
+        count = keys.shape[0]
+        kept = keys[-self.size :]  # more keys than the queue holds: the older ones would be overwritten anyway
+        start = self.ptr + (count - kept.shape[0])
+        rows = (start + torch.arange(kept.shape[0], device=keys.device)) % self.size
+        self.keys.index_copy_(0, rows, kept.to(self.keys.dtype))
+        self.ptr.copy_((self.ptr + count) % self.size)
