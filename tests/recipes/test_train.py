@@ -237,3 +237,45 @@ def test_two_processes_share_one_amt_cache(tmp_path):
     torch.testing.assert_close(a["cache"], b["cache"])
     assert a["cache"].shape[0] == 68 and not torch.allclose(a["cache"], torch.ones_like(a["cache"]))
     assert (a["cache"].flatten(1).std(1) > 0).all()
+
+
+SIAMESE_TINY = [
+    *(o for o in TINY if not o.startswith(("model.", "objective."))),
+    "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+    "objective.proj_hidden=32",
+    "objective.proj_dim=16",
+    "objective.pred_hidden=32",
+    "objective.queue_size=40",
+]
+
+
+@pytest.mark.parametrize("recipe", ["moco", "mixmask_moco", "byol", "mixmask_byol"])
+def test_siamese_recipes_train(recipe, tmp_path):
+    result = train(load_config(recipe, [*SIAMESE_TINY, f"run.out={tmp_path}", "run.max_steps=3"]))
+    assert result.updates == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = result.model
+    assert model.backbone.model.conv1.stride == (1, 1)  # the small-image stem
+    if "moco" in recipe:
+        assert int(model.queue.ptr) == 3 * 16 % 40  # every update enqueued its batch's keys (queue of 40)
+    # The momentum encoder moved with the online one but never trained itself.
+    teacher = model.momentum.module[0].model.conv1.weight
+    assert not teacher.requires_grad and not torch.equal(teacher, model.backbone.model.conv1.weight)
+
+
+def test_siamese_recipe_needs_views(tmp_path):
+    with pytest.raises(ValueError, match="set data.views to a Views preset"):
+        train(load_config("moco", [*SIAMESE_TINY, f"run.out={tmp_path}", "data.views=null"]))
+
+
+def test_resumed_mixmask_moco_run_equals_an_uninterrupted_one_queue_included(tmp_path):
+    full = train(load_config("mixmask_moco", [*SIAMESE_TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
+    cut = [*SIAMESE_TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=5"]
+    train(load_config("mixmask_moco", [*cut, "run.stop_at=5"]))
+    resumed = train(load_config("mixmask_moco", [*cut, "run.resume=auto"]))
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 13))
+    for update in range(6, 13):
+        assert b[update] == pytest.approx(a[update], abs=1e-5), update
+    state = resumed.model.state_dict()
+    for name in ("queue.keys", "queue.ptr"):
+        torch.testing.assert_close(state[name], full.model.state_dict()[name], atol=1e-5, rtol=0)
