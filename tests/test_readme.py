@@ -40,3 +40,11 @@ def test_objective_example_runs():
     scope: dict = {}
     exec(compile(example("objective"), "README.md", "exec"), scope)
     assert scope["out"].loss.isfinite()
+
+
+@pytest.mark.slow
+def test_mixmask_example_trains():
+    scope: dict = {}
+    exec(compile(example("mixmask"), "README.md", "exec"), scope)
+    assert scope["out"].loss.isfinite() and set(scope["out"].logs) == {"loss", "plain", "mixed"}
+    assert int(scope["model"].queue.ptr) == 64
