@@ -102,30 +102,35 @@ def test_eval_of_a_checkpoint_and_of_random_init(tmp_path):
     assert 0 <= random["knn"] <= 1
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_path):
+def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port: int):
+    """``train`` under ``torchrun --nproc_per_node 2``; each rank's indices, weights and world size."""
     script = tmp_path / "two.py"
-    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "run.record_indices=true", "data.length=68"]
     script.write_text(
         textwrap.dedent(
             f"""
             import os, torch
             from masklab.recipes.config import load_config
             from masklab.recipes.train import train
-            result = train(load_config("mae", {overrides!r}))
+            result = train(load_config({recipe!r}, {overrides!r}))
             torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"])}},
                        {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
             """
         )
     )
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script)],
         capture_output=True,
         text=True,
         timeout=400,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_path):
+    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "run.record_indices=true", "data.length=68"]
+    r0, r1 = train_on_two_cpu_processes(tmp_path, "mae", overrides, 29531)
     assert r0["world"] == r1["world"] == 2
     # 68 images on 2 ranks: 34 each, 2 batches of 16 per epoch; each epoch's shards are disjoint.
     per_epoch = 32
@@ -279,3 +284,14 @@ def test_resumed_mixmask_moco_run_equals_an_uninterrupted_one_queue_included(tmp
     state = resumed.model.state_dict()
     for name in ("queue.keys", "queue.ptr"):
         torch.testing.assert_close(state[name], full.model.state_dict()[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_one_queue_and_momentum_encoder(tmp_path):
+    overrides = [*SIAMESE_TINY, f"run.out={tmp_path / 'run'}", "data.length=68", "run.epochs=2"]
+    r0, r1 = train_on_two_cpu_processes(tmp_path, "mixmask_moco", overrides, 29532)
+    # 2 epochs x 2 batches of 16 per rank x 2 ranks = 128 keys through a queue of 40: both ranks gathered all.
+    assert int(r0["weights"]["queue.ptr"]) == int(r1["weights"]["queue.ptr"]) == 128 % 40
+    for name, value in r0["weights"].items():
+        if "running_" not in name:  # batch-norm statistics are per rank on CPU (SyncBN needs GPUs)
+            torch.testing.assert_close(r1["weights"][name], value, msg=name)
