@@ -272,6 +272,7 @@ def test_siamese_recipe_needs_views(tmp_path):
         train(load_config("moco", [*SIAMESE_TINY, f"run.out={tmp_path}", "data.views=null"]))
 
 
+@pytest.mark.slow
 def test_resumed_mixmask_moco_run_equals_an_uninterrupted_one_queue_included(tmp_path):
     full = train(load_config("mixmask_moco", [*SIAMESE_TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
     cut = [*SIAMESE_TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=5"]
