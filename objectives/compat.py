@@ -14,8 +14,8 @@ class Support:
 
 
 COMPATIBILITY: dict[str, Support] = {
-    "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt")),
-    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt")),
+    "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt", "ehm")),
+    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt", "ehm")),
 }
 """objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes."""
 

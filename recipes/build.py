@@ -20,7 +20,15 @@ from masklab.objectives import (
 )
 from masklab.objectives.backbones import create_timm
 from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
-from masklab.transforms import AttentionMask, BlockMask, MixMask, Normalize, RandomMask, SimMIMMask
+from masklab.transforms import (
+    AttentionMask,
+    BlockMask,
+    HierarchicalMask,
+    MixMask,
+    Normalize,
+    RandomMask,
+    SimMIMMask,
+)
 
 from .config import TrainConfig
 
@@ -96,7 +104,9 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
                 refresh_every=m.refresh_every,
             )
         ]
-    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt or none")
+    if m.name == "ehm":
+        return [HierarchicalMask(m.ratio, patch, m.schedule, m.start_regions, m.end_regions)]
+    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, ehm or none")
 
 
 def build_loader(
@@ -160,12 +170,14 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         backbone = build_encoder(cfg)
         family = backbone_family(backbone)
         check_compatible(cfg.objective.name, family=family, mask=None if cfg.mask.name == "none" else cfg.mask.name)
-        if cfg.objective.name == "mae":
-            return MAE(
-                backbone, cfg.objective.decoder_dim, cfg.objective.decoder_depth, norm_pix=cfg.objective.norm_pix
-            )
-        if cfg.objective.name == "simmim":
-            return SimMIM(backbone)
+        o = cfg.objective
+        teacher = {"teacher_decay": o.teacher_decay, "teacher_final_decay": o.teacher_final_decay}
+        if cfg.mask.name == "ehm" and o.teacher_decay is None:
+            raise ValueError("mask 'ehm' reads an EMA teacher's affinity: set objective.teacher_decay (e.g. 0.996)")
+        if o.name == "mae":
+            return MAE(backbone, o.decoder_dim, o.decoder_depth, norm_pix=o.norm_pix, **teacher)
+        if o.name == "simmim":
+            return SimMIM(backbone, **teacher)
         raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)

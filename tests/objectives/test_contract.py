@@ -5,7 +5,7 @@ import torch
 
 from masklab.objectives import OBJECTIVES, build_backbone, supported_triples
 from masklab.pipeline import Batch
-from masklab.transforms import AttentionMask, BlockMask, RandomMask, SimMIMMask
+from masklab.transforms import AttentionMask, BlockMask, HierarchicalMask, RandomMask, SimMIMMask
 
 BACKBONES = {
     "vit_tiny_patch16_224": "vit",
@@ -26,6 +26,14 @@ def masked_batch(name: str, patch: int, model, images: torch.Tensor) -> Batch:
         out = stage(batch)
         assert out.mask.num_thrown > 0
         return out
+    if name == "ehm":
+        # EHM masks whole regions of the model's affinity tree, halfway through its schedule.
+        stage = HierarchicalMask(0.75, patch)
+        stage.bind(model.guidance("affinity"))
+        stage.set_progress(0.5)
+        out = stage(batch)
+        assert out.extras["regions"].shape == (len(images), SIZE // patch, SIZE // patch)
+        return out
     stage = {
         "random": lambda: RandomMask(0.75, patch),
         "block": lambda: BlockMask(0.4, patch),
@@ -38,7 +46,7 @@ TRIPLES = supported_triples(BACKBONES)
 
 
 def test_the_matrix_covers_every_family_and_mask():
-    assert len(TRIPLES) == 24
+    assert len(TRIPLES) == 30
     assert {b for b, _, _ in TRIPLES} == set(BACKBONES)
 
 
