@@ -81,6 +81,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"show-masks: {option} takes comma-separated numbers, got {text!r}") from None
+
+
 def _show_masks(args: argparse.Namespace) -> int:
     from masklab.recipes.show_masks import show_masks
 
@@ -96,6 +103,7 @@ def _show_masks(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         seed=args.seed,
         checkpoint=args.checkpoint,
+        progress=_floats(args.progress, "--progress"),
     )
     print(f"wrote {path}")
     return 0
@@ -157,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--patch-size", type=int, default=8, help="patch size in pixels (default 8)")
     show.add_argument("--ratio", type=float, default=None, help="mask ratio (default: the stage's)")
     show.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
-    show.add_argument("--checkpoint", default=None, help="amt: a trained checkpoint whose saliency drives the masks")
+    show.add_argument(
+        "--checkpoint", default=None, help="amt / ehm: a trained checkpoint whose saliency / affinity drives the masks"
+    )
+    show.add_argument(
+        "--progress", default="0.1,0.5,0.9", help="ehm: training progress values to draw, comma-separated"
+    )
     show.set_defaults(func=_show_masks)
 
     demo = sub.add_parser(
