@@ -4,23 +4,41 @@ Objectives consume what the stages emit (a :class:`~masklab.pipeline.Batch`
 with a :class:`~masklab.transforms.PatchMask`) and never see a loader.
 """
 
-from ._common import ObjectiveOutput, patchify, sincos_pos_embed, unpatchify
+from functools import partial
+
+from ._common import ObjectiveOutput, concat_all_gather, patchify, sincos_pos_embed, unpatchify
 from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, minmax
 from .compat import COMPATIBILITY, Support, check_compatible, compatibility_table, supported_triples
 from .ema import EMATeacher, cosine_decay
+from .heads import predictor_mlp, projection_mlp
+from .infonce import KeyQueue, infonce_loss
 from .mae import MAE, mae_loss
+from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
+from .negative_cosine import negative_cosine
+from .siamese import BASES, BaseSpec, Siamese
 from .simmim import SimMIM, simmim_loss
 from .supervised import Supervised, soft_cross_entropy
 
-OBJECTIVES = {"mae": MAE, "simmim": SimMIM}
+OBJECTIVES = {
+    "mae": MAE,
+    "simmim": SimMIM,
+    **{base: partial(Siamese, base=base) for base in BASES},
+    **{f"mixmask_{base}": partial(MixMaskSiamese, base=base) for base in BASES},
+}
+"""objective name (as in ``COMPATIBILITY``) -> a callable ``(backbone, **options) -> objective``."""
 
 __all__ = [
+    "BASES",
     "COMPATIBILITY",
     "MAE",
     "OBJECTIVES",
+    "BaseSpec",
     "CNNBackbone",
     "EMATeacher",
+    "KeyQueue",
+    "MixMaskSiamese",
     "ObjectiveOutput",
+    "Siamese",
     "SimMIM",
     "Supervised",
     "Support",
@@ -29,10 +47,17 @@ __all__ = [
     "build_backbone",
     "check_compatible",
     "compatibility_table",
+    "concat_all_gather",
     "cosine_decay",
+    "infonce_loss",
     "mae_loss",
     "minmax",
+    "mixmask_loss",
+    "mixmask_terms",
+    "negative_cosine",
     "patchify",
+    "predictor_mlp",
+    "projection_mlp",
     "simmim_loss",
     "soft_cross_entropy",
     "sincos_pos_embed",

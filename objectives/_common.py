@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["GuidanceMixin", "ObjectiveOutput", "patchify", "unpatchify", "sincos_pos_embed"]
+__all__ = ["GuidanceMixin", "ObjectiveOutput", "concat_all_gather", "patchify", "unpatchify", "sincos_pos_embed"]
 
 
 @dataclass
@@ -16,6 +16,23 @@ class ObjectiveOutput:
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order; ``x`` itself in one process.
+
+    No gradient flows through the gather (use it for keys, never for queries).
+
+    Shape:
+        ``(B, ...) -> (world_size * B, ...)``; every rank must pass the same shape.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -23,7 +23,15 @@ from torch import nn
 from masklab.transforms import MASKED, THROWN, PatchMask
 from masklab.transforms._sampling import patch_grid
 
-__all__ = ["CNNBackbone", "ViTBackbone", "backbone_family", "build_backbone", "create_timm", "minmax"]
+__all__ = [
+    "CNNBackbone",
+    "ViTBackbone",
+    "backbone_family",
+    "build_backbone",
+    "create_timm",
+    "minmax",
+    "small_image_stem",
+]
 
 _VIT_PARTS = ("patch_embed", "pos_embed", "blocks", "norm")
 
@@ -264,23 +272,74 @@ class CNNBackbone(nn.Module):
         return flat.transpose(1, 2) @ flat
 
 
-def create_timm(name: str, img_size: int, patch_size: int | None = None, **kwargs) -> nn.Module:
+def small_image_stem(model: nn.Module) -> nn.Module:
+    """Give a timm ResNet the stem for small images, in place: a 3x3 stride-1 ``conv1`` and no max-pool.
+
+    The CIFAR-style ResNet stem (He et al., 2016, section 4.2; SimCLR's and
+    MixMask's CIFAR runs): at 32 px the ImageNet stem (7x7 stride 2, then a
+    stride-2 max-pool) would leave 8x8 maps after the stem and 1x1 at the end.
+    Works on a classifier or a ``features_only`` model; the latter's
+    ``feature_info`` reductions are updated (1, 1, 2, 4, 8 for a ResNet).
+
+    Args:
+        model: a timm ResNet-family model whose ``conv1`` is one ``nn.Conv2d`` (not a deep stem).
+
+    Returns:
+        ``model``, changed.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(
+            f"small_stem needs a ResNet-style model with a single conv1 and a maxpool; {type(model).__name__} "
+            f"has conv1={type(conv).__name__}"
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    info = getattr(model, "feature_info", None)
+    if info is not None and callable(getattr(info, "reduction", None)):
+        with torch.no_grad():
+            was_training = model.training
+            maps = model.eval()(torch.zeros(1, conv.in_channels, 32, 32))
+            model.train(was_training)
+        for entry, feature in zip(info.info, maps, strict=True):
+            entry["reduction"] = 32 // feature.shape[-1]
+    return model
+
+
+def create_timm(
+    name: str, img_size: int, patch_size: int | None = None, small_stem: bool = False, **kwargs
+) -> nn.Module:
     """``timm.create_model(name, pretrained=False, ...)`` with ``img_size``/``patch_size`` for models
-    that take them (transformers); CNNs, which refuse them, are built without."""
+    that take them (transformers); CNNs, which refuse them, are built without. ``small_stem`` applies
+    :func:`small_image_stem`."""
     import timm
 
     vit_kwargs = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
     try:
-        return timm.create_model(name, pretrained=False, **vit_kwargs, **kwargs)
+        model = timm.create_model(name, pretrained=False, **vit_kwargs, **kwargs)
     except TypeError:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return small_image_stem(model) if small_stem else model
 
 
 def build_backbone(
-    name: str, img_size: int = 224, patch_size: int | None = None, **kwargs
+    name: str, img_size: int = 224, patch_size: int | None = None, small_stem: bool = False, **kwargs
 ) -> ViTBackbone | CNNBackbone:
-    """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN."""
+    """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN.
+
+    Args:
+        name: a timm model name (never pretrained).
+        img_size: the training image side (ViTs).
+        patch_size: the ViT patch (``None`` keeps the model's).
+        small_stem: CNNs: a 3x3 stride-1 stem without max-pool for small images (:func:`small_image_stem`).
+        **kwargs: passed to ``timm.create_model``.
+
+    Returns:
+        A :class:`ViTBackbone` or :class:`CNNBackbone`.
+    """
     model = create_timm(name, img_size, patch_size, num_classes=0, **kwargs)
     if all(hasattr(model, part) for part in _VIT_PARTS):
+        if small_stem:
+            raise ValueError(f"small_stem is for CNNs; {name} is a ViT (choose its patch_size instead)")
         return ViTBackbone(model)
-    return CNNBackbone.from_name(name, **kwargs)
+    return CNNBackbone(create_timm(name, img_size, features_only=True, small_stem=small_stem, **kwargs))

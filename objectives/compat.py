@@ -16,8 +16,16 @@ class Support:
 COMPATIBILITY: dict[str, Support] = {
     "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt", "ehm")),
     "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt", "ehm")),
+    "moco": Support(families=("vit", "cnn"), masks=("none",)),
+    "byol": Support(families=("vit", "cnn"), masks=("none",)),
+    "simsiam": Support(families=("vit", "cnn"), masks=("none",)),
+    "mixmask_moco": Support(families=("vit", "cnn"), masks=("mixmask",)),
+    "mixmask_byol": Support(families=("vit", "cnn"), masks=("mixmask",)),
+    "mixmask_simsiam": Support(families=("vit", "cnn"), masks=("mixmask",)),
 }
-"""objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes."""
+"""objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes.
+
+``"none"``: two views and no mask stage (the siamese baselines)."""
 
 
 def _support(objective: str) -> Support:

@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from masklab.objectives import (
+    BASES,
     MAE,
     OBJECTIVES,
+    MixMaskSiamese,
+    Siamese,
     SimMIM,
     Supervised,
     ViTBackbone,
@@ -28,6 +31,7 @@ from masklab.transforms import (
     Normalize,
     RandomMask,
     SimMIMMask,
+    Views,
 )
 
 from .config import TrainConfig
@@ -42,7 +46,10 @@ __all__ = [
     "family_of",
     "num_classes_of",
     "patch_size_of",
+    "sync_batchnorm",
 ]
+
+SIAMESE = {**{base: Siamese for base in BASES}, **{f"mixmask_{base}": MixMaskSiamese for base in BASES}}
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,8 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
         return [BlockMask(m.ratio, patch)]
     if m.name == "simmim":
         return [SimMIMMask(m.ratio, mask_patch_size=m.mask_patch_size, patch_size=patch)]
+    if m.name == "mixmask":
+        return [MixMask(m.grid, m.ratio, m.partner, m.per_sample, view=0)]
     if m.name == "amt":
         grid = (cfg.data.resolution // patch, cfg.data.resolution // patch)
         return [
@@ -106,7 +115,7 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
         ]
     if m.name == "ehm":
         return [HierarchicalMask(m.ratio, patch, m.schedule, m.start_regions, m.end_regions)]
-    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, ehm or none")
+    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, ehm, mixmask or none")
 
 
 def build_loader(
@@ -120,7 +129,9 @@ def build_loader(
     """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
     spec = cfg.data.train if split == "train" else cfg.data.test
     source = spec if spec.endswith(".beton") else _builtin(spec, cfg)
-    stages: list[nn.Module] = [Normalize(cfg.data.mean, cfg.data.std)]
+    # Views cut from [0, 1] images, so they come before Normalize (which normalises the views too).
+    views = [Views(2, cfg.data.views)] if train and cfg.data.views else []
+    stages: list[nn.Module] = [*views, Normalize(cfg.data.mean, cfg.data.std)]
     common = {
         "batch_size": cfg.data.batch_size,
         "resolution": cfg.data.resolution,
@@ -149,8 +160,29 @@ def _count(source) -> int:
 
 def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
     return build_backbone(
-        cfg.model.backbone, img_size=cfg.data.resolution, patch_size=cfg.model.patch_size, **cfg.model.kwargs
+        cfg.model.backbone,
+        img_size=cfg.data.resolution,
+        patch_size=cfg.model.patch_size,
+        small_stem=cfg.model.small_stem,
+        **cfg.model.kwargs,
     )
+
+
+def _siamese(cfg: TrainConfig, backbone: nn.Module) -> Siamese:
+    o = cfg.objective
+    if not cfg.data.views:
+        raise ValueError(f"objective {o.name!r} needs two views: set data.views to a Views preset (mocov2, byol, ...)")
+    base = o.name.removeprefix("mixmask_")
+    options = {
+        "hidden": o.proj_hidden,
+        "dim": o.proj_dim,
+        "pred_hidden": o.pred_hidden,
+        "momentum": o.momentum,
+        "momentum_final": o.momentum_final,
+        "symmetric": o.symmetric,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    return SIAMESE[o.name](backbone, base, queue_size=o.queue_size, temperature=o.temperature, **options)
 
 
 def _load_backbone_weights(module: nn.Module, checkpoint: str, prefix: str = "backbone.model.") -> None:
@@ -170,6 +202,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         backbone = build_encoder(cfg)
         family = backbone_family(backbone)
         check_compatible(cfg.objective.name, family=family, mask=None if cfg.mask.name == "none" else cfg.mask.name)
+        if cfg.objective.name in SIAMESE:
+            return _siamese(cfg, backbone)
         o = cfg.objective
         teacher = {"teacher_decay": o.teacher_decay, "teacher_final_decay": o.teacher_final_decay}
         if cfg.mask.name == "ehm" and o.teacher_decay is None:
@@ -182,12 +216,30 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
         model = create_timm(
-            cfg.model.backbone, cfg.data.resolution, cfg.model.patch_size, num_classes=classes, **cfg.model.kwargs
+            cfg.model.backbone,
+            cfg.data.resolution,
+            cfg.model.patch_size,
+            small_stem=cfg.model.small_stem,
+            num_classes=classes,
+            **cfg.model.kwargs,
         )
         if cfg.model.init:
             _load_backbone_weights(model, cfg.model.init)
         return Supervised(model, classes, cfg.objective.label_smoothing)
     raise ValueError(f"task {cfg.task!r} does not train a model")
+
+
+def sync_batchnorm(cfg: TrainConfig, model: nn.Module, device: torch.device, processes: int) -> nn.Module:
+    """``SyncBatchNorm`` in place of batch norm when several processes train on GPUs (``model.sync_bn``).
+
+    Our choice over MoCo's shuffle-BN: with SyncBN every batch-norm layer
+    (online, momentum encoder and heads) normalises over the global batch.
+    PyTorch's SyncBatchNorm runs on GPUs only, so CPU ranks keep per-rank BN.
+    """
+    if not cfg.model.sync_bn or processes < 2 or device.type == "cpu":
+        return model
+    logger.info("converting batch norm to SyncBatchNorm over %d processes", processes)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -40,6 +40,7 @@ class DataConfig:
     scale: list[float] | None = field(default_factory=lambda: [0.35, 1.0])  # crop area range; null: centred square
     flip_p: float = 0.5
     length: int = 4000  # images of builtin:shapes (train); the test split has a quarter
+    views: str | None = None  # a Views preset (mocov2, byol, ...): two augmented views for siamese objectives
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
@@ -52,13 +53,15 @@ class ModelConfig:
     patch_size: int | None = 4  # ViTs only; None keeps the model's
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (e.g. depth: 6)
     init: str | None = None  # a masklab checkpoint whose backbone initialises this one (finetune, linear)
+    small_stem: bool = False  # ResNets: 3x3 stride-1 stem without max-pool, for 32 px images
+    sync_bn: bool = True  # convert batch norm to SyncBatchNorm when training on several GPUs
 
 
 @dataclass
 class MaskConfig:
     """The mask stage of the loader (``none`` for supervised runs without one)."""
 
-    name: str = "random"  # random | block | simmim | amt | ehm | none
+    name: str = "random"  # random | block | simmim | amt | ehm | mixmask | none
     ratio: float = 0.75
     throw_ratio: float = 0.0
     mask_patch_size: int = 8  # simmim's coarse cell, in pixels
@@ -67,11 +70,14 @@ class MaskConfig:
     schedule: str = "sqrt"  # ehm: how training progress moves the tree level (sqrt | linear | cosine | constant)
     start_regions: float = 0.5  # ehm: regions at the start, as a fraction of the grid's cells
     end_regions: float = 0.05  # ehm: regions at the end, as a fraction of the grid's cells
+    grid: int = 4  # mixmask: cells per side of the mixing layout (4 at 32 px, 8 at 224 px)
+    partner: str = "reverse"  # mixmask: reverse | permute
+    per_sample: bool = True  # mixmask: one mask per sample (ours), else one per batch (the authors')
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"  # mae | simmim (pretrain); supervised tasks use cross-entropy
+    name: str = "mae"  # mae | simmim | moco | byol | simsiam | mixmask_moco | mixmask_byol | mixmask_simsiam
     decoder_dim: int = 128
     decoder_depth: int = 2
     norm_pix: bool = True
@@ -81,6 +87,15 @@ class ObjectiveConfig:
     mixmask_grid: int = 4
     erase_ratio: float = 0.0  # supervised: block patch erasing
     label_smoothing: float = 0.0
+    # siamese objectives (moco, byol, simsiam and their mixmask_ forms); None: the base's default
+    proj_hidden: int | None = None
+    proj_dim: int | None = None
+    pred_hidden: int | None = None
+    queue_size: int = 65536  # moco
+    temperature: float = 0.2  # moco
+    momentum: float | None = None  # target EMA decay at the start (moco 0.999, byol 0.99)
+    momentum_final: float | None = None  # at the end (moco: constant; byol 1.0)
+    symmetric: bool | None = None
 
 
 @dataclass

@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 
-from .build import build_loader, build_model, build_optimizer, checkpoint_dir, encoder_of, family_of
+from .build import (
+    build_loader,
+    build_model,
+    build_optimizer,
+    checkpoint_dir,
+    encoder_of,
+    family_of,
+    sync_batchnorm,
+)
 from .config import TrainConfig, save_config, to_dict
 
 __all__ = [
@@ -233,7 +241,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     set_seed(cfg.run.seed)
-    model = build_model(cfg)
+    model = sync_batchnorm(cfg, build_model(cfg), accelerator.device, accelerator.num_processes)
     family = family_of(model)
     loader = build_loader(cfg, "train", accelerator.device, family, distributed=accelerator.num_processes > 1)
     updates_per_epoch = max(1, len(loader) // cfg.optim.grad_accum)

@@ -125,3 +125,14 @@ def test_affinity_guidance_reads_the_teacher_and_saliency_the_online_backbone(na
     assert objective.backbone.training and teacher.module.training  # the guide restores the mode
     teacher.update(objective.backbone, progress=0.0)  # now the teacher moves toward the student
     assert not torch.allclose(affinity(images, grid), before_affinity)
+
+
+def test_small_image_stem_keeps_32_px_maps_until_the_first_downsampling_stage():
+    cnn = build_backbone("resnet18", small_stem=True)
+    assert cnn.strides == (1, 1, 2, 4, 8)
+    assert [f.shape[-1] for f in cnn.features(torch.rand(1, 3, 32, 32))] == [32, 32, 16, 8, 4]
+    assert cnn.model.conv1.kernel_size == (3, 3) and cnn.model.conv1.stride == (1, 1)
+    with pytest.raises(ValueError, match="small_stem is for CNNs"):
+        build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, small_stem=True)
+    with pytest.raises(ValueError, match="ResNet-style model with a single conv1"):
+        build_backbone("convnext_atto", small_stem=True)

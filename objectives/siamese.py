@@ -1,0 +1,221 @@
+"""Siamese objectives on two views: MoCo v2, BYOL and SimSiam, the bases MixMask builds on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from masklab.pipeline import Batch
+
+from ._common import GuidanceMixin, ObjectiveOutput
+from .backbones import CNNBackbone, ViTBackbone
+from .compat import check_family
+from .ema import EMATeacher
+from .heads import predictor_mlp, projection_mlp
+from .infonce import KeyQueue, infonce_loss
+from .negative_cosine import negative_cosine
+
+__all__ = ["BASES", "BaseSpec", "Siamese"]
+
+PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``base(q, k) -> (B,)``: one loss per sample for queries ``q`` against their keys ``k``."""
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A siamese base's defaults: heads, target network and loss.
+
+    Attributes:
+        hidden: projector hidden width.
+        dim: projector output (the embedding the loss sees).
+        layers: projector linear layers.
+        bn: batch norm in the projector's hidden layers.
+        last_bn: a batch norm on the projector's output.
+        pred_hidden: predictor hidden width; ``None``: no predictor.
+        momentum: ``(base, final)`` EMA decay of the target network; ``None``: the target is the
+            online network under stop-gradient.
+        symmetric: add the loss with the views' roles swapped.
+        contrastive: InfoNCE against a queue, else negative cosine.
+    """
+
+    hidden: int
+    dim: int
+    layers: int
+    bn: bool
+    last_bn: bool
+    pred_hidden: int | None
+    momentum: tuple[float, float] | None
+    symmetric: bool
+    contrastive: bool
+
+
+BASES: dict[str, BaseSpec] = {
+    # MoCo v2 (Chen et al., 2020): MLP head 2048-2048-128 without BN, momentum 0.999, asymmetric.
+    "moco": BaseSpec(2048, 128, 2, False, False, None, (0.999, 0.999), False, True),
+    # BYOL (Grill et al., 2020): projector 4096-256 with BN, predictor 4096, EMA 0.99 -> 1 (cosine).
+    "byol": BaseSpec(4096, 256, 2, True, False, 4096, (0.99, 1.0), True, False),
+    # SimSiam (Chen & He, 2021): 3-layer projector with BN on the output, predictor bottleneck 512.
+    "simsiam": BaseSpec(2048, 2048, 3, True, True, 512, None, True, False),
+}
+
+
+class Siamese(GuidanceMixin, nn.Module):
+    """Two views through an online network and a target network, on a MoCo v2, BYOL or SimSiam base.
+
+    The query is ``batch.views[0]``, the key ``batch.views[1]`` (put
+    ``Views(2, "mocov2")`` or ``Views(2, "byol")`` in the loader). Online:
+    backbone (pooled features) -> projector -> predictor (BYOL, SimSiam).
+    Target: an :class:`EMATeacher` of backbone + projector (MoCo, BYOL; the
+    training loop steps it through :meth:`teachers` after each update) or the
+    online projection under stop-gradient (SimSiam). MoCo compares queries
+    with their keys against a :class:`KeyQueue` of past keys (InfoNCE); BYOL
+    and SimSiam use :func:`negative_cosine` and are symmetric by default.
+
+    Batch norm and many processes: keys are gathered from every rank before
+    they enter the queue. The recipes convert batch norm to
+    ``torch.nn.SyncBatchNorm`` when they run on several GPUs (``model.sync_bn``;
+    our choice over MoCo's shuffle-BN: simpler, and it is what BYOL and MoCo v3
+    do). In one process, and on CPU ranks (SyncBN needs a GPU), each
+    batch is normalised on its own.
+
+    Args:
+        backbone: a :class:`ViTBackbone` or :class:`CNNBackbone` (its pooled features are used).
+        base: ``"moco"``, ``"byol"`` or ``"simsiam"``.
+        hidden: projector hidden width (default: the base's).
+        dim: projector output width (default: the base's).
+        pred_hidden: predictor hidden width (BYOL, SimSiam; default: the base's).
+        queue_size: MoCo's number of negative keys.
+        temperature: MoCo's InfoNCE temperature.
+        momentum: the target's EMA decay at the start (default: the base's).
+        momentum_final: the decay at the end, cosine in between (default: the base's; MoCo keeps it constant).
+        symmetric: add the loss with the views swapped (default: the base's).
+
+    Examples:
+        >>> import torch
+        >>> from masklab.objectives import build_backbone
+        >>> _ = torch.manual_seed(0)
+        >>> model = Siamese(build_backbone("resnet18"), "moco", hidden=32, dim=16, queue_size=64)
+        >>> views = [torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)]
+        >>> out = model(Batch(images=views[0], views=views))
+        >>> out.loss.ndim, int(model.queue.ptr)
+        (0, 4)
+    """
+
+    def __init__(
+        self,
+        backbone: ViTBackbone | CNNBackbone,
+        base: str = "moco",
+        hidden: int | None = None,
+        dim: int | None = None,
+        pred_hidden: int | None = None,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        momentum: float | None = None,
+        momentum_final: float | None = None,
+        symmetric: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if base not in BASES:
+            raise ValueError(f"unknown base {base!r}; choose one of {sorted(BASES)}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        spec = BASES[base]
+        self.name = self._name(base)
+        check_family(self.name, backbone)
+        self.base, self.temperature = base, float(temperature)
+        self.symmetric = spec.symmetric if symmetric is None else bool(symmetric)
+        self.backbone = backbone
+        dim = spec.dim if dim is None else dim
+        self.projector = projection_mlp(
+            backbone.embed_dim, spec.hidden if hidden is None else hidden, dim, spec.layers, spec.bn, spec.last_bn
+        )
+        if spec.pred_hidden is None:
+            self.predictor: nn.Module = nn.Identity()
+        else:
+            self.predictor = predictor_mlp(dim, spec.pred_hidden if pred_hidden is None else pred_hidden)
+        self.momentum: EMATeacher | None = None
+        if spec.momentum is not None:
+            start = spec.momentum[0] if momentum is None else momentum
+            end = (start if base == "moco" else spec.momentum[1]) if momentum_final is None else momentum_final
+            self.momentum = EMATeacher(self._student(), base=start, final=end)
+        self.queue = KeyQueue(queue_size, dim) if spec.contrastive else None
+
+    @staticmethod
+    def _name(base: str) -> str:
+        return base
+
+    def _student(self) -> nn.Sequential:
+        # A view over the online modules (no copy): what the EMA teacher follows.
+        return nn.Sequential(self.backbone, self.projector)
+
+    def teachers(self) -> list[tuple[EMATeacher, nn.Module]]:
+        """``(teacher, student)`` pairs the training loop steps after each update."""
+        return [] if self.momentum is None else [(self.momentum, self._student())]
+
+    def online(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prediction, projection)`` of the online network: ``(B, dim)`` each (the same for MoCo)."""
+        z = self.projector(self.backbone(images))
+        return self.predictor(z), z
+
+    @torch.no_grad()
+    def key(self, images: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
+        """The target embedding ``(B, dim)``: the EMA teacher's, or the online ``projection`` stopped."""
+        if self.momentum is not None:
+            return self.momentum(images)
+        if projection is not None:
+            return projection.detach()
+        return self.projector(self.backbone(images))
+
+    def pair_loss(self) -> PairLoss:
+        """The base's per-sample loss ``base(q, k) -> (B,)`` (InfoNCE against the current queue, or -cos)."""
+        if self.queue is None:
+            return partial(negative_cosine, reduction="none")
+        # A copy: the queue is updated in place after the loss, before backward.
+        return partial(infonce_loss, queue=self.queue.keys.clone(), temperature=self.temperature, reduction="none")
+
+    @staticmethod
+    def views_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query view ``batch.views[0]`` and the key view ``batch.views[1]``."""
+        if batch.views is None or len(batch.views) < 2:
+            got = 0 if batch.views is None else len(batch.views)
+            raise ValueError(f"siamese objectives need two views in batch.views, got {got}: add Views(2, ...)")
+        return batch.views[0], batch.views[1]
+
+    def extra_terms(self, batch: Batch, base: PairLoss, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """Further per-sample losses ``(B,)`` on top of ``base(q, k)``; none here (MixMask adds its own)."""
+        return None
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        x_q, x_k = self.views_of(batch)
+        base = self.pair_loss()
+        q, z_q = self.online(x_q)
+        want_z_k = self.symmetric and self.momentum is None
+        q_k, z_k = self.online(x_k) if want_z_k else (None, None)
+        k = self.key(x_k, z_k)
+        plain = base(q, k)
+        logs = {"plain": plain.detach().mean()}
+        per_sample = plain
+        keys = [k]
+        if self.symmetric:
+            if q_k is None:
+                q_k, _ = self.online(x_k)
+            k_q = self.key(x_q, z_q)
+            per_sample = per_sample + base(q_k, k_q)
+            keys.append(k_q)
+        extra = self.extra_terms(batch, base, q, k)
+        if extra is not None:
+            logs["mixed"] = extra.detach().mean()
+            per_sample = per_sample + extra
+        loss = per_sample.mean()
+        if self.queue is not None:
+            self.queue.push(torch.cat(keys))
+        logs["loss"] = loss.detach()
+        return ObjectiveOutput(loss, logs)
+
+    def extra_repr(self) -> str:
+        queue = "" if self.queue is None else f", queue_size={self.queue.size}, temperature={self.temperature}"
+        return f"base={self.base!r}, symmetric={self.symmetric}{queue}"
