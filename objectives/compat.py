@@ -22,6 +22,7 @@ COMPATIBILITY: dict[str, Support] = {
     "mixmask_moco": Support(families=("vit", "cnn"), masks=("mixmask",)),
     "mixmask_byol": Support(families=("vit", "cnn"), masks=("mixmask",)),
     "mixmask_simsiam": Support(families=("vit", "cnn"), masks=("mixmask",)),
+    "maskdeep": Support(families=("cnn", "vit"), masks=("feature",)),
 }
 """objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes.
 
