@@ -1,12 +1,12 @@
 """The maskdeep recipe end to end through the loader: views, feature masks, EMA teacher, resume."""
 
-import csv
-
 import pytest
 import torch
 
 from masklab.recipes.config import load_config
 from masklab.recipes.train import train
+
+from .test_train import losses_of
 
 MASKDEEP_TINY = [
     "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
@@ -24,11 +24,6 @@ MASKDEEP_TINY = [
     "eval.at_end=false",
     "optim.warmup_epochs=1",
 ]
-
-
-def losses_of(out):
-    with open(out / "metrics.csv") as f:
-        return {int(r["update"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
 def test_maskdeep_recipe_trains_with_per_view_feature_masks(tmp_path):
