@@ -47,6 +47,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipes_table() -> str:
+    """Every shipped recipe with its task, objective, mask stage and backbone, as a Markdown table."""
+    from masklab.recipes.config import CONFIG_DIR, load_config
+
+    lines = ["| recipe | task | objective | mask | backbone |", "|---|---|---|---|---|"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(path)
+        if cfg.task == "pretrain":
+            objective, mask = cfg.objective.name, cfg.mask.name
+        elif cfg.task in ("supervised", "finetune"):
+            objective, mask = "cross-entropy", "mixmask" if cfg.objective.mixmask else "none"
+        else:
+            objective, mask = "(evaluates a checkpoint)", "none"
+        lines.append(f"| `{path.stem}` | {cfg.task} | {objective} | {mask} | {cfg.model.backbone} |")
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from masklab.objectives import compatibility_table
+
+    print("Supported (objective x backbone family x mask stage), as declared in masklab.objectives.COMPATIBILITY:\n")
+    print(compatibility_table())
+    print("\nRecipes (masklab train NAME):\n")
+    print(recipes_table())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from masklab.recipes.demo import run_demo
 
@@ -150,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     from masklab.recipes.show_masks import MASK_PICTURES
+
+    listing = sub.add_parser(
+        "list",
+        help="print the supported (objective x backbone family x mask) matrix and the recipes",
+        description="Print which objectives take which backbone families and mask stages, and the shipped recipes.",
+    )
+    listing.set_defaults(func=_list)
 
     show = sub.add_parser(
         "show-masks",
