@@ -234,7 +234,9 @@ def show_masks(
         if not progress or not all(0 <= t <= 1 for t in progress):
             raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
         rows = _ehm_rows(images, checkpoint, patch_size, ratio, seed, tuple(progress))
-        title = f"ehm: ratio={stage.ratio}, " + ("trained teacher's affinity" if checkpoint else "random-init affinity")
+        title = f"ehm: ratio={stage.ratio}, " + (
+            "the checkpoint's affinity (its EMA teacher's, if any)" if checkpoint else "random-init affinity"
+        )
     else:
         rows = _rows_for(stage, images, seed)
         title = f"{mask}: {stage.extra_repr()}"
