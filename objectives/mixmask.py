@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from masklab.pipeline import Batch
 
+from .backbones import CNNBackbone, ViTBackbone
 from .siamese import PairLoss, Siamese
 
 __all__ = ["MixMaskSiamese", "mixmask_loss", "mixmask_terms"]
@@ -118,7 +118,7 @@ class MixMaskSiamese(Siamese):
         ['loss', 'mixed', 'plain']
     """
 
-    def __init__(self, backbone: nn.Module, base: str = "moco", **kwargs) -> None:
+    def __init__(self, backbone: ViTBackbone | CNNBackbone, base: str = "moco", **kwargs) -> None:
         super().__init__(backbone, base, **kwargs)
 
     @staticmethod

@@ -55,3 +55,11 @@ def test_maskdeep_example_runs():
     exec(compile(example("maskdeep"), "README.md", "exec"), scope)
     assert scope["out"].loss.isfinite()
     assert any(p.grad is not None for p in scope["model"].backbone.parameters())
+
+
+@pytest.mark.slow
+def test_mixmask_example_trains():
+    scope: dict = {}
+    exec(compile(example("mixmask"), "README.md", "exec"), scope)
+    assert scope["out"].loss.isfinite() and set(scope["out"].logs) == {"loss", "plain", "mixed"}
+    assert int(scope["model"].queue.ptr) == 64

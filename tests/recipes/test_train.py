@@ -102,30 +102,44 @@ def test_eval_of_a_checkpoint_and_of_random_init(tmp_path):
     assert 0 <= random["knn"] <= 1
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_path):
+def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port: int):
+    """``train`` under ``torchrun --nproc_per_node 2``; each rank's indices, weights and world size."""
     script = tmp_path / "two.py"
-    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "run.record_indices=true", "data.length=68"]
     script.write_text(
         textwrap.dedent(
             f"""
             import os, torch
             from masklab.recipes.config import load_config
             from masklab.recipes.train import train
-            result = train(load_config("mae", {overrides!r}))
+            result = train(load_config({recipe!r}, {overrides!r}))
             torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"])}},
                        {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
             """
         )
     )
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
         capture_output=True,
         text=True,
         timeout=400,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_on_disjoint_shards_with_identical_weights(tmp_path):
+    overrides = [*TINY, f"run.out={tmp_path / 'run'}", "run.record_indices=true", "data.length=68"]
+    r0, r1 = train_on_two_cpu_processes(tmp_path, "mae", overrides, 29531)
     assert r0["world"] == r1["world"] == 2
     # 68 images on 2 ranks: 34 each, 2 batches of 16 per epoch; each epoch's shards are disjoint.
     per_epoch = 32
@@ -275,3 +289,56 @@ def test_ehm_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_ehm_without_a_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"mask 'ehm' reads an EMA teacher's affinity: set objective.teacher_decay"):
         train(load_config("ehm", [*TINY, f"run.out={tmp_path}", "objective.teacher_decay=null"]))
+
+
+SIAMESE_TINY = [
+    *(o for o in TINY if not o.startswith(("model.", "objective."))),
+    "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+    "objective.proj_hidden=32",
+    "objective.proj_dim=16",
+    "objective.pred_hidden=32",
+    "objective.queue_size=40",
+]
+
+
+@pytest.mark.parametrize("recipe", ["moco", "mixmask_moco", "byol", "mixmask_byol"])
+def test_siamese_recipes_train(recipe, tmp_path):
+    result = train(load_config(recipe, [*SIAMESE_TINY, f"run.out={tmp_path}", "run.max_steps=3"]))
+    assert result.updates == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = result.model
+    assert model.backbone.model.conv1.stride == (1, 1)  # the small-image stem
+    if "moco" in recipe:
+        assert int(model.queue.ptr) == 3 * 16 % 40  # every update enqueued its batch's keys (queue of 40)
+    # The momentum encoder moved with the online one but never trained itself.
+    teacher = model.momentum.module[0].model.conv1.weight
+    assert not teacher.requires_grad and not torch.equal(teacher, model.backbone.model.conv1.weight)
+
+
+def test_siamese_recipe_needs_views(tmp_path):
+    with pytest.raises(ValueError, match="set data.views to a Views preset"):
+        train(load_config("moco", [*SIAMESE_TINY, f"run.out={tmp_path}", "data.views=null"]))
+
+
+def test_resumed_mixmask_moco_run_equals_an_uninterrupted_one_queue_included(tmp_path):
+    full = train(load_config("mixmask_moco", [*SIAMESE_TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
+    cut = [*SIAMESE_TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=5"]
+    train(load_config("mixmask_moco", [*cut, "run.stop_at=5"]))
+    resumed = train(load_config("mixmask_moco", [*cut, "run.resume=auto"]))
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 13))
+    for update in range(6, 13):
+        assert b[update] == pytest.approx(a[update], abs=1e-5), update
+    state = resumed.model.state_dict()
+    for name in ("queue.keys", "queue.ptr"):
+        torch.testing.assert_close(state[name], full.model.state_dict()[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_one_queue_and_momentum_encoder(tmp_path):
+    overrides = [*SIAMESE_TINY, f"run.out={tmp_path / 'run'}", "data.length=68", "run.epochs=2"]
+    r0, r1 = train_on_two_cpu_processes(tmp_path, "mixmask_moco", overrides, 29532)
+    # 2 epochs x 2 batches of 16 per rank x 2 ranks = 128 keys through a queue of 40: both ranks gathered all.
+    assert int(r0["weights"]["queue.ptr"]) == int(r1["weights"]["queue.ptr"]) == 128 % 40
+    for name, value in r0["weights"].items():
+        if "running_" not in name:  # batch-norm statistics are per rank on CPU (SyncBN needs GPUs)
+            torch.testing.assert_close(r1["weights"][name], value, msg=name)
