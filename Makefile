@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader.py --quick
 	$(PY) benchmarks/masks.py --quick
 	$(PY) benchmarks/throwing.py --quick
+	$(PY) benchmarks/hierarchy.py --quick
+	$(PY) benchmarks/maskdeep_groups.py --quick
 
 clean:
 	rm -rf $(VENV) runs *.egg-info build

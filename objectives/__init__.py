@@ -13,6 +13,7 @@ from .ema import EMATeacher, cosine_decay
 from .heads import predictor_mlp, projection_mlp
 from .infonce import KeyQueue, infonce_loss
 from .mae import MAE, mae_loss
+from .maskdeep import TARGETS, MaskDeep, maskdeep_loss, masked_pool
 from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
 from .siamese import BASES, BaseSpec, Siamese
@@ -22,12 +23,17 @@ from .supervised import Supervised, soft_cross_entropy
 OBJECTIVES = {
     "mae": MAE,
     "simmim": SimMIM,
+    "maskdeep": MaskDeep,
     **{base: partial(Siamese, base=base) for base in BASES},
     **{f"mixmask_{base}": partial(MixMaskSiamese, base=base) for base in BASES},
 }
 """objective name (as in ``COMPATIBILITY``) -> a callable ``(backbone, **options) -> objective``."""
 
 __all__ = [
+    "TARGETS",
+    "MaskDeep",
+    "maskdeep_loss",
+    "masked_pool",
     "BASES",
     "COMPATIBILITY",
     "MAE",

@@ -66,16 +66,31 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tens
 
 
 class GuidanceMixin:
-    """``guidance(kind)`` for model-guided stages: the objective's backbone saliency or affinity.
+    """``guidance(kind)`` for model-guided stages, and an optional EMA teacher of the backbone.
 
-    The guide runs the online backbone under ``no_grad`` in eval mode and
-    restores the training mode after.
+    ``saliency`` (AMT) reads the *online* backbone; ``affinity`` (EHM) reads
+    the EMA teacher when the objective has one (:meth:`add_teacher`), else
+    the online backbone. The guide runs under ``no_grad`` in eval mode and
+    restores the training mode after. An objective with a teacher lists it
+    in :meth:`teachers`, so the training loop steps it after every update.
     """
 
+    def add_teacher(self, decay: float | None, final_decay: float = 1.0) -> None:
+        """Keep an EMA copy of ``self.backbone`` (``decay`` at the start, cosine to ``final_decay``); ``None``: none."""
+        from .ema import EMATeacher
+
+        self.teacher = None if decay is None else EMATeacher(self.backbone, decay, final_decay)
+
+    def teachers(self) -> list:
+        """``(EMATeacher, student)`` pairs the loop steps after each update."""
+        teacher = getattr(self, "teacher", None)
+        return [] if teacher is None else [(teacher, self.backbone)]
+
     def guidance(self, kind: str):
-        backbone = self.backbone
         if kind not in ("saliency", "affinity"):
             raise ValueError(f"unknown guidance {kind!r}; objectives offer 'saliency' and 'affinity'")
+        teacher = getattr(self, "teacher", None)
+        backbone = teacher.module if kind == "affinity" and teacher is not None else self.backbone
 
         def guide(images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
             was_training = backbone.training

@@ -14,14 +14,15 @@ class Support:
 
 
 COMPATIBILITY: dict[str, Support] = {
-    "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt")),
-    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt")),
+    "mae": Support(families=("vit",), masks=("random", "block", "simmim", "amt", "ehm")),
+    "simmim": Support(families=("vit", "cnn"), masks=("random", "block", "simmim", "amt", "ehm")),
     "moco": Support(families=("vit", "cnn"), masks=("none",)),
     "byol": Support(families=("vit", "cnn"), masks=("none",)),
     "simsiam": Support(families=("vit", "cnn"), masks=("none",)),
     "mixmask_moco": Support(families=("vit", "cnn"), masks=("mixmask",)),
     "mixmask_byol": Support(families=("vit", "cnn"), masks=("mixmask",)),
     "mixmask_simsiam": Support(families=("vit", "cnn"), masks=("mixmask",)),
+    "maskdeep": Support(families=("cnn", "vit"), masks=("feature",)),
 }
 """objective name -> the backbone families and mask stages (``masklab.transforms.MASK_STAGES`` names) it takes.
 

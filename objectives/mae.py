@@ -49,6 +49,10 @@ class MAE(GuidanceMixin, nn.Module):
         decoder_depth: decoder blocks.
         decoder_heads: decoder attention heads.
         norm_pix: per-patch normalised targets.
+        teacher_decay: keep an EMA teacher of the backbone with this starting
+            decay (cosine to ``teacher_final_decay``); it guides EHM's
+            affinity. ``None``: no teacher.
+        teacher_final_decay: the teacher's decay at the end of training.
     """
 
     name = "mae"
@@ -60,6 +64,8 @@ class MAE(GuidanceMixin, nn.Module):
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         norm_pix: bool = True,
+        teacher_decay: float | None = None,
+        teacher_final_decay: float = 1.0,
     ) -> None:
         super().__init__()
         check_family(self.name, backbone)
@@ -76,6 +82,7 @@ class MAE(GuidanceMixin, nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
         trunc_normal_(self.mask_token, std=0.02)
+        self.add_teacher(teacher_decay, teacher_final_decay)
 
     def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
         """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""

@@ -42,11 +42,20 @@ class SimMIM(GuidanceMixin, nn.Module):
 
     Args:
         backbone: a :class:`ViTBackbone` or :class:`CNNBackbone`.
+        teacher_decay: keep an EMA teacher of the backbone with this starting
+            decay (cosine to ``teacher_final_decay``); it guides EHM's
+            affinity. ``None``: no teacher.
+        teacher_final_decay: the teacher's decay at the end of training.
     """
 
     name = "simmim"
 
-    def __init__(self, backbone: ViTBackbone | CNNBackbone) -> None:
+    def __init__(
+        self,
+        backbone: ViTBackbone | CNNBackbone,
+        teacher_decay: float | None = None,
+        teacher_final_decay: float = 1.0,
+    ) -> None:
         super().__init__()
         check_family(self.name, backbone)
         self.backbone = backbone
@@ -60,6 +69,7 @@ class SimMIM(GuidanceMixin, nn.Module):
                 nn.Conv2d(backbone.channels[-1], stride**2 * 3, kernel_size=1), nn.PixelShuffle(stride)
             )
         trunc_normal_(self.mask_token, std=0.02)
+        self.add_teacher(teacher_decay, teacher_final_decay)
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
         mask = batch.mask

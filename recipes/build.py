@@ -12,6 +12,7 @@ from masklab.objectives import (
     BASES,
     MAE,
     OBJECTIVES,
+    MaskDeep,
     MixMaskSiamese,
     Siamese,
     SimMIM,
@@ -23,7 +24,17 @@ from masklab.objectives import (
 )
 from masklab.objectives.backbones import create_timm
 from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
-from masklab.transforms import AttentionMask, BlockMask, MixMask, Normalize, RandomMask, SimMIMMask, Views
+from masklab.transforms import (
+    AttentionMask,
+    BlockMask,
+    FeatureMask,
+    HierarchicalMask,
+    MixMask,
+    Normalize,
+    RandomMask,
+    SimMIMMask,
+    Views,
+)
 
 from .config import TrainConfig
 
@@ -104,7 +115,11 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
                 refresh_every=m.refresh_every,
             )
         ]
-    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, mixmask or none")
+    if m.name == "feature":
+        return [FeatureMask(m.strides, m.ratio, m.groups)]
+    if m.name == "ehm":
+        return [HierarchicalMask(m.ratio, patch, m.schedule, m.start_regions, m.end_regions)]
+    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, ehm, mixmask, feature or none")
 
 
 def build_loader(
@@ -174,6 +189,16 @@ def _siamese(cfg: TrainConfig, backbone: nn.Module) -> Siamese:
     return SIAMESE[o.name](backbone, base, queue_size=o.queue_size, temperature=o.temperature, **options)
 
 
+def _maskdeep(cfg: TrainConfig, backbone: nn.Module) -> MaskDeep:
+    o, m = cfg.objective, cfg.mask
+    if not cfg.data.views:
+        raise ValueError("objective 'maskdeep' needs two views: set data.views to a Views preset (byol, ...)")
+    options = {"hidden": o.proj_hidden, "dim": o.proj_dim, "pred_hidden": o.pred_hidden}
+    options.update(momentum=o.momentum, momentum_final=o.momentum_final)
+    options = {k: v for k, v in options.items() if v is not None}
+    return MaskDeep(backbone, tuple(m.strides), m.ratio, m.groups, o.targets, **options)
+
+
 def _load_backbone_weights(module: nn.Module, checkpoint: str, prefix: str = "backbone.model.") -> None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -193,12 +218,16 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         check_compatible(cfg.objective.name, family=family, mask=None if cfg.mask.name == "none" else cfg.mask.name)
         if cfg.objective.name in SIAMESE:
             return _siamese(cfg, backbone)
-        if cfg.objective.name == "mae":
-            return MAE(
-                backbone, cfg.objective.decoder_dim, cfg.objective.decoder_depth, norm_pix=cfg.objective.norm_pix
-            )
-        if cfg.objective.name == "simmim":
-            return SimMIM(backbone)
+        if cfg.objective.name == "maskdeep":
+            return _maskdeep(cfg, backbone)
+        o = cfg.objective
+        teacher = {"teacher_decay": o.teacher_decay, "teacher_final_decay": o.teacher_final_decay}
+        if cfg.mask.name == "ehm" and o.teacher_decay is None:
+            raise ValueError("mask 'ehm' reads an EMA teacher's affinity: set objective.teacher_decay (e.g. 0.996)")
+        if o.name == "mae":
+            return MAE(backbone, o.decoder_dim, o.decoder_depth, norm_pix=o.norm_pix, **teacher)
+        if o.name == "simmim":
+            return SimMIM(backbone, **teacher)
         raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)

@@ -47,6 +47,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipes_table() -> str:
+    """Every shipped recipe with its task, objective, mask stage and backbone, as a Markdown table."""
+    from masklab.recipes.config import CONFIG_DIR, load_config
+
+    lines = ["| recipe | task | objective | mask | backbone |", "|---|---|---|---|---|"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(path)
+        if cfg.task == "pretrain":
+            objective, mask = cfg.objective.name, cfg.mask.name
+        elif cfg.task in ("supervised", "finetune"):
+            objective, mask = "cross-entropy", "mixmask" if cfg.objective.mixmask else "none"
+        else:
+            objective, mask = "(evaluates a checkpoint)", "none"
+        lines.append(f"| `{path.stem}` | {cfg.task} | {objective} | {mask} | {cfg.model.backbone} |")
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from masklab.objectives import compatibility_table
+
+    print("Supported (objective x backbone family x mask stage), as declared in masklab.objectives.COMPATIBILITY:\n")
+    print(compatibility_table())
+    print("\nRecipes (masklab train NAME):\n")
+    print(recipes_table())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from masklab.recipes.demo import run_demo
 
@@ -81,6 +108,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"show-masks: {option} takes comma-separated numbers, got {text!r}") from None
+
+
 def _show_masks(args: argparse.Namespace) -> int:
     from masklab.recipes.show_masks import show_masks
 
@@ -96,6 +130,7 @@ def _show_masks(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         seed=args.seed,
         checkpoint=args.checkpoint,
+        progress=_floats(args.progress, "--progress"),
     )
     print(f"wrote {path}")
     return 0
@@ -143,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from masklab.recipes.show_masks import MASK_PICTURES
 
+    listing = sub.add_parser(
+        "list",
+        help="print the supported (objective x backbone family x mask) matrix and the recipes",
+        description="Print which objectives take which backbone families and mask stages, and the shipped recipes.",
+    )
+    listing.set_defaults(func=_list)
+
     show = sub.add_parser(
         "show-masks",
         help="draw masks over images to a PNG",
@@ -157,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--patch-size", type=int, default=8, help="patch size in pixels (default 8)")
     show.add_argument("--ratio", type=float, default=None, help="mask ratio (default: the stage's)")
     show.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
-    show.add_argument("--checkpoint", default=None, help="amt: a trained checkpoint whose saliency drives the masks")
+    show.add_argument(
+        "--checkpoint", default=None, help="amt / ehm: a trained checkpoint whose saliency / affinity drives the masks"
+    )
+    show.add_argument(
+        "--progress", default="0.1,0.5,0.9", help="ehm: training progress values to draw, comma-separated"
+    )
     show.set_defaults(func=_show_masks)
 
     demo = sub.add_parser(

@@ -61,12 +61,17 @@ class ModelConfig:
 class MaskConfig:
     """The mask stage of the loader (``none`` for supervised runs without one)."""
 
-    name: str = "random"  # random | block | simmim | amt | mixmask | none
+    name: str = "random"  # random | block | simmim | amt | ehm | mixmask | feature | none
     ratio: float = 0.75
     throw_ratio: float = 0.0
     mask_patch_size: int = 8  # simmim's coarse cell, in pixels
     refresh_start: float = 0.1  # amt: first saliency refresh, as a fraction of the epochs
     refresh_every: float = 0.1  # amt: refresh period, as a fraction of the epochs
+    schedule: str = "sqrt"  # ehm: how training progress moves the tree level (sqrt | linear | cosine | constant)
+    start_regions: float = 0.5  # ehm: regions at the start, as a fraction of the grid's cells
+    end_regions: float = 0.05  # ehm: regions at the end, as a fraction of the grid's cells
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # feature (maskdeep): the masked stages
+    groups: int = 4  # feature (maskdeep): masks per image
     grid: int = 4  # mixmask: cells per side of the mixing layout (4 at 32 px, 8 at 224 px)
     partner: str = "reverse"  # mixmask: reverse | permute
     per_sample: bool = True  # mixmask: one mask per sample (ours), else one per batch (the authors')
@@ -78,6 +83,8 @@ class ObjectiveConfig:
     decoder_dim: int = 128
     decoder_depth: int = 2
     norm_pix: bool = True
+    teacher_decay: float | None = None  # mae/simmim: an EMA teacher of the backbone (ehm's affinity), e.g. 0.996
+    teacher_final_decay: float = 1.0  # the teacher's decay at the end (cosine schedule)
     mixmask: bool = False  # supervised: MixMask as a CutMix-like regulariser
     mixmask_grid: int = 4
     erase_ratio: float = 0.0  # supervised: block patch erasing
@@ -91,6 +98,7 @@ class ObjectiveConfig:
     momentum: float | None = None  # target EMA decay at the start (moco 0.999, byol 0.99)
     momentum_final: float | None = None  # at the end (moco: constant; byol 1.0)
     symmetric: bool | None = None
+    targets: str = "multi"  # maskdeep: multi (global and per-stage targets) | global
 
 
 @dataclass

@@ -13,6 +13,7 @@ from masklab.transforms import (
     AttentionMask,
     BlockMask,
     FeatureMask,
+    HierarchicalMask,
     MixMask,
     PatchMask,
     RandomMask,
@@ -24,7 +25,7 @@ __all__ = ["MASK_PICTURES", "build_mask_stage", "draw_mask_picture", "load_image
 MASK_COLOURS = {MASKED: (0.85, 0.1, 0.1), THROWN: (0.1, 0.3, 0.9)}
 """Masked cells red, thrown cells blue; visible cells keep their pixels."""
 
-MASK_PICTURES = ("random", "block", "simmim", "mixmask", "feature", "amt")
+MASK_PICTURES = ("random", "block", "simmim", "mixmask", "feature", "amt", "ehm")
 
 
 def build_mask_stage(name: str, patch_size: int = 8, ratio: float | None = None, image_size: int = 64):
@@ -41,6 +42,8 @@ def build_mask_stage(name: str, patch_size: int = 8, ratio: float | None = None,
         return AttentionMask(
             num_samples=1, ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
         )
+    if name == "ehm":
+        return HierarchicalMask(0.75 if ratio is None else ratio, patch_size)
     if name == "feature":
         return FeatureMask(
             strides=(patch_size, 2 * patch_size, 4 * patch_size), ratio=0.5 if ratio is None else ratio, groups=2
@@ -122,27 +125,34 @@ def draw_mask_picture(rows: list[tuple[str, torch.Tensor]], path: Path, title: s
     plt.close(fig)
 
 
-def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, ratio: float | None, seed: int):
-    """Saliency of a trained model (or a random-init ViT) and the AMT masks it drives."""
+def _guide(images: torch.Tensor, checkpoint: str | None, patch_size: int, kind: str):
+    """``(guide, images_in, patch_size)``: a trained model's guidance of ``kind`` (its normalisation
+    applied to the images), or a random-init 4-block ViT's without a checkpoint."""
     from masklab.objectives import ViTBackbone
 
     from .train import load_trained
 
     size = images.shape[-1]
-    if checkpoint is not None:
-        cfg, model = load_trained(checkpoint)
-        if cfg.data.resolution != size:
-            raise ValueError(
-                f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}"
-            )
-        patch_size = int(cfg.model.patch_size or patch_size)
-        guide = model.guidance("saliency")
-        from masklab.transforms import Normalize
-
-        images_in = Normalize(cfg.data.mean, cfg.data.std)(Batch(images=images)).images
-    else:
+    if checkpoint is None:
         backbone = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=size, patch_size=patch_size, depth=4).eval()
-        guide, images_in = (lambda x, grid: backbone.saliency(x, grid)), images
+        if kind == "saliency":
+            return (lambda x, grid: backbone.saliency(x, grid)), images, patch_size
+        return (lambda x, grid: backbone.affinity(x)), images, patch_size
+    cfg, model = load_trained(checkpoint)
+    if cfg.data.resolution != size:
+        raise ValueError(f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}")
+    from masklab.transforms import Normalize
+
+    from .build import patch_size_of
+
+    images_in = Normalize(cfg.data.mean, cfg.data.std)(Batch(images=images)).images
+    return model.guidance(kind), images_in, patch_size_of(cfg, model.backbone.family)
+
+
+def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, ratio: float | None, seed: int):
+    """Saliency of a trained model (or a random-init ViT) and the AMT masks it drives."""
+    size = images.shape[-1]
+    guide, images_in, patch_size = _guide(images, checkpoint, patch_size, "saliency")
     grid = (size // patch_size, size // patch_size)
     stage = AttentionMask(
         num_samples=len(images), ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
@@ -163,6 +173,37 @@ def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, rat
     ]
 
 
+def region_colours(regions: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """``(B, 3, size, size)``: one random colour per region id of ``(B, Gh, Gw)`` regions."""
+    palette = torch.rand(regions[0].numel(), 3, generator=torch.Generator().manual_seed(seed))
+    colours = palette[regions.cpu()].permute(0, 3, 1, 2)  # (B, 3, Gh, Gw)
+    return colours.repeat_interleave(size // regions.shape[1], 2).repeat_interleave(size // regions.shape[2], 3)
+
+
+def _ehm_rows(
+    images: torch.Tensor,
+    checkpoint: str | None,
+    patch_size: int,
+    ratio: float | None,
+    seed: int,
+    progress: tuple[float, ...],
+):
+    """EHM's regions (from a model's affinity) and masks at several points of training."""
+    size = images.shape[-1]
+    guide, images_in, patch_size = _guide(images, checkpoint, patch_size, "affinity")
+    stage = HierarchicalMask(0.75 if ratio is None else ratio, patch_size)
+    stage.bind(guide)
+    rows = [("image", images)]
+    for t in progress:
+        stage.set_progress(t)
+        out = stage(Batch(images=images_in, seed=seed))
+        regions = out.extras["regions"]
+        count = stage.num_regions(regions[0].numel())
+        rows.append((f"t={t:g}: {count} regions", 0.35 * images + 0.65 * region_colours(regions, size, seed)))
+        rows.append((f"t={t:g}: masked {out.mask.num_masked}", overlay(images, out.mask.to_pixels(size, size))))
+    return rows
+
+
 def show_masks(
     mask: str,
     out: Path,
@@ -173,11 +214,14 @@ def show_masks(
     ratio: float | None = None,
     seed: int = 0,
     checkpoint: str | None = None,
+    progress: tuple[float, ...] = (0.1, 0.5, 0.9),
 ) -> Path:
     """Draw ``mask`` over ``n`` images and save the picture to ``out``.
 
     For ``amt`` the masks follow the saliency of ``checkpoint``'s model (a
-    random-init ViT without one), drawn as a heat map too.
+    random-init ViT without one), drawn as a heat map too. For ``ehm`` the
+    regions of the model's affinity tree and the masks are drawn at each
+    training ``progress`` (the checkpoint's EMA teacher, or a random-init ViT).
     """
     stage = build_mask_stage(mask, patch_size, ratio, size)
     images = load_images(n, size, data, seed)
@@ -185,6 +229,13 @@ def show_masks(
         rows = _amt_rows(images, checkpoint, patch_size, ratio, seed)
         title = f"amt: ratio={0.45 if ratio is None else ratio}, throw_ratio=0.4, " + (
             "trained saliency" if checkpoint else "random-init saliency"
+        )
+    elif mask == "ehm":
+        if not progress or not all(0 <= t <= 1 for t in progress):
+            raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
+        rows = _ehm_rows(images, checkpoint, patch_size, ratio, seed, tuple(progress))
+        title = f"ehm: ratio={stage.ratio}, " + (
+            "the checkpoint's affinity (its EMA teacher's, if any)" if checkpoint else "random-init affinity"
         )
     else:
         rows = _rows_for(stage, images, seed)

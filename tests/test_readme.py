@@ -42,6 +42,21 @@ def test_objective_example_runs():
     assert scope["out"].loss.isfinite()
 
 
+def test_ehm_example_masks_exact_counts_of_regions():
+    scope: dict = {}
+    exec(compile(example("ehm"), "README.md", "exec"), scope)
+    assert scope["counts"] == (16, 48, 0)
+    assert scope["regions"].shape == (8, 8, 8)
+    assert all(r.unique().numel() == scope["stage"].num_regions(64) for r in scope["regions"])
+
+
+def test_maskdeep_example_runs():
+    scope: dict = {}
+    exec(compile(example("maskdeep"), "README.md", "exec"), scope)
+    assert scope["out"].loss.isfinite()
+    assert any(p.grad is not None for p in scope["model"].backbone.parameters())
+
+
 @pytest.mark.slow
 def test_mixmask_example_trains():
     scope: dict = {}

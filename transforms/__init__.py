@@ -9,6 +9,16 @@ from ._mask_stage import PatchMaskStage, erase_patches
 from .attention_mask import AttentionMask, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, block_cells, block_patch_mask
 from .feature_mask import FeatureMask, FeatureMasks, feature_masks
+from .hierarchical_mask import (
+    SCHEDULES,
+    HierarchicalMask,
+    HierarchyDraw,
+    RegionTree,
+    grid_edges,
+    hierarchical_patch_mask,
+    region_tree,
+    regions_at,
+)
 from .mix_mask import MixMask, MixParams, mix_images, mix_targets, mixmask_params
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
@@ -23,7 +33,7 @@ MASK_STAGES = {
     "mixmask": MixMask,
     "feature": FeatureMask,
 }
-"""The model-free mask stages by name; ``AttentionMask`` (AMT) also needs the dataset size and a guide."""
+"""The model-free mask stages by name; ``AttentionMask`` (AMT) and ``HierarchicalMask`` (EHM) also need a guide."""
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -31,6 +41,7 @@ __all__ = [
     "MASKED",
     "MASK_STAGES",
     "PRESETS",
+    "SCHEDULES",
     "THROWN",
     "VISIBLE",
     "AttentionMask",
@@ -38,12 +49,15 @@ __all__ = [
     "BlockMask",
     "FeatureMask",
     "FeatureMasks",
+    "HierarchicalMask",
+    "HierarchyDraw",
     "MixMask",
     "MixParams",
     "Normalize",
     "PatchMask",
     "PatchMaskStage",
     "RandomMask",
+    "RegionTree",
     "SimMIMMask",
     "ViewParams",
     "ViewRecipe",
@@ -57,11 +71,15 @@ __all__ = [
     "draw_view_params",
     "erase_patches",
     "feature_masks",
+    "grid_edges",
+    "hierarchical_patch_mask",
     "mask_from_scores",
     "mix_images",
     "mix_targets",
     "mixmask_params",
     "normalize",
     "random_patch_mask",
+    "region_tree",
+    "regions_at",
     "simmim_patch_mask",
 ]

@@ -85,7 +85,10 @@ class FeatureMask(Stage):
     """Nested feature-map masks for MaskDeep, put in ``batch.extras["feature_masks"]``.
 
     The masks are drawn for the batch's image size; the objective applies them
-    to the backbone's feature maps (the stage never sees a model).
+    to the backbone's feature maps (the stage never sees a model). When the
+    batch has views (put :class:`~masklab.transforms.Views` first), each view
+    gets its own draw too, in ``batch.extras["view_feature_masks"]`` (a tuple,
+    one :class:`FeatureMasks` per view, for the views' size).
 
     Args:
         strides: the backbone stages' strides in pixels.
@@ -101,6 +104,7 @@ class FeatureMask(Stage):
     """
 
     key = "feature_masks"
+    view_key = "view_feature_masks"
 
     def __init__(self, strides: Sequence[int] = (8, 16, 32), ratio: float = 0.5, groups: int = 4) -> None:
         super().__init__()
@@ -112,13 +116,21 @@ class FeatureMask(Stage):
             raise ValueError(f"groups must be positive, got {groups}")
         self.groups = int(groups)
 
-    def make_params(self, batch: Batch, generator: torch.Generator | None) -> FeatureMasks:
-        return feature_masks(
-            len(batch), tuple(batch.images.shape[-2:]), self.strides, self.ratio, self.groups, generator, batch.device
-        )
+    def make_params(
+        self, batch: Batch, generator: torch.Generator | None
+    ) -> tuple[FeatureMasks, tuple[FeatureMasks, ...]]:
+        def draw(images: torch.Tensor) -> FeatureMasks:
+            size = tuple(images.shape[-2:])
+            return feature_masks(len(batch), size, self.strides, self.ratio, self.groups, generator, batch.device)
 
-    def apply(self, batch: Batch, params: FeatureMasks) -> Batch:
-        return batch.with_extras(**{self.key: params})
+        return draw(batch.images), tuple(draw(view) for view in batch.views or ())
+
+    def apply(self, batch: Batch, params: tuple[FeatureMasks, tuple[FeatureMasks, ...]]) -> Batch:
+        masks, view_masks = params
+        extras = {self.key: masks}
+        if view_masks:
+            extras[self.view_key] = view_masks
+        return batch.with_extras(**extras)
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, ratio={self.ratio}, groups={self.groups}"

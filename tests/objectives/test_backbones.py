@@ -76,7 +76,8 @@ def test_unsupported_pairs_say_what_is_supported():
     ):
         MAE(CNNBackbone.from_name("resnet18"))
     with pytest.raises(
-        ValueError, match=r"does not take the 'mixmask' mask; it supports masks \['random', 'block', 'simmim', 'amt'\]"
+        ValueError,
+        match=r"does not take the 'mixmask' mask; it supports masks \['random', 'block', 'simmim', 'amt', 'ehm'\]",
     ):
         check_compatible("simmim", mask="mixmask")
     with pytest.raises(ValueError, match=r"unknown objective 'dino'"):
@@ -101,6 +102,30 @@ def test_ema_teacher_follows_by_schedule_and_gets_no_gradients():
     torch.testing.assert_close(teacher.module.model.patch_embed.proj.weight, before + 0.1)
     out = teacher(torch.rand(1, 3, 16, 16))
     assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18"])
+def test_affinity_guidance_reads_the_teacher_and_saliency_the_online_backbone(name):
+    torch.manual_seed(0)
+    vit = name.startswith("vit")
+    size, kwargs = (32, {"patch_size": 4, "depth": 2}) if vit else (128, {})  # resnet18: a 4x4 last stage
+    assert SimMIM(build_backbone(name, img_size=size, **kwargs)).teachers() == []
+    objective = SimMIM(build_backbone(name, img_size=size, **kwargs), teacher_decay=0.9)
+    [(teacher, student)] = objective.teachers()
+    assert student is objective.backbone and all(not p.requires_grad for p in teacher.parameters())
+    images, grid = torch.rand(2, 3, size, size), (8, 8)
+    affinity, saliency = objective.guidance("affinity"), objective.guidance("saliency")
+    before_affinity, before_saliency = affinity(images, grid), saliency(images, grid)
+    assert before_affinity.shape == (2, 64, 64)
+    objective.train()
+    with torch.no_grad():  # move the student only: affinity must not change, saliency must
+        for p in objective.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.testing.assert_close(affinity(images, grid), before_affinity)
+    assert not torch.allclose(saliency(images, grid), before_saliency)
+    assert objective.backbone.training and teacher.module.training  # the guide restores the mode
+    teacher.update(objective.backbone, progress=0.0)  # now the teacher moves toward the student
+    assert not torch.allclose(affinity(images, grid), before_affinity)
 
 
 def test_small_image_stem_keeps_32_px_maps_until_the_first_downsampling_stage():

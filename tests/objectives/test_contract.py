@@ -5,7 +5,7 @@ import torch
 
 from masklab.objectives import OBJECTIVES, build_backbone, supported_triples
 from masklab.pipeline import Batch
-from masklab.transforms import AttentionMask, BlockMask, MixMask, RandomMask, SimMIMMask, Views
+from masklab.transforms import AttentionMask, BlockMask, HierarchicalMask, MixMask, RandomMask, SimMIMMask, Views
 
 BACKBONES = {
     "vit_tiny_patch16_224": "vit",
@@ -26,6 +26,17 @@ def masked_batch(name: str, patch: int, model, images: torch.Tensor) -> Batch:
         out = stage(batch)
         assert out.mask.num_thrown > 0
         return out
+    if name == "ehm":
+        # EHM masks whole regions of the model's affinity tree, halfway through its schedule.
+        stage = HierarchicalMask(0.75, patch)
+        stage.bind(model.guidance("affinity"))
+        stage.set_progress(0.5)
+        out = stage(batch)
+        assert out.extras["regions"].shape == (len(images), SIZE // patch, SIZE // patch)
+        return out
+    if name == "feature":
+        # MaskDeep: two views, nested feature masks for each.
+        return model.mask_stage()(Views(2, "byol")(batch))
     if name in ("none", "mixmask"):
         # Siamese objectives: two views, and for MixMask the query view mixed.
         batch = Views(2, "byol")(batch)
@@ -44,11 +55,14 @@ OPTIONS = {"hidden": 64, "dim": 32, "pred_hidden": 64, "queue_size": 256}
 
 
 def options(objective: str) -> dict:
+    if objective == "maskdeep":
+        return {**OPTIONS, "strides": (4, 8, 16), "groups": 2}  # 2x2 cells on the coarsest stage at 32 px
     return OPTIONS if objective.removeprefix("mixmask_") in ("moco", "byol", "simsiam") else {}
 
 
 def test_the_matrix_covers_every_family_and_mask():
-    assert len(TRIPLES) == 24 + 4 * 6  # mae, simmim; three siamese bases with and without MixMask
+    # mae, simmim (5 masks each); three siamese bases with and without MixMask; maskdeep
+    assert len(TRIPLES) == 30 + 4 * 6 + 4
     assert {b for b, _, _ in TRIPLES} == set(BACKBONES)
 
 

@@ -56,7 +56,9 @@ def test_negative_cosine_loss_by_hand():
     want = (-1.5 + 0.25 + (-1 / math.sqrt(2) - 0.25)) / 3
     base = partial(negative_cosine, reduction="none")
     assert mixmask_loss(base, Q, Q_MIX, K, LAM, INVERSE).item() == pytest.approx(want, rel=1e-6)
-    assert want == pytest.approx(by_hand(neg_cos_by_hand, Q.tolist(), Q_MIX.tolist(), K.tolist(), LAM.tolist(), INVERSE.tolist()))
+    assert want == pytest.approx(
+        by_hand(neg_cos_by_hand, Q.tolist(), Q_MIX.tolist(), K.tolist(), LAM.tolist(), INVERSE.tolist())
+    )
 
 
 def test_infonce_loss_by_hand():

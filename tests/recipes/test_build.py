@@ -14,7 +14,9 @@ def test_siamese_loader_cuts_views_before_normalising_and_mixes_the_query_view_a
     assert loader.chain.stages[2].view == 0 and loader.chain.stages[2].grid == 4
     batch = next(iter(loader))
     own = batch.mix["own"].bool()
-    torch.testing.assert_close(batch.mix["images"], torch.where(own, batch.views[0], batch.views[0][batch.mix["partner"]]))
+    torch.testing.assert_close(
+        batch.mix["images"], torch.where(own, batch.views[0], batch.views[0][batch.mix["partner"]])
+    )
     # Evaluation loaders see whole images: no views, no mixing.
     assert [type(s) for s in build_loader(cfg, "test", torch.device("cpu"), "cnn", train=False).chain.stages] == [
         Normalize

@@ -55,3 +55,16 @@ def test_help_everywhere(command):
 def test_parser_knows_its_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"write-dataset", "info", "demo"} <= set(sub.choices)
+
+
+def test_list_prints_the_declared_matrix_and_every_recipe(capsys):
+    from masklab.objectives import compatibility_table
+    from masklab.recipes.config import CONFIG_DIR
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert compatibility_table() in out
+    for path in CONFIG_DIR.glob("*.yaml"):
+        assert f"| `{path.stem}` |" in out
+    assert "| `ehm` | pretrain | mae | ehm | vit_tiny_patch16_224 |" in out
+    assert "| `maskdeep` | pretrain | maskdeep | feature | resnet18 |" in out

@@ -53,3 +53,21 @@ def test_unknown_mask_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["show-masks", "--mask", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_ehm_picture_has_regions_and_masks_per_progress(tmp_path, monkeypatch):
+    from masklab.recipes import show_masks as module
+
+    drawn = {}
+    monkeypatch.setattr(module, "draw_mask_picture", lambda rows, path, title: drawn.update(rows=rows, title=title))
+    module.show_masks("ehm", tmp_path / "ehm.png", n=2, size=32, patch_size=4, progress=(0.0, 1.0))
+    labels = [label for label, _ in drawn["rows"]]
+    assert labels == ["image", "t=0: 32 regions", "t=0: masked 48", "t=1: 3 regions", "t=1: masked 48"]
+    assert all(images.shape == (2, 3, 32, 32) for _, images in drawn["rows"])
+
+
+def test_ehm_progress_outside_the_unit_range_is_refused(tmp_path, capsys):
+    assert main(["show-masks", "--mask", "ehm", "--progress", "0.5,1.5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "error: progress values must lie in [0, 1], got [0.5, 1.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--progress takes comma-separated numbers, got 'half'"):
+        main(["show-masks", "--mask", "ehm", "--progress", "half", "--out", str(tmp_path / "x.png")])

@@ -118,7 +118,16 @@ def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port
         )
     )
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
         capture_output=True,
         text=True,
         timeout=400,
@@ -242,6 +251,44 @@ def test_two_processes_share_one_amt_cache(tmp_path):
     torch.testing.assert_close(a["cache"], b["cache"])
     assert a["cache"].shape[0] == 68 and not torch.allclose(a["cache"], torch.ones_like(a["cache"]))
     assert (a["cache"].flatten(1).std(1) > 0).all()
+
+
+@pytest.mark.parametrize("recipe,backbone", [("ehm", None), ("simmim_ehm", "resnet18")])
+def test_ehm_recipes_evolve_the_level_and_step_the_teacher(recipe, backbone, tmp_path):
+    base = TINY if backbone is None else [o for o in TINY if not o.startswith("model.kwargs")]
+    extra = [] if backbone is None else [f"model.backbone={backbone}", "data.resolution=32"]
+    cfg = load_config(recipe, [*base, *extra, f"run.out={tmp_path}", "run.max_steps=6"])
+    result = train(cfg)
+    stage = list(result.stages)[1]
+    assert type(stage).__name__ == "HierarchicalMask" and stage.guide is not None
+    assert stage.progress == 1.0  # max_steps ends the schedule: the last level is in use
+    cells = (cfg.data.resolution // (4 if backbone is None else cfg.data.resolution // 8)) ** 2
+    assert stage.num_regions(cells) == max(1, round(cells * 0.05)) < stage.num_regions(cells, 0.0) == cells // 2
+    [(teacher, student)] = result.model.teachers()
+    moved = [not torch.equal(t, s) for t, s in zip(teacher.module.parameters(), student.parameters(), strict=True)]
+    assert any(moved) and all(not p.requires_grad for p in teacher.parameters())
+    assert result.updates == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    with open(tmp_path / "metrics.csv") as f:
+        fractions = {round(float(r["masked_fraction"]), 4) for r in csv.DictReader(f)}
+    assert fractions == {round(round(cells * cfg.mask.ratio) / cells, 4)}
+
+
+def test_ehm_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    ehm = [*TINY, "run.ckpt_every=100"]
+    full = train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'full'}"]))
+    train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=6"]))
+    resumed = train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 13))
+    for update in range(7, 13):
+        assert b[update] == pytest.approx(a[update], abs=1e-6), update
+    for name, value in full.model.state_dict().items():  # the teacher included
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_ehm_without_a_teacher_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"mask 'ehm' reads an EMA teacher's affinity: set objective.teacher_decay"):
+        train(load_config("ehm", [*TINY, f"run.out={tmp_path}", "objective.teacher_decay=null"]))
 
 
 SIAMESE_TINY = [
