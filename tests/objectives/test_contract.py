@@ -56,7 +56,8 @@ OPTIONS = {"hidden": 64, "dim": 32, "pred_hidden": 64, "queue_size": 256}
 
 def options(objective: str) -> dict:
     if objective == "maskdeep":
-        return {**OPTIONS, "strides": (4, 8, 16), "groups": 2}  # 2x2 cells on the coarsest stage at 32 px
+        heads = {k: OPTIONS[k] for k in ("hidden", "dim", "pred_hidden")}
+        return {**heads, "strides": (4, 8, 16), "groups": 2}  # 2x2 cells on the coarsest stage at 32 px
     return OPTIONS if objective.removeprefix("mixmask_") in ("moco", "byol", "simsiam") else {}
 
 
