@@ -6,7 +6,7 @@ import torch
 from masklab.recipes.config import load_config
 from masklab.recipes.train import train
 
-from .test_train import losses_of
+from .test_train import full_and_resumed
 
 MASKDEEP_TINY = [
     "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
@@ -48,14 +48,7 @@ def test_maskdeep_recipe_trains_with_per_view_feature_masks(tmp_path):
 
 
 def test_maskdeep_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    full = train(load_config("maskdeep", [*MASKDEEP_TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
-    cut = [*MASKDEEP_TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=5"]
-    train(load_config("maskdeep", [*cut, "run.stop_at=5"]))
-    resumed = train(load_config("maskdeep", [*cut, "run.resume=auto"]))
-    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
-    assert sorted(b) == list(range(1, 13))
-    for update in range(6, 13):
-        assert b[update] == pytest.approx(a[update], abs=1e-5), update
+    full, resumed = full_and_resumed("maskdeep", MASKDEEP_TINY, tmp_path)
     for name, value in full.model.state_dict().items():  # the EMA teacher included
         torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-5, rtol=0)
 

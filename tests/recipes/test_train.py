@@ -29,6 +29,20 @@ def losses_of(out):
         return {int(r["update"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
+def full_and_resumed(recipe, overrides, tmp_path, stop_at=5, abs_tol=1e-5):
+    """Train ``recipe`` once straight through and once stopped at ``stop_at`` and resumed; the losses
+    after the stop must match. Returns ``(full, resumed)`` for checks of their state."""
+    full = train(load_config(recipe, [*overrides, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
+    cut = [*overrides, f"run.out={tmp_path / 'cut'}", f"run.ckpt_every={stop_at}"]
+    train(load_config(recipe, [*cut, f"run.stop_at={stop_at}"]))
+    resumed = train(load_config(recipe, [*cut, "run.resume=auto"]))
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(b) == list(range(1, full.updates + 1))
+    for update in range(stop_at + 1, full.updates + 1):
+        assert b[update] == pytest.approx(a[update], abs=abs_tol), update
+    return full, resumed
+
+
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     full = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
     assert full.updates == 12  # 64 images / 16 per batch = 4 updates per epoch, 3 epochs
@@ -321,14 +335,7 @@ def test_siamese_recipe_needs_views(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_mixmask_moco_run_equals_an_uninterrupted_one_queue_included(tmp_path):
-    full = train(load_config("mixmask_moco", [*SIAMESE_TINY, f"run.out={tmp_path / 'full'}", "run.ckpt_every=100"]))
-    cut = [*SIAMESE_TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=5"]
-    train(load_config("mixmask_moco", [*cut, "run.stop_at=5"]))
-    resumed = train(load_config("mixmask_moco", [*cut, "run.resume=auto"]))
-    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
-    assert sorted(b) == list(range(1, 13))
-    for update in range(6, 13):
-        assert b[update] == pytest.approx(a[update], abs=1e-5), update
+    full, resumed = full_and_resumed("mixmask_moco", SIAMESE_TINY, tmp_path)
     state = resumed.model.state_dict()
     for name in ("queue.keys", "queue.ptr"):
         torch.testing.assert_close(state[name], full.model.state_dict()[name], atol=1e-5, rtol=0)
