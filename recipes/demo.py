@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEMO_OVERRIDES", "run_demo", "save_crop_picture"]
+__all__ = ["DEMO_OVERRIDES", "run_demo", "save_crop_picture", "write_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,24 @@ def save_crop_picture(
     plt.close(fig)
 
 
+def write_shapes(folder: Path, length: int = 4000, size: int = 32) -> dict[str, Path]:
+    """The built-in shapes as ``.beton`` files in ``folder`` (written once): ``{"train": ..., "test": ...}``.
+
+    The test split has a quarter of ``length`` images. Existing files are kept.
+    """
+    from masklab.pipeline import Shapes, write_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "" if (length, size) == (4000, 32) else f"-{length}-{size}px"
+    data = {"train": folder / f"shapes{suffix}.beton", "test": folder / f"shapes{suffix}-test.beton"}
+    for split, path in data.items():
+        if not path.exists():
+            print(f"writing the built-in shapes {split} split to {path} ...")
+            count = length if split == "train" else max(1, length // 4)
+            write_dataset(Shapes(size=size, length=count, seed=0, split=split), path, progress=False)
+    return data
+
+
 def run_demo(
     out_dir: Path = Path("runs/demo"), device: str = "auto", epochs: int | None = None, extra: list[str] | None = None
 ) -> dict[str, float]:
@@ -64,21 +82,14 @@ def run_demo(
     Returns:
         ``{"knn_trained", "knn_random", "seconds"}``.
     """
-    from masklab.pipeline import Loader, Shapes, write_dataset
+    from masklab.pipeline import Loader, Shapes
 
     from .config import load_config
     from .show_masks import show_masks
     from .train import evaluate_checkpoint, train
 
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"train": out_dir / "shapes.beton", "test": out_dir / "shapes-test.beton"}
-    for split, path in data.items():
-        if not path.exists():
-            print(f"writing the built-in shapes {split} split to {path} ...")
-            write_dataset(
-                Shapes(size=32, length=4000 if split == "train" else 1000, seed=0, split=split), path, progress=False
-            )
+    data = write_shapes(out_dir)
     overrides = [
         *DEMO_OVERRIDES,
         f"data.train={data['train']}",

@@ -27,6 +27,7 @@ from .config import TrainConfig, save_config, to_dict
 __all__ = [
     "TrainResult",
     "evaluate_checkpoint",
+    "evaluate_encoder",
     "evaluate_knn",
     "latest_checkpoint",
     "load_trained",
@@ -203,18 +204,47 @@ def step_teachers(objective, progress: float) -> int:
     return len(pairs)
 
 
-def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -> float:
-    """kNN accuracy of ``encoder``'s pooled features, train split against test split."""
-    from .evaluate import extract_features, knn_accuracy
+def evaluate_encoder(
+    cfg: TrainConfig,
+    encoder,
+    device: torch.device,
+    family: str,
+    kinds: tuple[str, ...] = ("knn",),
+    loaders: tuple[Any, Any] | None = None,
+) -> dict[str, float]:
+    """Accuracy of ``encoder``'s pooled features, train split against test split, for each of ``kinds``.
 
+    ``kinds`` holds ``knn`` (``cfg.eval.knn_k``, ``knn_temperature``) and/or
+    ``linear`` (a probe of ``cfg.eval.linear_epochs`` epochs at ``linear_lr``);
+    the features are extracted once for all of them. ``loaders``: the
+    (train, test) evaluation loaders to reuse (an FFCV loader compiles its
+    pipeline once, a few seconds on a CPU); built from ``cfg`` when ``None``.
+    """
+    from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+
+    if not kinds or any(k not in ("knn", "linear") for k in kinds):
+        raise ValueError(f"evaluation must be knn and/or linear, got {list(kinds)}")
     was_training = getattr(encoder, "training", False)
     if hasattr(encoder, "eval"):
         encoder.eval()
-    train = extract_features(encoder, build_loader(cfg, "train", device, family, train=False))
-    test = extract_features(encoder, build_loader(cfg, "test", device, family, train=False))
+    if loaders is None:
+        loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("train", "test"))
+    train_set, test_set = (extract_features(encoder, loader) for loader in loaders)
     if was_training:
         encoder.train()
-    return knn_accuracy(*train, *test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    scores = {}
+    if "knn" in kinds:
+        scores["knn"] = knn_accuracy(*train_set, *test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    if "linear" in kinds:
+        scores["linear"] = linear_probe_accuracy(
+            *train_set, *test_set, epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr
+        )
+    return scores
+
+
+def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -> float:
+    """kNN accuracy of ``encoder``'s pooled features, train split against test split."""
+    return evaluate_encoder(cfg, encoder, device, family, ("knn",))["knn"]
 
 
 def _resume_path(cfg: TrainConfig) -> Path | None:
@@ -430,8 +460,6 @@ def evaluate_checkpoint(
     ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
     config at random initialisation (the baseline a trained one must beat).
     """
-    from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
-
     if kind not in ("knn", "linear"):
         raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
     cfg, model = load_trained(checkpoint, overrides)
@@ -441,12 +469,4 @@ def evaluate_checkpoint(
         else torch.device("cuda" if cfg.run.device == "auto" else cfg.run.device)
     )
     model.to(device)
-    family = family_of(model)
-    encoder = encoder_of(model)
-    train_set = extract_features(encoder, build_loader(cfg, "train", device, family, train=False))
-    test_set = extract_features(encoder, build_loader(cfg, "test", device, family, train=False))
-    if kind == "knn":
-        return {"knn": knn_accuracy(*train_set, *test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)}
-    return {
-        "linear": linear_probe_accuracy(*train_set, *test_set, epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr)
-    }
+    return evaluate_encoder(cfg, encoder_of(model), device, family_of(model), (kind,))
