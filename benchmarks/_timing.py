@@ -1,10 +1,14 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Helpers shared by the benchmark scripts: timing, and the figures ``masklab bench`` reads back."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -16,3 +20,49 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON (masklab bench)")
+
+
+class Figures:
+    """What one benchmark measured, in a form ``masklab bench`` turns into its report.
+
+    ``compare`` records a ratio of masklab against a reference (a speed-up:
+    above 1 means masklab is faster); ``figure`` records any other number,
+    such as a share of a training step.
+    """
+
+    def __init__(self, benchmark: str, setting: str) -> None:
+        self.benchmark, self.setting = benchmark, setting
+        self.comparisons: list[dict] = []
+        self.figures: list[dict] = []
+
+    def compare(
+        self, name: str, ours: float, reference_name: str, reference: float, unit: str, higher_is_better: bool = False
+    ) -> float:
+        ratio = ours / reference if higher_is_better else reference / ours
+        self.comparisons.append(
+            {"name": name, "ours": ours, "reference_name": reference_name, "reference": reference, "unit": unit}
+            | {"ratio": ratio}
+        )
+        return ratio
+
+    def figure(self, name: str, value: float, unit: str) -> None:
+        self.figures.append({"name": name, "value": value, "unit": unit})
+
+    def save(self, path: str | None) -> None:
+        """Write the figures to ``path`` (a temporary name, then renamed); nothing when ``path`` is None."""
+        if path is None:
+            return
+        data = {
+            "benchmark": self.benchmark,
+            "setting": self.setting,
+            "comparisons": self.comparisons,
+            "figures": self.figures,
+        }
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, target)

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 import torch
-from _timing import median_ms
+from _timing import Figures, add_json_argument, median_ms
 
 from masklab.objectives import MAE, ViTBackbone
 from masklab.pipeline import Batch
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a smaller training batch")
     parser.add_argument("--batch-size", type=int, default=256, help="images per tree build (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,9 +74,14 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = median_ms(lambda: sklearn_trees(as_numpy, grid), max(1, repeats // 2))
-    print(
-        f"hierarchy benchmark: full trees (195 merges), B={batch}, 14x14 grid, cpu, {torch.get_num_threads()} torch threads"
+    figures = Figures(
+        "hierarchy", f"full trees (195 merges), B={batch}, 14x14 grid, cpu, {torch.get_num_threads()} torch threads"
     )
+    figures.compare("region_tree batched vs one image at a time", batched, "same code per image", per_image, "ms")
+    figures.compare(
+        "region_tree batched vs scikit-learn", batched, "sklearn average linkage per image", reference, "ms"
+    )
+    print(f"hierarchy benchmark: {figures.setting}")
     print(f"{'method':>44} {'ms / batch':>11} {'vs masklab':>11}")
     for name, ms in (
         ("masklab region_tree, batched", batched),
@@ -112,6 +118,11 @@ def main() -> None:
         f"  EHM stage: {stage_ms:.0f} ms ({100 * stage_ms / (step_ms + stage_ms):.1f}% of step + stage), of which the "
         f"tree build {tree_ms:.1f} ms ({100 * tree_ms / (step_ms + stage_ms):.2f}%) and the teacher's affinity pass the rest"
     )
+    figures.figure(
+        f"EHM stage: share of step + stage (ViT-tiny MAE, B={step_batch})", 100 * stage_ms / (step_ms + stage_ms), "%"
+    )
+    figures.figure(f"EHM tree build: share of step + stage (B={step_batch})", 100 * tree_ms / (step_ms + stage_ms), "%")
+    figures.save(args.json)
 
 
 if __name__ == "__main__":

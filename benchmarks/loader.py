@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import Figures, add_json_argument
 from PIL import Image
 
 WORKERS = 2
@@ -152,12 +153,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and epochs")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    add_json_argument(parser)
     args = parser.parse_args()
     count, epochs = (2048, 1) if args.quick else (6144, 3)
     torch.set_num_threads(WORKERS)
-    print(
-        f"loader benchmark: {count} JPEGs, batch {BATCH}, {WORKERS} workers, {epochs} timed epoch(s), cpu, {os.cpu_count()} cores"
+    figures = Figures(
+        "loader",
+        f"{count} JPEGs, batch {BATCH}, {WORKERS} workers, {epochs} timed epoch(s), cpu, {os.cpu_count()} cores",
     )
+    print(f"loader benchmark: {figures.setting}")
     print(f"{'px':>4} {'contender':>18} {'img/s':>9} {'vs dataloader+PIL':>18}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -165,6 +169,12 @@ def main() -> None:
             base = results["dataloader+PIL"]
             for name, value in results.items():
                 print(f"{size:>4} {name:>18} {value:>9.0f} {value / base:>17.2f}x")
+            for name, value in results.items():
+                if name != "dataloader+PIL":
+                    figures.compare(
+                        f"{size} px: {name} vs DataLoader+PIL", value, "DataLoader+PIL", base, "img/s", True
+                    )
+    figures.save(args.json)
     np.set_printoptions()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import median_ms
+from _timing import Figures, add_json_argument, median_ms
 
 from masklab.objectives import CNNBackbone, MaskDeep
 from masklab.pipeline import Batch
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,13 +66,18 @@ def main() -> None:
         rows.append((groups, step_ms(model, model.mask_stage()(views), repeats)))
     encoder = encoder_ms(model, views.views, repeats)
     base = rows[0][1]
-    print(
-        f"MaskDeep groups benchmark: ResNet-18, 64 px, B={batch_size}, two views, cpu, {torch.get_num_threads()} threads"
+    figures = Figures(
+        "maskdeep_groups", f"ResNet-18, 64 px, B={batch_size}, two views, cpu, {torch.get_num_threads()} threads"
     )
+    print(f"MaskDeep groups benchmark: {figures.setting}")
     print(f"{'groups':>7} {'step ms':>9} {'vs G=1':>8} {'encoder share':>14}")
     for groups, ms in rows:
         print(f"{groups:>7} {ms:>9.0f} {ms / base:>7.2f}x {100 * encoder / ms:>13.0f}%")
     print(f"encoder alone (two views, forward + backward): {encoder:.0f} ms")
+    for groups, ms in rows[1:]:
+        figures.compare(f"MaskDeep step, G={groups} vs G=1 (cost of groups)", ms, "G=1", base, "ms")
+    figures.figure("encoder share of a G=4 step", 100 * encoder / dict(rows)[4], "%")
+    figures.save(args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
   generator per sample and group, upsampled to every stride.
 
 Then each stage's cost as a share of one ViT-tiny forward + backward on the
-same batch. Run: ``python benchmarks/masks.py [--quick]``.
+same batch (B=32 with ``--quick``). Run: ``python benchmarks/masks.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import random
 
 import numpy as np
 import torch
-from _timing import median_ms
+from _timing import Figures, add_json_argument, median_ms
 
 from masklab.pipeline import Batch
 from masklab.transforms import BlockMask, FeatureMask, MixMask, RandomMask, SimMIMMask, mix_images
@@ -96,14 +96,9 @@ def vit_step_ms(batch: torch.Tensor) -> float:
     return median_ms(step, 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the ViT step")
-    args = parser.parse_args()
-    repeats = 5 if args.quick else 20
-    torch.set_num_threads(2)
-    images = torch.rand(BATCH, 3, SIZE, SIZE)
-    grid = SIZE // PATCH
+def stage_rows(images: torch.Tensor):
+    """(name, timed masklab call, reference name, timed reference call) for a batch of ``images``."""
+    batch, grid = images.shape[0], SIZE // PATCH
 
     def stage_fn(stage):
         counter = iter(range(10**9))
@@ -112,45 +107,63 @@ def main() -> None:
     mixer = MixMask(8, 0.5)
     generator = torch.Generator().manual_seed(0)
 
-    def mix_draw():  # the masks and partners; mixing the pixels is timed apart below
+    def mix_draw():  # the masks and partners; mixing the pixels is timed apart
         return mixer.draw(images, generator)
 
-    rows = [
-        ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(BATCH, grid, 0.75)),
+    return [
+        ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(batch, grid, 0.75)),
         (
             "SimMIMMask 0.6",
             stage_fn(SimMIMMask(0.6, 32, PATCH)),
             "SimMIM-style",
-            lambda: simmim_style(BATCH, SIZE // 32, 0.6, 2),
+            lambda: simmim_style(batch, SIZE // 32, 0.6, 2),
         ),
-        ("BlockMask 0.4", stage_fn(BlockMask(0.4, PATCH)), "BEiT-style", lambda: beit_style(BATCH, grid, 0.4)),
-        ("MixMask 8x8", mix_draw, "BEiT-style 8x8", lambda: beit_style(BATCH, 8, 0.5, 1, SIZE // 8)),
+        ("BlockMask 0.4", stage_fn(BlockMask(0.4, PATCH)), "BEiT-style", lambda: beit_style(batch, grid, 0.4)),
+        ("MixMask 8x8", mix_draw, "BEiT-style 8x8", lambda: beit_style(batch, 8, 0.5, 1, SIZE // 8)),
         (
             "FeatureMask G=4",
             stage_fn(FeatureMask((8, 16, 32), 0.5, 4)),
             "SimMIM-style x G",
-            lambda: feature_style(BATCH, 4),
+            lambda: feature_style(batch, 4),
         ),
     ]
-    print(
-        f"mask benchmark: B={BATCH}, {SIZE} px, patch {PATCH} ({grid}x{grid} grid), cpu, {torch.get_num_threads()} threads"
-    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; the step shares at B=32")
+    add_json_argument(parser)
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 20
+    torch.set_num_threads(2)
+    images = torch.rand(BATCH, 3, SIZE, SIZE)
+    grid = SIZE // PATCH
+    threads = torch.get_num_threads()
+    figures = Figures("masks", f"B={BATCH}, {SIZE} px, patch {PATCH} ({grid}x{grid} grid), cpu, {threads} threads")
+    print(f"mask benchmark: {figures.setting}")
     print(f"{'stage':>16} {'ms/batch':>9} {'reference':>17} {'ms/batch':>9} {'speed-up':>9}")
-    results = []
-    for name, ours, ref_name, ref in rows:
+    for name, ours, ref_name, ref in stage_rows(images):
         ours_ms, ref_ms = median_ms(ours, repeats), median_ms(ref, max(3, repeats // 4))
-        results.append((name, ours_ms))
-        print(f"{name:>16} {ours_ms:>9.2f} {ref_name:>17} {ref_ms:>9.2f} {ref_ms / ours_ms:>8.1f}x")
-    if args.quick:
-        return
-    step = vit_step_ms(images)
-    print(f"\nViT-tiny forward+backward, B={BATCH}, {SIZE} px: {step:.0f} ms")
-    for name, ms in results:
-        print(f"{name:>16} {100 * ms / step:>6.2f}% of a step")
-    mix_ms = median_ms(lambda: mix_images(images, mixer.draw(images, generator)), 3)
+        ratio = figures.compare(f"{name} vs {ref_name} per sample", ours_ms, f"{ref_name} per sample", ref_ms, "ms")
+        print(f"{name:>16} {ours_ms:>9.2f} {ref_name:>17} {ref_ms:>9.2f} {ratio:>8.1f}x")
+
+    # Each stage's share of a ViT-tiny step on the same batch (B=32 in --quick: the step is slow on a CPU).
+    step_images = images[:32] if args.quick else images
+    step_batch = step_images.shape[0]
+    step = vit_step_ms(step_images)
+    print(f"\nViT-tiny forward+backward, B={step_batch}, {SIZE} px: {step:.0f} ms")
+    figures.figure(f"ViT-tiny forward + backward, B={step_batch}", step, "ms")
+    for name, ours, _, _ in stage_rows(step_images):
+        share = 100 * median_ms(ours, repeats) / step
+        figures.figure(f"{name}: share of a ViT-tiny step, B={step_batch}", share, "%")
+        print(f"{name:>16} {share:>6.2f}% of a step")
+    mixer, generator = MixMask(8, 0.5), torch.Generator().manual_seed(0)
+    mix_ms = median_ms(lambda: mix_images(step_images, mixer.draw(step_images, generator)), 3)
+    figures.figure(f"MixMask + pixel mixing: share of a ViT-tiny step, B={step_batch}", 100 * mix_ms / step, "%")
     print(
         f"{'MixMask + mixing':>16} {100 * mix_ms / step:>6.2f}% of a step ({mix_ms:.0f} ms: the pixel mixing dominates)"
     )
+    figures.save(args.json)
 
 
 if __name__ == "__main__":

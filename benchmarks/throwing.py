@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import median_ms
+from _timing import Figures, add_json_argument, median_ms
 
 from masklab.objectives import MAE, ViTBackbone
 from masklab.pipeline import Batch, RandomResizedCrop
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
     parser.add_argument("--batch-size", type=int, default=None)
+    add_json_argument(parser)
     args = parser.parse_args()
     batch_size = args.batch_size or (16 if args.quick else 64)
     repeats = 3 if args.quick else 5
@@ -53,11 +54,14 @@ def main() -> None:
         rows.append(
             (name, step_ms(model, batch, optimizer, repeats), p + m.num_visible, p + m.num_visible + m.num_masked)
         )
-    print(f"throwing benchmark: ViT-tiny MAE, B={batch_size}, 224 px, cpu, {torch.get_num_threads()} threads")
+    figures = Figures("throwing", f"ViT-tiny MAE, B={batch_size}, 224 px, cpu, {torch.get_num_threads()} threads")
+    print(f"throwing benchmark: {figures.setting}")
     print(f"{'masking':>24} {'step ms':>9} {'encoder tokens':>15} {'decoder tokens':>15}")
     for name, ms, enc, dec in rows:
         print(f"{name:>24} {ms:>9.0f} {enc:>15} {dec:>15}")
     (_, base, enc0, dec0), (_, fast, enc1, dec1) = rows
+    figures.compare("MAE step: mask 0.45 + throw 0.40 vs mask 0.75", fast, "mask 0.75", base, "ms")
+    figures.figure("encoder tokens with throwing / without", enc1 / enc0, "ratio")
     print(
         f"step time ratio {fast / base:.2f} (speed-up {base / fast:.2f}x); token ratios: encoder {enc1 / enc0:.2f}, decoder {dec1 / dec0:.2f}"
     )
@@ -80,6 +84,8 @@ def main() -> None:
     amt_ms = median_ms(amt_step, repeats)
     stage_ms = median_ms(lambda: amt(cropped.replace(seed=next(counter))), repeats)
     refresh_ms = median_ms(lambda: amt.refresh([whole], (14, 14)), repeats)
+    figures.compare("MAE + AMT step (0.45 / 0.40) vs MAE 0.75", amt_ms, "MAE 0.75", base, "ms")
+    figures.figure("AttentionMask stage: share of an AMT step", 100 * stage_ms / amt_ms, "%")
     print(f"\nMAE 0.75: {base:.0f} ms/step; MAE + AMT 0.45/0.40: {amt_ms:.0f} ms/step ({base / amt_ms:.2f}x faster)")
     print(f"AttentionMask stage alone: {stage_ms:.1f} ms per batch ({100 * stage_ms / amt_ms:.2f}% of an AMT step)")
     epochs_per_refresh = refresh_ms / base
@@ -89,6 +95,10 @@ def main() -> None:
         f"per refresh; AMT's schedule refreshes {refreshes} times a run: +{100 * refreshes * epochs_per_refresh / 400:.1f}% "
         f"of the training time at 400 epochs, +{100 * refreshes * epochs_per_refresh / 40:.0f}% at 40"
     )
+    figures.figure(
+        "AMT refresh passes: added training time at 400 epochs", 100 * refreshes * epochs_per_refresh / 400, "%"
+    )
+    figures.save(args.json)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,9 +140,30 @@ def _show_masks(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from masklab.recipes.study import run_study
 
-    summary = run_study(args.recipes, args.seeds, Path(args.out), list(args.overrides))
-    print((Path(args.out) / "results.md").read_text())
-    return 0 if summary else 1
+    out = Path(args.out)
+    start = time.perf_counter()
+    run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
+    print((out / "results.md").read_text())
+    print(
+        f"study took {(time.perf_counter() - start) / 60:.1f} min; table {out / 'results.md'}, plot {out / 'results.png'}"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from masklab.recipes.bench import find_benchmarks, run_bench, update_readme, write_report
+
+    folder = find_benchmarks(args.dir)
+    report = run_bench(folder, quick=args.quick, only=args.only, timeout=args.timeout)
+    markdown, chart = write_report(report, Path(args.out))
+    print(f"\nreport: {markdown}" + (f", chart: {chart}" if chart else ""))
+    if args.readme:
+        update_readme(Path(args.readme), markdown.read_text(), chart, "docs/bench.png")
+        print(f"updated the performance section of {args.readme}")
+    if report.failed:
+        print(f"failed: {', '.join(report.failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,14 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser(
         "study",
-        help="train recipes against each other at equal steps over several seeds; kNN table",
-        description="Train every recipe with every seed on the same data and steps, and tabulate kNN accuracy.",
+        help="every method against its baseline on shapes: equal steps, 3 seeds, kNN and linear probe",
+        description="Train each arm (by default the eleven of masklab.recipes.study.STUDY_ARMS) with each seed "
+        "on the built-in shapes for the same number of updates, evaluate kNN and a linear probe, and write "
+        "results.json, results.md (mean and spread) and results.png. Runs already done are kept.",
     )
-    study.add_argument("--recipes", nargs="+", required=True, help="recipe names or YAML files")
+    study.add_argument("--recipes", dest="arms", nargs="+", default=None, help="arms or recipes (default: all arms)")
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    study.add_argument("--epochs", type=int, default=4, help="epochs per run, the same for all (default 4)")
+    study.add_argument("--quick", action="store_true", help="512 images, one epoch, one seed: a two-minute smoke run")
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     study.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     study.set_defaults(func=_study)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run every benchmark script; one Markdown report and a PNG chart of the ratios",
+        description="Run each script in benchmarks/ (a source checkout's) in a fresh process and gather "
+        "its figures into bench.md, bench.json and bench.png.",
+    )
+    bench.add_argument("--quick", action="store_true", help="each script's --quick mode (under 3 min on 2 cores)")
+    bench.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these scripts only (e.g. masks)")
+    bench.add_argument("--out", default="runs/bench", help="report folder (default runs/bench)")
+    bench.add_argument("--dir", default=None, help="the benchmarks folder (default: the source checkout's)")
+    bench.add_argument("--timeout", type=float, default=None, help="seconds a script may run (default: no limit)")
+    bench.add_argument("--readme", default=None, help="also replace this README's bench section with the report")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,51 +1,252 @@
-"""Small studies: recipes against each other at equal steps, several seeds, kNN accuracy."""
+"""The study: every method against its baseline on the built-in shapes, equal steps, several seeds.
+
+Each *arm* is a recipe plus the overrides that put it on its family's
+backbone: the masked-image-modelling arms (MAE, SimMIM, AMT, EHM) train a
+4-block ViT-tiny at patch 4, the siamese arms (MoCo v2, MixMask, BYOL,
+MaskDeep) and the supervised ones a narrow ResNet-18 (widths 16-128, the
+small-image stem). Every arm sees the same data with the same batch size
+for the same number of epochs, so the same number of optimizer updates;
+then kNN and a linear probe on the frozen encoder. A random-init row per
+family says what the encoder gives before any training.
+
+Results go to ``results.json`` (every run, rewritten after each one, so a
+stopped study resumes where it stopped), ``results.md`` (the table) and
+``results.png`` (the plot).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_study"]
+__all__ = ["STUDY_ARMS", "Arm", "plot_study", "run_study", "study_table"]
+
+VIT = ("model.kwargs={depth: 4}",)
+CNN = ("model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",)
+SUPERVISED = (*CNN, "model.small_stem=true", "objective.erase_ratio=0.0")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the study: ``recipe`` with ``overrides``, compared with the arm named ``baseline``."""
+
+    name: str
+    recipe: str
+    baseline: str | None = None
+    overrides: tuple[str, ...] = ()
+    family: str = "vit"  # vit | cnn: which random-init row it is read against
+
+
+STUDY_ARMS: tuple[Arm, ...] = (
+    Arm("mae", "mae", None, VIT, "vit"),
+    Arm("mae_amt", "mae_amt", "mae", VIT, "vit"),
+    Arm("simmim", "simmim", None, VIT, "vit"),
+    Arm("simmim_amt", "simmim_amt", "simmim", VIT, "vit"),
+    Arm("ehm", "ehm", "mae", VIT, "vit"),
+    Arm("moco", "moco", None, CNN, "cnn"),
+    Arm("mixmask_moco", "mixmask_moco", "moco", CNN, "cnn"),
+    Arm("byol", "byol", None, CNN, "cnn"),
+    Arm("maskdeep", "maskdeep", "byol", CNN, "cnn"),
+    Arm("supervised", "supervised", None, (*SUPERVISED, "objective.mixmask=false"), "cnn"),
+    Arm("supervised_mixmask", "supervised", "supervised", (*SUPERVISED, "objective.mixmask=true"), "cnn"),
+)
+"""The issue-10 study: MAE, MAE+AMT, SimMIM, SimMIM+AMT, EHM, MoCo v2, MixMask-MoCo, BYOL, MaskDeep,
+supervised with and without MixMask. Supervised arms turn patch erasing off so MixMask is the only difference."""
+
+STUDY_EPOCHS = 4
+"""4 epochs of 4000 images at batch 128: 124 updates an arm, 33 runs in under an hour on 2 CPU cores."""
+
+QUICK = {"length": 512, "epochs": 1, "linear_epochs": 20, "seeds": (0,)}
+"""``--quick``: 512 images, one epoch (4 updates), one seed; the whole study in about two minutes."""
+
+
+@dataclass
+class StudyResult:
+    """Per arm, per seed: ``{"knn", "linear", "updates", "seconds"}``; plus the settings used."""
+
+    runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _arm_for(name: str) -> Arm:
+    known = {arm.name: arm for arm in STUDY_ARMS}
+    if name in known:
+        return known[name]
+    from .config import _resolve
+
+    _resolve(name)  # a recipe name or YAML file, else FileNotFoundError naming what exists
+    return Arm(name, name)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def run_study(
-    recipes: list[str],
-    seeds: list[int],
-    out: Path,
-    overrides: list[str] | None = None,
-    per_recipe: dict[str, list[str]] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Train every recipe with every seed (same data, same steps) and report kNN accuracy.
+    arms: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: Path = Path("runs/study"),
+    overrides: Sequence[str] = (),
+    epochs: int = STUDY_EPOCHS,
+    quick: bool = False,
+    log=print,
+) -> StudyResult:
+    """Train every arm with every seed on the built-in shapes, evaluate kNN and a linear probe.
 
-    Writes ``results.json`` (every run) and ``results.md`` (mean and spread) in ``out``.
+    Args:
+        arms: names from :data:`STUDY_ARMS`, or other recipe names / YAML files
+            (run as they are); ``None`` runs all of :data:`STUDY_ARMS`.
+        seeds: one run per arm and seed.
+        out: the study's folder: data, one run folder per arm and seed, results.
+        overrides: dotted overrides applied to every run, after the arm's own.
+        epochs: epochs per run (the same for every arm, so the same updates).
+        quick: :data:`QUICK`'s smaller data, one epoch, one seed (a smoke run).
+
+    Runs already in ``out/results.json`` with the same settings are kept, not
+    rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
     """
-    from .config import load_config
-    from .train import train
+    from .demo import write_shapes
 
+    chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
+    length = QUICK["length"] if quick else 4000
+    if quick:
+        epochs, seeds = QUICK["epochs"], QUICK["seeds"]
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not seeds:
+        raise ValueError("give at least one seed")
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[float]] = {}
-    for recipe in recipes:
+    data = write_shapes(out / "data", length=length)
+    common = [
+        f"data.train={data['train']}",
+        f"data.test={data['test']}",
+        f"run.epochs={epochs}",
+        "run.progress=false",
+        "run.ckpt_every=100000",
+        "run.keep=1",
+        "eval.at_end=false",
+        *([f"eval.linear_epochs={QUICK['linear_epochs']}"] if quick else []),
+        *overrides,
+    ]
+    settings = {"epochs": epochs, "length": length, "common": common}
+    path = out / "results.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    result = StudyResult(settings=settings)
+    if previous.get("settings") == settings:
+        result.runs = previous.get("runs", {})
+    families, loaders = {arm.family for arm in chosen}, {}
+    jobs = [(f"random_{family}", None, family) for family in sorted(families)] + [
+        (arm.name, arm, arm.family) for arm in chosen
+    ]
+    for name, arm, family in jobs:
         for seed in seeds:
-            cfg = load_config(
-                recipe,
-                [
-                    *(overrides or []),
-                    *((per_recipe or {}).get(recipe, [])),
-                    f"run.seed={seed}",
-                    f"run.out={out / f'{recipe}-seed{seed}'}",
-                ],
+            done = result.runs.get(name, {}).get(str(seed))
+            if done is not None and done.get("overrides") == list(arm.overrides if arm else ()):
+                continue
+            start = time.perf_counter()
+            scores = _run_one(arm, family, seed, common, out / f"{name}-seed{seed}", loaders)
+            scores["seconds"] = time.perf_counter() - start
+            scores["overrides"] = list(arm.overrides if arm else ())
+            result.runs.setdefault(name, {})[str(seed)] = scores
+            _write_json(path, {"settings": settings, "runs": result.runs})
+            log(
+                f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}, "
+                f"{scores['updates']} updates, {scores['seconds']:.0f} s"
             )
-            result = train(cfg)
-            runs.setdefault(recipe, []).append(float(result.knn))
-            (out / "results.json").write_text(json.dumps(runs, indent=1))
-    summary = {
-        recipe: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-        for recipe, v in runs.items()
-    }
-    lines = ["| recipe | kNN accuracy (mean ± std) | runs |", "|---|---:|---:|"]
-    for recipe, s in summary.items():
-        values = ", ".join(f"{x:.3f}" for x in runs[recipe])
-        lines.append(f"| {recipe} | {s['mean']:.3f} ± {s['std']:.3f} | {values} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    return summary
+    table = study_table(result, chosen)
+    (out / "results.md").write_text(table)
+    plot_study(result, chosen, out / "results.png")
+    return result
+
+
+def _run_one(
+    arm: Arm | None, family: str, seed: int, common: list[str], run_out: Path, loaders: dict
+) -> dict[str, Any]:
+    """Train one arm (or, for ``arm=None``, build the family's random-init encoder) and evaluate it."""
+    import torch
+
+    from .build import build_loader, build_model, encoder_of, family_of
+    from .config import load_config
+    from .train import evaluate_encoder, train
+
+    if arm is None:  # the family's encoder at random initialisation, on a reference recipe's model
+        recipe, extra = ("mae", VIT) if family == "vit" else ("byol", CNN)
+        cfg = load_config(recipe, [*extra, *common, f"run.seed={seed}", f"run.out={run_out}"])
+        torch.manual_seed(seed)
+        model, updates = build_model(cfg).eval(), 0
+    else:
+        cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
+        trained = train(cfg)
+        model, updates = trained.model.eval(), trained.updates
+    device = next(model.parameters()).device
+    key = (str(device), cfg.data.train, cfg.data.test, cfg.data.resolution, cfg.data.batch_size)
+    key += (tuple(cfg.data.mean), tuple(cfg.data.std))
+    if key not in loaders:  # every arm evaluates on the same whole, centred images: compile them once
+        loaders[key] = tuple(build_loader(cfg, split, device, train=False) for split in ("train", "test"))
+    scores = evaluate_encoder(cfg, encoder_of(model), device, family_of(model), ("knn", "linear"), loaders[key])
+    return {**scores, "updates": updates}
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def study_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
+    """The Markdown table: per arm, updates, kNN and linear accuracy (mean ± std over seeds), and the
+    difference of the means from its baseline."""
+    names = [n for n in result.runs if n.startswith("random_")] + [a.name for a in arms if a.name in result.runs]
+    baseline = {a.name: a.baseline for a in arms}
+    lines = [
+        "| arm | baseline | updates | kNN (mean ± std) | Δ kNN | linear (mean ± std) | Δ linear | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        runs = list(result.runs[name].values())
+        cells = [name, baseline.get(name) or "", str(int(runs[0]["updates"]))]
+        for metric in ("knn", "linear"):
+            mean, std = _summary([r[metric] for r in runs])
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+            base = baseline.get(name)
+            if base in result.runs:
+                cells.append(f"{mean - _summary([r[metric] for r in result.runs[base].values()])[0]:+.3f}")
+            else:
+                cells.append("")
+        cells.append(str(len(runs)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path) -> None:
+    """Bars of the mean accuracy per arm (kNN and linear side by side), a dot per seed, baselines hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result.runs if n.startswith("random_")] + [a.name for a in arms if a.name in result.runs]
+    is_baseline = {a.name: a.baseline is None for a in arms}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.42 * len(names) + 1.4), sharey=True)
+    for ax, metric, title in zip(axes, ("knn", "linear"), ("kNN accuracy", "linear-probe accuracy"), strict=True):
+        for row, name in enumerate(names):
+            values = [r[metric] for r in result.runs[name].values()]
+            mean, std = _summary(values)
+            colour = "0.6" if name.startswith("random_") else ("tab:blue" if is_baseline.get(name) else "tab:orange")
+            ax.barh(row, mean, xerr=std, color=colour, alpha=0.8, capsize=3)
+            ax.plot(values, [row] * len(values), "k.", ms=4)
+        ax.set_title(title)
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("masklab study on shapes: baselines blue, methods orange, random init grey; dots are seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
