@@ -6,7 +6,7 @@ STAMP := $(VENV)/.masklab-installed
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev g++
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup sysdeps test test-fast lint demo bench clean
+.PHONY: setup sysdeps test test-fast lint demo bench study clean
 
 setup: $(STAMP)
 
@@ -39,12 +39,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/masklab demo
 
+# Every script in benchmarks/, quick: one report in runs/bench (bench.md, bench.png).
 bench: $(STAMP)
-	$(PY) benchmarks/loader.py --quick
-	$(PY) benchmarks/masks.py --quick
-	$(PY) benchmarks/throwing.py --quick
-	$(PY) benchmarks/hierarchy.py --quick
-	$(PY) benchmarks/maskdeep_groups.py --quick
+	$(VENV)/bin/masklab bench --quick
+
+# Every method against its baseline, 3 seeds (under an hour on 2 cores; not part of the tests).
+study: $(STAMP)
+	$(VENV)/bin/masklab study
 
 clean:
 	rm -rf $(VENV) runs *.egg-info build

@@ -10,6 +10,7 @@ compiled code do not colour another's timings), then gathers the figures.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -25,8 +26,8 @@ from typing import Any
 
 __all__ = ["BenchReport", "find_benchmarks", "machine_description", "report_markdown", "run_bench", "update_readme"]
 
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
+README_CHART = "docs/bench.png"
+README_FIGURES = "docs/bench.json"
 
 
 @dataclass
@@ -38,6 +39,13 @@ class BenchReport:
     failed: dict[str, str] = field(default_factory=dict)  # script: the tail of its output
     machine: str = ""
     quick: bool = False
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BenchReport:
+        """A report as :func:`write_report` saved it in ``bench.json``."""
+        data = json.loads(Path(path).read_text())
+        return cls(**{k: data[k] for k in ("results", "seconds", "failed", "machine", "quick", "date")})
 
 
 def find_benchmarks(folder: str | os.PathLike | None = None) -> Path:
@@ -136,7 +144,7 @@ def report_markdown(report: BenchReport, chart: str | None = "bench.png") -> str
     total = sum(report.seconds.values())
     mode = "masklab bench --quick" if report.quick else "masklab bench"
     lines = [
-        f"Measured by `{mode}` on {datetime.date.today().isoformat()}, {total / 60:.1f} min in all.",
+        f"Measured by `{mode}` on {report.date}, {total / 60:.1f} min in all.",
         f"Machine: {report.machine}.",
         "",
         "Ratios: how many times faster masklab is than the reference (above 1: masklab is faster).",
@@ -200,33 +208,29 @@ def write_report(report: BenchReport, out: Path) -> tuple[Path, Path | None]:
         plot_ratios(report, chart)
     markdown = out / "bench.md"
     markdown.write_text(report_markdown(report, chart.name if chart else None))
-    (out / "bench.json").write_text(
-        json.dumps(
-            {"machine": report.machine, "quick": report.quick, "seconds": report.seconds}
-            | {"results": report.results, "failed": report.failed},
-            indent=1,
-        )
-    )
+    (out / "bench.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
     return markdown, chart
 
 
-def update_readme(readme: Path, markdown: str, chart: Path | None, chart_target: str | None = None) -> None:
-    """Replace the README's text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` with the report.
+def update_readme(readme: Path, tag: str, markdown: str, copies: dict[Path, str] | None = None) -> None:
+    """Replace the README's text between ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` with ``markdown``.
 
-    The chart is copied to ``chart_target`` (a path relative to the README)
-    and the report's image link pointed at it.
+    ``copies`` maps files (a chart, the figures) to paths relative to the
+    README where they are copied, so the README's links and the figures
+    behind its tables live in the repository. The README is written to a
+    temporary name and renamed.
     """
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} section to replace")
-    if chart is not None and chart_target:
-        import shutil
+    import shutil
 
-        (readme.parent / chart_target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(chart, readme.parent / chart_target)
-        markdown = markdown.replace(f"]({chart.name})", f"]({chart_target})")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section to replace")
+    for source, target in (copies or {}).items():
+        (readme.parent / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, readme.parent / target)
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
     tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    tmp.write_text(f"{head}{start}\n{markdown}{end}{tail}")
     os.replace(tmp, readme)

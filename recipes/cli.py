@@ -142,8 +142,15 @@ def _study(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     start = time.perf_counter()
-    run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
+    result = run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
     print((out / "results.md").read_text())
+    if args.readme:
+        from masklab.recipes.bench import update_readme
+        from masklab.recipes.study import README_FIGURES, README_PLOT, study_markdown
+
+        copies = {out / "results.png": README_PLOT, out / "results.json": README_FIGURES}
+        update_readme(Path(args.readme), "study", study_markdown(result, plot=README_PLOT), copies)
+        print(f"updated the study section of {args.readme} ({README_PLOT}, {README_FIGURES})")
     print(
         f"study took {(time.perf_counter() - start) / 60:.1f} min; table {out / 'results.md'}, plot {out / 'results.png'}"
     )
@@ -151,15 +158,26 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from masklab.recipes.bench import find_benchmarks, run_bench, update_readme, write_report
+    from masklab.recipes.bench import (
+        README_CHART,
+        README_FIGURES,
+        find_benchmarks,
+        report_markdown,
+        run_bench,
+        update_readme,
+        write_report,
+    )
 
     folder = find_benchmarks(args.dir)
     report = run_bench(folder, quick=args.quick, only=args.only, timeout=args.timeout)
     markdown, chart = write_report(report, Path(args.out))
     print(f"\nreport: {markdown}" + (f", chart: {chart}" if chart else ""))
     if args.readme:
-        update_readme(Path(args.readme), markdown.read_text(), chart, "docs/bench.png")
-        print(f"updated the performance section of {args.readme}")
+        if chart is None:
+            raise ValueError("no benchmark ran to the end: the README keeps its report")
+        copies = {chart: README_CHART, Path(args.out) / "bench.json": README_FIGURES}
+        update_readme(Path(args.readme), "bench", report_markdown(report, README_CHART), copies)
+        print(f"updated the performance section of {args.readme} ({README_CHART}, {README_FIGURES})")
     if report.failed:
         print(f"failed: {', '.join(report.failed)}", file=sys.stderr)
         return 1
@@ -272,9 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--recipes", dest="arms", nargs="+", default=None, help="arms or recipes (default: all arms)")
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
-    study.add_argument("--epochs", type=int, default=4, help="epochs per run, the same for all (default 4)")
+    from masklab.recipes.study import STUDY_EPOCHS
+
+    study.add_argument(
+        "--epochs", type=int, default=STUDY_EPOCHS, help=f"epochs per run, the same for all (default {STUDY_EPOCHS})"
+    )
     study.add_argument("--quick", action="store_true", help="512 images, one epoch, one seed: a two-minute smoke run")
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    study.add_argument("--readme", default=None, help="also replace this README's study section with the table")
     study.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     study.set_defaults(func=_study)
 

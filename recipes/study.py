@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STUDY_ARMS", "Arm", "plot_study", "run_study", "study_table"]
+__all__ = ["STUDY_ARMS", "Arm", "StudyResult", "plot_study", "run_study", "study_markdown", "study_table"]
+
+README_PLOT = "docs/study.png"
+README_FIGURES = "docs/study.json"
 
 VIT = ("model.kwargs={depth: 4}",)
 CNN = ("model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",)
@@ -72,6 +75,12 @@ class StudyResult:
 
     runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StudyResult:
+        """A study as :func:`run_study` saved it in ``results.json``."""
+        data = json.loads(Path(path).read_text())
+        return cls(runs=data["runs"], settings=data["settings"])
 
 
 def _arm_for(name: str) -> Arm:
@@ -222,6 +231,24 @@ def study_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
         cells.append(str(len(runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def study_markdown(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS, plot: str | None = "results.png") -> str:
+    """The table, the scale it was measured at, and the plot: what ``masklab study --readme`` puts in a README."""
+    settings = result.settings
+    seeds = sorted({seed for runs in result.runs.values() for seed in runs})
+    minutes = sum(run["seconds"] for runs in result.runs.values() for run in runs.values() if "seconds" in run) / 60
+    lines = [
+        f"Built-in shapes, 32 px, {settings.get('length', '?')} training and {settings.get('length', 4) // 4} test "
+        f"images, {settings.get('epochs', '?')} epochs at batch 128 for every arm, seeds {', '.join(seeds)}; "
+        f"{minutes:.0f} min of runs. Δ: the arm's mean minus its baseline's.",
+        "",
+        study_table(result, arms).rstrip(),
+        "",
+    ]
+    if plot:
+        lines += [f"![study]({plot})", ""]
+    return "\n".join(lines)
 
 
 def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path) -> None:

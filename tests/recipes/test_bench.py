@@ -1,4 +1,3 @@
-import json
 import shutil
 import subprocess
 import sys
@@ -7,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from masklab.recipes.bench import (
-    README_END,
-    README_START,
+    BenchReport,
     find_benchmarks,
     report_markdown,
     run_bench,
@@ -70,11 +68,13 @@ def test_write_report_and_readme_section(fake_benchmarks, tmp_path):
     markdown, chart = write_report(report, tmp_path / "out")
     assert chart is not None and chart.stat().st_size > 1000
     assert "![benchmark ratios](bench.png)" in markdown.read_text()
-    assert json.loads((tmp_path / "out" / "bench.json").read_text())["results"] == report.results
+
+    saved = BenchReport.load(tmp_path / "out" / "bench.json")
+    assert saved == report
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n{README_START}\nold\n{README_END}\n\n## Next\n")
-    update_readme(readme, markdown.read_text(), chart, "docs/bench.png")
+    readme.write_text("# x\n\n## Performance\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## Next\n")
+    update_readme(readme, "bench", report_markdown(report, "docs/bench.png"), {chart: "docs/bench.png"})
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n\n## Performance\n") and text.endswith("\n\n## Next\n")
     assert "![benchmark ratios](docs/bench.png)" in text
@@ -83,7 +83,7 @@ def test_write_report_and_readme_section(fake_benchmarks, tmp_path):
     bare = tmp_path / "BARE.md"
     bare.write_text("# no section\n")
     with pytest.raises(ValueError, match="no <!-- bench:start --> ... <!-- bench:end --> section"):
-        update_readme(bare, "x", None)
+        update_readme(bare, "bench", "x")
 
 
 def test_unknown_benchmark_and_missing_folder_are_clear_errors(fake_benchmarks, tmp_path, capsys):
