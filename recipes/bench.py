@@ -147,7 +147,8 @@ def report_markdown(report: BenchReport, chart: str | None = "bench.png") -> str
         f"Measured by `{mode}` on {report.date}, {total / 60:.1f} min in all.",
         f"Machine: {report.machine}.",
         "",
-        "Ratios: how many times faster masklab is than the reference (above 1: masklab is faster).",
+        "Ratio: how many times faster the measured contender (masklab's, unless the row names another) is "
+        "than the reference; above 1, faster.",
         "",
     ]
     if chart:
@@ -156,7 +157,7 @@ def report_markdown(report: BenchReport, chart: str | None = "bench.png") -> str
         lines.append(f"**{result['benchmark']}** ({result['setting']}; {report.seconds[result['benchmark']]:.0f} s)")
         lines.append("")
         if result["comparisons"]:
-            lines += ["| comparison | masklab | reference | unit | ratio |", "|---|---:|---:|---|---:|"]
+            lines += ["| comparison | measured | reference | unit | ratio |", "|---|---:|---:|---|---:|"]
             for c in result["comparisons"]:
                 lines.append(
                     f"| {c['name']} | {_number(c['ours'])} | {_number(c['reference'])} | {c['unit']} | "
@@ -193,7 +194,7 @@ def plot_ratios(report: BenchReport, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_yticks(range(len(rows)), names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("speed-up of masklab over the reference (log scale; right of the line: masklab faster)")
+    ax.set_xlabel("speed-up of the measured contender over the reference (log scale; right of the line: faster)")
     ax.set_title("masklab bench" + (" --quick" if report.quick else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

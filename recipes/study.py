@@ -172,7 +172,9 @@ def run_study(
             )
     table = study_table(result, chosen)
     (out / "results.md").write_text(table)
-    plot_study(result, chosen, out / "results.png")
+    from masklab.pipeline import read_info
+
+    plot_study(result, chosen, out / "results.png", chance=1 / read_info(data["train"]).num_classes)
     return result
 
 
@@ -251,8 +253,8 @@ def study_markdown(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS, plot: 
     return "\n".join(lines)
 
 
-def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path) -> None:
-    """Bars of the mean accuracy per arm (kNN and linear side by side), a dot per seed, baselines hatched."""
+def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path, chance: float | None = None) -> None:
+    """Bars of the mean accuracy per arm (kNN and linear side by side), a dot per seed, a line at ``chance``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,8 +270,12 @@ def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path) -> None:
             colour = "0.6" if name.startswith("random_") else ("tab:blue" if is_baseline.get(name) else "tab:orange")
             ax.barh(row, mean, xerr=std, color=colour, alpha=0.8, capsize=3)
             ax.plot(values, [row] * len(values), "k.", ms=4)
+        if chance is not None:
+            ax.axvline(chance, color="k", ls=":", lw=1, label=f"chance ({chance:.3f})")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title)
-        ax.set_xlim(0, 1)
+        top = max(r[m] for runs in result.runs.values() for r in runs.values() for m in ("knn", "linear"))
+        ax.set_xlim(0, min(1.0, 1.2 * top))
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()

@@ -63,3 +63,28 @@ def test_mixmask_example_trains():
     exec(compile(example("mixmask"), "README.md", "exec"), scope)
     assert scope["out"].loss.isfinite() and set(scope["out"].logs) == {"loss", "plain", "mixed"}
     assert int(scope["model"].queue.ptr) == 64
+
+
+def _section(tag: str) -> str:
+    text = README.read_text()
+    return text.split(f"<!-- {tag}:start -->\n", 1)[1].split(f"<!-- {tag}:end -->", 1)[0]
+
+
+def test_readme_performance_section_is_the_bench_report_of_its_figures():
+    from masklab.recipes.bench import README_CHART, README_FIGURES, BenchReport, report_markdown
+
+    report = BenchReport.load(README.parent / README_FIGURES)
+    assert not report.failed and not report.quick
+    assert {r["benchmark"] for r in report.results} == {"hierarchy", "loader", "maskdeep_groups", "masks", "throwing"}
+    assert _section("bench") == report_markdown(report, README_CHART)
+    assert (README.parent / README_CHART).is_file()
+
+
+def test_readme_study_section_is_the_study_of_its_figures():
+    from masklab.recipes.study import README_FIGURES, README_PLOT, STUDY_ARMS, StudyResult, study_markdown
+
+    result = StudyResult.load(README.parent / README_FIGURES)
+    assert set(result.runs) == {"random_cnn", "random_vit", *(arm.name for arm in STUDY_ARMS)}
+    assert all(len(runs) == 3 for runs in result.runs.values())  # three seeds each
+    assert _section("study") == study_markdown(result, plot=README_PLOT)
+    assert (README.parent / README_PLOT).is_file()
