@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -62,7 +60,6 @@ class Figures:
             "comparisons": self.comparisons,
             "figures": self.figures,
         }
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, target)
+        from masklab.pipeline import write_text_atomically
+
+        write_text_atomically(path, json.dumps(data, indent=1))

@@ -20,7 +20,15 @@ from .crop import (
 from .loader import DatasetLoader, Loader
 from .order import epoch_order
 from .stage import Chain, Lambda, Stage, batch_generator, derive_seed, stage_node
-from .writer import DatasetInfo, WriteReport, read_info, to_hwc_uint8, write_dataset
+from .writer import (
+    DatasetInfo,
+    WriteReport,
+    read_info,
+    replace_atomically,
+    to_hwc_uint8,
+    write_dataset,
+    write_text_atomically,
+)
 
 __all__ = [
     "BUILTIN",
@@ -49,8 +57,10 @@ __all__ = [
     "draw_crop_params",
     "random_resized_crop_params",
     "read_info",
+    "replace_atomically",
     "require_ffcv",
     "stage_node",
     "to_hwc_uint8",
     "write_dataset",
+    "write_text_atomically",
 ]

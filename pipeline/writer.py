@@ -18,7 +18,16 @@ from PIL import Image
 
 from ._ffcv import require_ffcv
 
-__all__ = ["IMAGE_EXTENSIONS", "WriteReport", "DatasetInfo", "write_dataset", "read_info", "to_hwc_uint8"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "WriteReport",
+    "DatasetInfo",
+    "write_dataset",
+    "read_info",
+    "replace_atomically",
+    "to_hwc_uint8",
+    "write_text_atomically",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +186,13 @@ def _source(source: Any):
     )
 
 
-def _replace_atomically(write, path: Path, sidecar=None) -> None:
-    """Write ``path`` (and its JSON sidecar) under temporary names, then rename.
+def replace_atomically(write, path: str | os.PathLike, sidecar=None) -> None:
+    """``write(tmp)`` a temporary file beside ``path`` (and ``sidecar()``'s JSON beside it), then rename.
 
-    The data file is renamed last, so its presence means the write finished.
+    The data file is renamed last, so its presence means the write finished;
+    a failed write leaves ``path`` as it was and no temporary file behind.
     """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     side_tmp = _sidecar(tmp)
     try:
@@ -194,6 +205,11 @@ def _replace_atomically(write, path: Path, sidecar=None) -> None:
         for leftover in (tmp, side_tmp):
             if leftover.exists():
                 leftover.unlink()
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`replace_atomically`."""
+    replace_atomically(lambda tmp: tmp.write_text(text), path)
 
 
 def write_dataset(
@@ -290,7 +306,7 @@ def write_dataset(
     def sidecar() -> dict[str, Any]:
         return {"count": len(positions), "classes": names, "skipped": [list(x) for x in skipped]}
 
-    _replace_atomically(write, path, sidecar)
+    replace_atomically(write, path, sidecar)
     if skipped:
         logger.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(p for p, _ in skipped))
     return WriteReport(path=path, count=len(positions), classes=names, skipped=skipped)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchReport", "find_benchmarks", "machine_description", "report_markdown", "run_bench", "update_readme"]
+__all__ = ["BenchReport", "find_benchmarks", "machine_description", "report_markdown", "run_bench", "write_report"]
 
 README_CHART = "docs/bench.png"
 README_FIGURES = "docs/bench.json"
@@ -44,8 +44,7 @@ class BenchReport:
     @classmethod
     def load(cls, path: str | os.PathLike) -> BenchReport:
         """A report as :func:`write_report` saved it in ``bench.json``."""
-        data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in ("results", "seconds", "failed", "machine", "quick", "date")})
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def find_benchmarks(folder: str | os.PathLike | None = None) -> Path:
@@ -207,31 +206,9 @@ def write_report(report: BenchReport, out: Path) -> tuple[Path, Path | None]:
     chart = out / "bench.png" if any(r["comparisons"] for r in report.results) else None
     if chart is not None:
         plot_ratios(report, chart)
+    from masklab.pipeline import write_text_atomically
+
     markdown = out / "bench.md"
-    markdown.write_text(report_markdown(report, chart.name if chart else None))
-    (out / "bench.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    write_text_atomically(markdown, report_markdown(report, chart.name if chart else None))
+    write_text_atomically(out / "bench.json", json.dumps(dataclasses.asdict(report), indent=1))
     return markdown, chart
-
-
-def update_readme(readme: Path, tag: str, markdown: str, copies: dict[Path, str] | None = None) -> None:
-    """Replace the README's text between ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` with ``markdown``.
-
-    ``copies`` maps files (a chart, the figures) to paths relative to the
-    README where they are copied, so the README's links and the figures
-    behind its tables live in the repository. The README is written to a
-    temporary name and renamed.
-    """
-    import shutil
-
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} has no {start} ... {end} section to replace")
-    for source, target in (copies or {}).items():
-        (readme.parent / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, readme.parent / target)
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{head}{start}\n{markdown}{end}{tail}")
-    os.replace(tmp, readme)

@@ -145,7 +145,7 @@ def _study(args: argparse.Namespace) -> int:
     result = run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
     print((out / "results.md").read_text())
     if args.readme:
-        from masklab.recipes.bench import update_readme
+        from masklab.recipes.readme import update_readme
         from masklab.recipes.study import README_FIGURES, README_PLOT, study_markdown
 
         copies = {out / "results.png": README_PLOT, out / "results.json": README_FIGURES}
@@ -164,9 +164,9 @@ def _bench(args: argparse.Namespace) -> int:
         find_benchmarks,
         report_markdown,
         run_bench,
-        update_readme,
         write_report,
     )
+    from masklab.recipes.readme import update_readme
 
     folder = find_benchmarks(args.dir)
     report = run_bench(folder, quick=args.quick, only=args.only, timeout=args.timeout)

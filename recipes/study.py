@@ -93,12 +93,6 @@ def _arm_for(name: str) -> Arm:
     return Arm(name, name)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def run_study(
     arms: Sequence[str] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
@@ -122,6 +116,8 @@ def run_study(
     Runs already in ``out/results.json`` with the same settings are kept, not
     rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
     """
+    from masklab.pipeline import read_info, write_text_atomically
+
     from .demo import write_shapes
 
     chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
@@ -165,14 +161,12 @@ def run_study(
             scores["seconds"] = time.perf_counter() - start
             scores["overrides"] = list(arm.overrides if arm else ())
             result.runs.setdefault(name, {})[str(seed)] = scores
-            _write_json(path, {"settings": settings, "runs": result.runs})
+            write_text_atomically(path, json.dumps({"settings": settings, "runs": result.runs}, indent=1))
             log(
                 f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}, "
                 f"{scores['updates']} updates, {scores['seconds']:.0f} s"
             )
-    table = study_table(result, chosen)
-    (out / "results.md").write_text(table)
-    from masklab.pipeline import read_info
+    write_text_atomically(out / "results.md", study_table(result, chosen))
 
     plot_study(result, chosen, out / "results.png", chance=1 / read_info(data["train"]).num_classes)
     return result

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from masklab.pipeline import replace_atomically
+
 from .build import (
     build_loader,
     build_model,
@@ -93,9 +95,7 @@ def save_checkpoint(state: dict[str, Any], folder: Path, update: int, keep: int)
     """Write ``ckpt-UPDATE.pt`` under a temporary name, rename it, keep the last ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{update:08d}.pt"
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_atomically(lambda tmp: torch.save(state, tmp), path)
     for old in sorted(folder.glob("ckpt-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -128,12 +128,14 @@ def _keep_rows_until(csv_path: Path, update: int) -> None:
         return
     with open(csv_path) as f:
         rows = [r for r in csv.DictReader(f) if int(r["update"]) <= update]
-    tmp = csv_path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    replace_atomically(write, csv_path)
 
 
 def bind_guidance(stages, objective) -> int:

@@ -66,8 +66,9 @@ def test_mixmask_example_trains():
 
 
 def _section(tag: str) -> str:
-    text = README.read_text()
-    return text.split(f"<!-- {tag}:start -->\n", 1)[1].split(f"<!-- {tag}:end -->", 1)[0]
+    from masklab.recipes.readme import readme_section
+
+    return readme_section(README, tag)
 
 
 def test_readme_performance_section_is_the_bench_report_of_its_figures():

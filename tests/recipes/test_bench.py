@@ -10,10 +10,10 @@ from masklab.recipes.bench import (
     find_benchmarks,
     report_markdown,
     run_bench,
-    update_readme,
     write_report,
 )
 from masklab.recipes.cli import main
+from masklab.recipes.readme import update_readme
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
