@@ -89,3 +89,44 @@ def test_readme_study_section_is_the_study_of_its_figures():
     assert all(len(runs) == 3 for runs in result.runs.values())  # three seeds each
     assert _section("study") == study_markdown(result, plot=README_PLOT)
     assert (README.parent / README_PLOT).is_file()
+
+
+def test_readme_demo_section_is_the_demo_of_its_figures():
+    from masklab.recipes.demo import README_FIGURES, demo_markdown
+    from masklab.recipes.study import StudyResult
+
+    result = StudyResult.load(README.parent / README_FIGURES)
+    assert set(result.runs) == {"mae", "random_vit"}
+    assert set(result.runs["mae"]) == set(result.runs["random_vit"]) == {"0", "1", "2"}
+    assert _section("demo") == demo_markdown(result)
+    for seed, run in result.runs["mae"].items():  # the demo's promise: pretraining shows, for every seed
+        assert run["linear"] - result.runs["random_vit"][seed]["linear"] >= 0.08, seed
+        assert run["seconds"] < 10 * 60, seed
+
+
+# Measurement-like figures: ratios (3.1x), percentages, durations, throughput, 3-decimal accuracies, spreads.
+FIGURE = re.compile(
+    r"\d+(?:\.\d+)?\s?(?:x\b|%|ms\b|min\b|minutes|hours|seconds|images/s|img/s)|\d+(?:\.\d+)? s\b|\b0\.\d{3}\b|±"
+)
+NOT_MEASURED = {
+    "0.999": "MoCo's momentum, a setting",
+    "0.996": "BYOL's starting EMA in the paper, a setting",
+    "10%": "AMT's refresh start and period, settings",
+    "12.5%": "chance with 8 classes",
+}
+
+
+def test_every_readme_figure_is_generated_from_saved_results():
+    """Outside the generated sections (demo, study, bench) and code blocks, the README states no measured figure."""
+    text = README.read_text()
+    generated = re.findall(r"<!-- (\w+):start -->", text)
+    assert sorted(generated) == ["bench", "demo", "study"]
+    prose = re.sub(r"<!-- (\w+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", prose, flags=re.S)
+    typed = [
+        (m.group(0), line.strip())
+        for line in prose.splitlines()
+        for m in FIGURE.finditer(line)
+        if m.group(0).strip() not in NOT_MEASURED
+    ]
+    assert not typed, f"figures typed by hand in the README (generate them from saved results): {typed}"
