@@ -224,7 +224,7 @@ def _constructor(name: str, qualname: str) -> type | None:
     """The class called ``qualname`` in the module of timm's ``name`` entrypoint, or in any timm model module."""
     from timm.models import model_entrypoint
 
-    modules = [sys.modules[model_entrypoint(name).__module__]]
+    modules = [sys.modules[model_entrypoint(name).__module__]] if ":" not in name else []
     modules += [m for key, m in list(sys.modules.items()) if key.startswith("timm.models.") and m is not None]
     for module in modules:
         for value in vars(module).values():
@@ -238,7 +238,7 @@ def _kwargs_error(cfg: TrainConfig, error: TypeError) -> str:
     matches among the constructor's arguments, and those arguments."""
     name, given = cfg.model.backbone, cfg.model.kwargs
     found = _UNEXPECTED.search(str(error))
-    cls = _constructor(name, found.group(1)) if found else None
+    cls = _constructor(name, found.group(1)) if found and found.group(2) in given else None
     if cls is None:
         return f"timm could not build {name!r} with model.kwargs={given}: {error}"
     key = found.group(2)
