@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import logging
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,6 +41,7 @@ from masklab.transforms import (
     SimMIMMask,
     Views,
 )
+from masklab.transforms._sampling import mask_count
 
 from .config import TrainConfig
 
@@ -43,6 +50,8 @@ __all__ = [
     "build_loader",
     "build_model",
     "build_optimizer",
+    "check_backbone",
+    "check_mask_grid",
     "checkpoint_dir",
     "encoder_of",
     "family_of",
@@ -82,6 +91,37 @@ def patch_size_of(cfg: TrainConfig, family: str) -> int:
     return max(1, cfg.data.resolution // 8)
 
 
+PATCH_MASKS = ("random", "block", "simmim", "amt", "ehm")
+"""Mask stages that cut the image into the patch grid (of :func:`patch_size_of`)."""
+
+
+def check_mask_grid(cfg: TrainConfig, family: str) -> None:
+    """Raise ``ValueError`` unless the mask's cells tile ``data.resolution`` and ``mask.ratio`` masks one.
+
+    What the first batch would otherwise fail on, checked before the loader starts.
+    """
+    m, size = cfg.mask, cfg.data.resolution
+    patch = patch_size_of(cfg, family)
+    vit = f"model.patch_size={patch}"
+    cells = {vit if family == "vit" else f"the CNN mask cell {patch} (data.resolution // 8)": patch}
+    masking = cfg.task == "pretrain" and m.name in PATCH_MASKS
+    if masking and m.name == "simmim":
+        cells[f"mask.mask_patch_size={m.mask_patch_size}"] = m.mask_patch_size
+    for what, cell in cells.items():
+        if size % cell:
+            raise ValueError(
+                f"data.resolution={size} is not divisible by {what}: the mask grid needs whole cells; "
+                f"choose a resolution that is a multiple of {cell}"
+            )
+    if masking:
+        count = (size // max(cells.values())) ** 2  # the ratio counts cells of the coarsest grid
+        if mask_count(count, m.ratio) == 0:
+            raise ValueError(
+                f"mask.ratio={m.ratio} masks round({m.ratio} * {count}) = 0 of the {count} cells of a "
+                f"{size} px image; raise mask.ratio above {0.5 / count:.3g}"
+            )
+
+
 def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.Module]:
     patch = patch_size_of(cfg, family)
     m = cfg.mask
@@ -90,10 +130,13 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
         if cfg.objective.mixmask:
             stages.append(MixMask(grid=cfg.objective.mixmask_grid))
         if cfg.objective.erase_ratio > 0:
+            check_mask_grid(cfg, family)
             stages.append(BlockMask(cfg.objective.erase_ratio, patch_size=patch))
         return stages
     if m.name == "none" or cfg.task != "pretrain":
         return []
+    if m.name in PATCH_MASKS:
+        check_mask_grid(cfg, family)
     if m.name == "random":
         return [RandomMask(m.ratio, patch, throw_ratio=m.throw_ratio)]
     if m.name == "block":
@@ -162,14 +205,73 @@ def _count(source) -> int:
     return len(source)
 
 
-def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
-    return build_backbone(
-        cfg.model.backbone,
-        img_size=cfg.data.resolution,
-        patch_size=cfg.model.patch_size,
-        small_stem=cfg.model.small_stem,
-        **cfg.model.kwargs,
+def check_backbone(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` if ``model.backbone`` is no timm model, naming it and the closest timm names."""
+    import timm
+
+    name = cfg.model.backbone
+    if ":" in name or timm.is_model(name):  # hf-hub: and local-dir: sources are timm's to resolve
+        return
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else "; timm.list_models() lists them"
+    raise ValueError(f"model.backbone {name!r} is not a timm model{hint}")
+
+
+_UNEXPECTED = re.compile(r"([\w.]+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _constructor(name: str, qualname: str) -> type | None:
+    """The class called ``qualname`` in the module of timm's ``name`` entrypoint, or in any timm model module."""
+    from timm.models import model_entrypoint
+
+    modules = [sys.modules[model_entrypoint(name).__module__]] if ":" not in name else []
+    modules += [m for key, m in list(sys.modules.items()) if key.startswith("timm.models.") and m is not None]
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, type) and value.__qualname__ == qualname:
+                return value
+    return None
+
+
+def _kwargs_error(cfg: TrainConfig, error: TypeError) -> str:
+    """What a ``TypeError`` from timm's constructor means for ``model.kwargs``: the unknown key, close
+    matches among the constructor's arguments, and those arguments."""
+    name, given = cfg.model.backbone, cfg.model.kwargs
+    found = _UNEXPECTED.search(str(error))
+    cls = _constructor(name, found.group(1)) if found and found.group(2) in given else None
+    if cls is None:
+        return f"timm could not build {name!r} with model.kwargs={given}: {error}"
+    key = found.group(2)
+    params = inspect.signature(cls.__init__).parameters.values()
+    accepted = sorted(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    accepted = [a for a in accepted if a != "self"]
+    close = difflib.get_close_matches(key, accepted, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return (
+        f"model.kwargs key {key!r} is not an argument of {name} (timm's {cls.__qualname__}); {hint}"
+        f"it takes: {', '.join(accepted)}"
     )
+
+
+@contextlib.contextmanager
+def _timm_errors(cfg: TrainConfig) -> Iterator[None]:
+    """Check ``model.backbone``, and turn timm's ``TypeError`` about ``model.kwargs`` into a ``ValueError``."""
+    check_backbone(cfg)
+    try:
+        yield
+    except TypeError as error:
+        raise ValueError(_kwargs_error(cfg, error)) from error
+
+
+def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
+    with _timm_errors(cfg):
+        return build_backbone(
+            cfg.model.backbone,
+            img_size=cfg.data.resolution,
+            patch_size=cfg.model.patch_size,
+            small_stem=cfg.model.small_stem,
+            **cfg.model.kwargs,
+        )
 
 
 def _siamese(cfg: TrainConfig, backbone: nn.Module) -> Siamese:
@@ -231,14 +333,15 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
-        model = create_timm(
-            cfg.model.backbone,
-            cfg.data.resolution,
-            cfg.model.patch_size,
-            small_stem=cfg.model.small_stem,
-            num_classes=classes,
-            **cfg.model.kwargs,
-        )
+        with _timm_errors(cfg):
+            model = create_timm(
+                cfg.model.backbone,
+                cfg.data.resolution,
+                cfg.model.patch_size,
+                small_stem=cfg.model.small_stem,
+                num_classes=classes,
+                **cfg.model.kwargs,
+            )
         if cfg.model.init:
             _load_backbone_weights(model, cfg.model.init)
         return Supervised(model, classes, cfg.objective.label_smoothing)

@@ -348,10 +348,24 @@ def _ignore_numba_finalizer_noise() -> None:
     sys.unraisablehook = hook
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` overrides allowed before, between and after the options.
+
+    argparse fills a ``nargs="*"`` positional from the tokens before the first option only; the
+    overrides that follow an option come back unrecognised and join the others, in order.
+    """
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and not any(token.startswith("-") for token in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _ignore_numba_finalizer_noise()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -20,6 +22,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "check_config",
     "load_config",
     "save_config",
 ]
@@ -178,7 +181,7 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must look like key=value, got {bad}")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    layers.append(_from_dotlist(list(overrides)))
     try:
         for layer in layers:
             config = OmegaConf.merge(config, layer)
@@ -190,9 +193,103 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
         hint = str(error).splitlines()[0]
         raise ValueError(f"bad value for config key {getattr(error, 'full_key', '?')!r}: {hint}") from None
     result: TrainConfig = OmegaConf.to_object(config)
-    if result.task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {result.task!r}")
+    check_config(result)
     return result
+
+
+def _from_dotlist(overrides: list[str]):
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        for override in overrides:
+            try:
+                OmegaConf.from_dotlist([override])
+            except yaml.YAMLError as error:
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                key, value = override.split("=", 1)
+                spaced = re.sub(r":(?=\S)", ": ", value)
+                hint = f'; YAML needs a space after each colon: {key}="{spaced}"' if spaced != value else ""
+                raise ValueError(f"override {override!r} is not valid YAML ({problem}){hint}") from None
+        raise
+
+
+AT_LEAST_ONE = (
+    "data.resolution",
+    "data.batch_size",
+    "optim.grad_accum",
+    "eval.knn_k",
+    "eval.linear_epochs",
+    "run.epochs",
+    "run.max_steps",
+    "run.stop_at",
+    "run.log_every",
+    "run.ckpt_every",
+    "run.keep",
+    "model.patch_size",
+)
+"""Integer keys that must be at least 1 (those that may be null are checked only when set)."""
+
+
+def _value(config: TrainConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the key and the value of the first setting that cannot work.
+
+    Checks what the config alone decides: the task, counts that must be at
+    least 1, the mask ratio of a pretraining run, and ``model.kwargs`` that
+    YAML read differently from what was meant (``{depth:2}`` is the key
+    ``'depth:2'`` with no value). What needs the model (the backbone name,
+    the kwargs it takes, the patch grid) is checked when it is built.
+    """
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
+    for key in AT_LEAST_ONE:
+        value = _value(config, key)
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    mask = config.mask
+    if config.task == "pretrain" and mask.name != "none" and not 0 < mask.ratio < 1:
+        raise ValueError(
+            f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={mask.ratio}"
+            + (" (it would mask nothing)" if mask.ratio == 0 else "")
+        )
+    _check_model_kwargs(config.model.kwargs)
+
+
+SET_BY_MASKLAB = {
+    "img_size": "data.resolution",
+    "patch_size": "model.patch_size",
+    "small_stem": "model.small_stem",
+    "num_classes": "the task (the data's classes for a classifier, none for an encoder)",
+    "features_only": "the backbone family (CNN encoders are built features_only)",
+    "pretrained": "model.init (masklab never downloads weights)",
+}
+"""``model.kwargs`` keys masklab passes to timm itself -> where they come from."""
+
+
+def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    for key in kwargs:
+        if key in SET_BY_MASKLAB:
+            raise ValueError(
+                f"model.kwargs key {key!r} is one masklab sets itself, from {SET_BY_MASKLAB[key]}; leave it out"
+            )
+    unclear = [key for key, value in kwargs.items() if value is None or ":" in str(key)]
+    if not unclear:
+        return
+    meant: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if ":" in str(key) and value is None:
+            key, value = (part.strip() for part in str(key).split(":", 1))
+        meant[key] = value
+    inner = ", ".join(f"{key}: {'VALUE' if value is None else value}" for key, value in meant.items())
+    right = f'model.kwargs="{{{inner}}}"'
+    key = unclear[0]
+    if ":" in str(key):
+        raise ValueError(f"model.kwargs key {key!r} has no value: YAML needs a space after the colon; write {right}")
+    raise ValueError(f"model.kwargs key {key!r} has no value (timm would ignore it); give it one, as in {right}")
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

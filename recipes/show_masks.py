@@ -139,6 +139,16 @@ def _guide(images: torch.Tensor, checkpoint: str | None, patch_size: int, kind: 
             return (lambda x, grid: backbone.saliency(x, grid)), images, patch_size
         return (lambda x, grid: backbone.affinity(x)), images, patch_size
     cfg, model = load_trained(checkpoint)
+    if not hasattr(model, "guidance"):
+        from masklab.objectives import OBJECTIVES
+
+        guided = [name for name, make in OBJECTIVES.items() if hasattr(getattr(make, "func", make), "guidance")]
+        mask = "amt" if kind == "saliency" else "ehm"
+        raise ValueError(
+            f"--mask {mask} needs a model's {kind} guidance, and checkpoint {checkpoint} holds a "
+            f"{type(model).__name__} model (task {cfg.task!r}) that offers none; give a pretraining checkpoint "
+            f"(objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
+        )
     if cfg.data.resolution != size:
         raise ValueError(f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}")
     from masklab.transforms import Normalize
@@ -223,6 +233,8 @@ def show_masks(
     regions of the model's affinity tree and the masks are drawn at each
     training ``progress`` (the checkpoint's EMA teacher, or a random-init ViT).
     """
+    if n < 1:
+        raise ValueError(f"-n (images to draw) must be at least 1, got {n}")
     stage = build_mask_stage(mask, patch_size, ratio, size)
     images = load_images(n, size, data, seed)
     if mask == "amt":

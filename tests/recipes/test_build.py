@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from masklab.recipes.build import build_loader, build_model, sync_batchnorm
@@ -30,3 +31,55 @@ def test_sync_batchnorm_only_for_several_gpu_processes():
     assert sync_batchnorm(cfg, model, torch.device("cuda"), 1) is model
     converted = sync_batchnorm(cfg, build_model(cfg), torch.device("cuda"), 2)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.momentum.modules())
+
+
+def test_an_unknown_backbone_is_named_with_the_closest_timm_names():
+    with pytest.raises(ValueError) as error:
+        build_model(load_config("mae", ["model.backbone=vit_tinyy_patch16_224"]))
+    message = str(error.value)
+    assert message.startswith("model.backbone 'vit_tinyy_patch16_224' is not a timm model; close names: ")
+    assert "vit_tiny_patch16_224" in message
+
+
+@pytest.mark.parametrize(
+    "recipe,kwargs,expected,listed",
+    [
+        (
+            "mae",
+            "{dept: 1}",
+            "model.kwargs key 'dept' is not an argument of vit_tiny_patch16_224 (timm's "
+            "VisionTransformer); did you mean 'depth'? it takes: ",
+            "embed_dim",
+        ),
+        (
+            "supervised",
+            "{depth: 1}",
+            "model.kwargs key 'depth' is not an argument of resnet18 (timm's ResNet); it takes: ",
+            "stem_width",
+        ),
+    ],
+)
+def test_kwargs_the_timm_constructor_does_not_take_are_named_with_close_matches(recipe, kwargs, expected, listed):
+    with pytest.raises(ValueError) as error:
+        build_model(load_config(recipe, ["data.length=32", f"model.kwargs={kwargs}"]))
+    message = str(error.value)
+    assert message.startswith(expected)
+    assert listed in message.split("it takes: ")[1].split(", ")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.patch_size=3"], "data.resolution=32 is not divisible by model.patch_size=3"),
+        (["data.resolution=30"], "data.resolution=30 is not divisible by model.patch_size=4"),
+        (["mask.ratio=0.001"], "mask.ratio=0.001 masks round(0.001 * 64) = 0 of the 64 cells of a 32 px image"),
+    ],
+)
+def test_a_mask_grid_that_cannot_work_fails_before_the_loader_starts(overrides, message, monkeypatch):
+    from masklab.recipes import build
+
+    monkeypatch.setattr(build, "DatasetLoader", lambda *a, **k: pytest.fail("the loader was built"))
+    cfg = load_config("mae", ["data.length=32", *overrides])
+    with pytest.raises(ValueError) as error:
+        build_loader(cfg, "train", torch.device("cpu"), "vit")
+    assert message in str(error.value)

@@ -68,3 +68,66 @@ def test_list_prints_the_declared_matrix_and_every_recipe(capsys):
         assert f"| `{path.stem}` |" in out
     assert "| `ehm` | pretrain | mae | ehm | vit_tiny_patch16_224 |" in out
     assert "| `maskdeep` | pretrain | maskdeep | feature | resnet18 |" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "knn", "random", "--data", "builtin:shapes", "--test", "builtin:shapes:test", "a.b=1", "c.d=2"],
+        ["eval", "knn", "random", "a.b=1", "--data", "builtin:shapes", "c.d=2", "--test", "builtin:shapes:test"],
+        ["eval", "knn", "random", "a.b=1", "c.d=2", "--data", "builtin:shapes", "--test", "builtin:shapes:test"],
+    ],
+)
+def test_options_and_overrides_come_in_any_order(argv):
+    from masklab.recipes.cli import _parse
+
+    args = _parse(build_parser(), argv)
+    assert (args.data, args.test, args.overrides) == ("builtin:shapes", "builtin:shapes:test", ["a.b=1", "c.d=2"])
+
+
+def test_eval_applies_overrides_given_after_its_options(capsys):
+    tiny = ["data.length=32", "data.resolution=16", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
+    assert main(["eval", "knn", "random", *tiny, "--data", "builtin:shapes"]) == 0
+    before = capsys.readouterr().out
+    assert main(["eval", "knn", "random", "--data", "builtin:shapes", *tiny]) == 0
+    assert capsys.readouterr().out == before
+    assert main(["eval", "knn", "random", "--data", "builtin:shapes", *tiny, "model.backbone=vit_tinyy"]) == 2
+    assert "error: model.backbone 'vit_tinyy' is not a timm model" in capsys.readouterr().err
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "knn", "random", "--date", "x.beton", "run.seed=1"])
+    assert "unrecognized arguments: --date x.beton run.seed=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.grad_accum=0", "optim.grad_accum must be at least 1, got 0"),  # at load
+        (
+            "model.backbone=resnet_18",
+            "model.backbone 'resnet_18' is not a timm model; close names: resnet18",
+        ),  # at build
+    ],
+)
+def test_train_prints_the_message_and_exits_non_zero_without_a_traceback(override, message, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "masklab.recipes.cli",
+            "train",
+            "mae",
+            f"run.out={tmp_path}",
+            "--resume",
+            "auto",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"masklab train: error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr

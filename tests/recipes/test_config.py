@@ -45,3 +45,64 @@ def test_unknown_recipe_lists_the_known_ones():
 def test_override_without_equals_is_an_error():
     with pytest.raises(ValueError, match="key=value"):
         load_config("mae", ["optim.lr"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.epochs=0", "run.epochs must be at least 1, got 0"),
+        ("run.ckpt_every=0", "run.ckpt_every must be at least 1, got 0"),
+        ("optim.grad_accum=0", "optim.grad_accum must be at least 1, got 0"),
+        ("run.keep=0", "run.keep must be at least 1, got 0"),
+        ("run.keep=-2", "run.keep must be at least 1, got -2"),
+        ("run.max_steps=0", "run.max_steps must be at least 1, got 0"),
+        ("data.batch_size=0", "data.batch_size must be at least 1, got 0"),
+        ("mask.ratio=0", "mask.ratio must lie strictly between 0 and 1 for the 'random' mask, got mask.ratio=0.0"),
+        ("mask.ratio=1", "mask.ratio must lie strictly between 0 and 1 for the 'random' mask, got mask.ratio=1.0"),
+    ],
+)
+def test_values_that_cannot_run_are_refused_at_load_naming_key_and_value(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config("mae", [override])
+    assert message in str(error.value)
+
+
+def test_null_settings_that_mean_off_stay_allowed():
+    cfg = load_config("supervised", ["run.max_steps=null", "mask.ratio=0"])  # no mask stage in a supervised run
+    assert cfg.run.max_steps is None and cfg.mask.ratio == 0
+
+
+@pytest.mark.parametrize(
+    "override,right",
+    [
+        ("model.kwargs={depth:2}", 'model.kwargs="{depth: 2}"'),
+        ("model.kwargs={depth:2, embed_dim:32}", 'model.kwargs="{depth: 2, embed_dim: 32}"'),
+    ],
+)
+def test_kwargs_without_a_space_after_the_colon_are_refused_with_the_right_form(override, right):
+    with pytest.raises(ValueError) as error:
+        load_config("mae", [override])
+    assert str(error.value) == (
+        f"model.kwargs key 'depth:2' has no value: YAML needs a space after the colon; write {right}"
+    )
+
+
+def test_kwargs_with_a_null_value_are_refused():
+    with pytest.raises(ValueError, match=r"model.kwargs key 'depth' has no value \(timm would ignore it\)"):
+        load_config("mae", ["model.kwargs={depth: null}"])
+
+
+def test_kwargs_masklab_sets_itself_are_refused_naming_the_config_key():
+    with pytest.raises(
+        ValueError, match=r"model.kwargs key 'img_size' is one masklab sets itself, from data.resolution"
+    ):
+        load_config("mae", ["model.kwargs={img_size: 64}"])
+
+
+def test_an_override_that_is_not_yaml_is_named_with_the_spaced_form():
+    with pytest.raises(ValueError) as error:
+        load_config("mae", ["run.seed=1", "model.kwargs={channels:[8,16]}"])
+    assert str(error.value) == (
+        "override 'model.kwargs={channels:[8,16]}' is not valid YAML (found unexpected ':'); "
+        'YAML needs a space after each colon: model.kwargs="{channels: [8,16]}"'
+    )

@@ -71,3 +71,36 @@ def test_ehm_progress_outside_the_unit_range_is_refused(tmp_path, capsys):
     assert "error: progress values must lie in [0, 1], got [0.5, 1.5]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--progress takes comma-separated numbers, got 'half'"):
         main(["show-masks", "--mask", "ehm", "--progress", "half", "--out", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_no_images_to_draw_names_the_option(n, tmp_path, capsys):
+    assert main(["show-masks", "--mask", "random", "-n", str(n), "--out", str(tmp_path / "x.png")]) == 2
+    assert f"error: -n (images to draw) must be at least 1, got {n}" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def supervised_checkpoint(tmp_path_factory):
+    from masklab.recipes.config import load_config
+    from masklab.recipes.train import train
+
+    out = tmp_path_factory.mktemp("supervised")
+    small = ["data.length=32", "data.batch_size=16", "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"]
+    run = [f"run.out={out}", "run.max_steps=1", "run.progress=false", "eval.at_end=false"]
+    return train(load_config("supervised", [*small, *run])).checkpoint
+
+
+@pytest.mark.parametrize("mask,kind", [("amt", "saliency"), ("ehm", "affinity")])
+def test_guided_masks_refuse_a_checkpoint_whose_model_offers_no_guidance(
+    mask, kind, supervised_checkpoint, tmp_path, capsys
+):
+    args = ["show-masks", "--mask", mask, "--checkpoint", str(supervised_checkpoint), "--size", "32", "-n", "2"]
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: --mask {mask} needs a model's {kind} guidance, and checkpoint {supervised_checkpoint} holds a "
+        "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives mae, "
+        "simmim," in err
+    )
+    assert "Traceback" not in err
