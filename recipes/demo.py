@@ -95,6 +95,7 @@ def run_demo(
         f"data.train={data['train']}",
         f"data.test={data['test']}",
         f"run.out={out_dir / 'mae'}",
+        "run.overwrite=true",  # a demo run starts afresh each time
         f"run.device={device}",
         f"run.epochs={epochs or 30}",
         *(extra or []),
