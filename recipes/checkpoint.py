@@ -294,8 +294,7 @@ def checkpoint_backbone(config: dict[str, Any] | None) -> str:
 
 
 def _some(names: list[str], count: int = 3) -> str:
-    shown = ", ".join(names[:count])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > count else "")
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
 def fit_weights(
@@ -329,13 +328,10 @@ def fit_weights(
         if k in own and isinstance(own[k], torch.Tensor) and tuple(weights[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or reshaped:
-        problems = [
-            f"{len(names)} {kind}: {_some(names)}"
-            for kind, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
-            if names
-        ]
+        kinds = (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+        problems = "; ".join(f"{len(names)} {kind}: {_some(names)}" for kind, names in kinds if names)
         raise CheckpointError(
             f"checkpoint {source} does not fit this model: it holds a {checkpoint_model} backbone, this run builds "
-            f"{model}; keys {'; '.join(problems)}"
+            f"{model} (keys {problems})"
         )
     module.load_state_dict(weights, strict=not optional)
