@@ -126,8 +126,7 @@ def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port
         textwrap.dedent(
             f"""
             import os, torch
-            from masklab.recipes.checkpoint import load_checkpoint
-from masklab.recipes.config import load_config
+            from masklab.recipes.config import load_config
             from masklab.recipes.train import train
             result = train(load_config({recipe!r}, {overrides!r}))
             torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"])}},
@@ -248,8 +247,7 @@ def test_two_processes_share_one_amt_cache(tmp_path):
         textwrap.dedent(
             f"""
             import os, torch
-            from masklab.recipes.checkpoint import load_checkpoint
-from masklab.recipes.config import load_config
+            from masklab.recipes.config import load_config
             from masklab.recipes.train import train
             result = train(load_config("mae_amt", {overrides!r}))
             stage = list(result.stages)[1]
