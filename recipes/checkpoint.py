@@ -237,8 +237,11 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, training_state
         if not weights_file.is_file():
             raise CheckpointError(f"{path} is not a masklab checkpoint: it has no {MODEL_FILE}")
         model, metadata = _read_weights(weights_file)
-        config = json.loads(metadata["config"]) if "config" in metadata else None
-        update = int(metadata["update"]) if "update" in metadata else None
+        try:
+            config = json.loads(metadata["config"]) if "config" in metadata else None
+            update = int(metadata["update"]) if "update" in metadata else None
+        except ValueError as error:
+            raise CheckpointError(f"{weights_file} has unreadable metadata (config or update): {error}") from None
         state: dict[str, Any] = {}
         if training_state:
             state_file = path / STATE_FILE if path.is_dir() else weights_file.with_name(STATE_FILE)
