@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,23 +188,38 @@ def _source(source: Any):
 
 
 def replace_atomically(write, path: str | os.PathLike, sidecar=None) -> None:
-    """``write(tmp)`` a temporary file beside ``path`` (and ``sidecar()``'s JSON beside it), then rename.
+    """``write(tmp)`` a temporary file or folder beside ``path`` (and ``sidecar()``'s JSON beside it), then rename.
 
     The data file is renamed last, so its presence means the write finished;
-    a failed write leaves ``path`` as it was and no temporary file behind.
+    a failed write leaves ``path`` as it was and no temporary file or folder
+    behind. ``write`` may make ``tmp`` a folder (a checkpoint of several
+    files): a folder already at ``path`` is moved aside, replaced, then
+    removed, and put back if the replacement fails.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     side_tmp = _sidecar(tmp)
+    aside = path.with_name(f".{path.name}.{os.getpid()}.old")
     try:
         write(tmp)
         if sidecar is not None:
             side_tmp.write_text(json.dumps(sidecar(), indent=1))
             os.replace(side_tmp, _sidecar(path))
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():
+            # os.replace cannot rename a folder over a non-empty one.
+            os.replace(path, aside)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+        else:
+            os.replace(tmp, path)
     finally:
-        for leftover in (tmp, side_tmp):
-            if leftover.exists():
+        for leftover in (tmp, side_tmp, aside):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            elif leftover.exists() or leftover.is_symlink():
                 leftover.unlink()
 
 

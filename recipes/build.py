@@ -301,15 +301,19 @@ def _maskdeep(cfg: TrainConfig, backbone: nn.Module) -> MaskDeep:
     return MaskDeep(backbone, tuple(m.strides), m.ratio, m.groups, o.targets, **options)
 
 
-def _load_backbone_weights(module: nn.Module, checkpoint: str, prefix: str = "backbone.model.") -> None:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "backbone.model.") -> None:
+    """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh."""
+    from .checkpoint import checkpoint_backbone, fit_weights, load_checkpoint
+
+    checkpoint = load_checkpoint(cfg.model.init, trust=cfg.run.trust_checkpoint, training_state=False)
+    weights = {k[len(prefix) :]: v for k, v in checkpoint.model.items() if k.startswith(prefix)}
     if not weights:
-        raise ValueError(f"checkpoint {checkpoint} holds no backbone weights (no keys starting with {prefix!r})")
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    logger.info(
-        "loaded %d tensors from %s (%d missing, %d unexpected)", len(weights), checkpoint, len(missing), len(unexpected)
-    )
+        raise ValueError(f"checkpoint {cfg.model.init} holds no backbone weights (no keys starting with {prefix!r})")
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    requested = checkpoint_backbone({"model": {"backbone": cfg.model.backbone, "kwargs": cfg.model.kwargs}})
+    fit_weights(model, weights, cfg.model.init, checkpoint_backbone(checkpoint.config), requested, optional=heads)
+    logger.info("initialised the backbone from %s (%d tensors; %s trained afresh)", cfg.model.init, len(weights), heads)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -343,7 +347,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
                 **cfg.model.kwargs,
             )
         if cfg.model.init:
-            _load_backbone_weights(model, cfg.model.init)
+            _load_backbone_weights(model, cfg)
         return Supervised(model, classes, cfg.objective.label_smoothing)
     raise ValueError(f"task {cfg.task!r} does not train a model")
 

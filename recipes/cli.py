@@ -99,6 +99,10 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    if args.trust_checkpoint:
+        overrides.append("run.trust_checkpoint=true")
     result = train(load_config(args.config, overrides))
     if result.knn is not None:
         print(f"kNN accuracy of the trained encoder: {result.knn:.4f}")
@@ -114,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.train={args.data}")
     if args.test:
         overrides.append(f"data.test={args.test}")
-    for name, value in evaluate_checkpoint(args.checkpoint, args.kind, overrides).items():
+    for name, value in evaluate_checkpoint(args.checkpoint, args.kind, overrides, args.trust_checkpoint).items():
         print(f"{name} accuracy: {value:.4f}")
     return 0
 
@@ -142,6 +146,7 @@ def _show_masks(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint=args.checkpoint,
         progress=_floats(args.progress, "--progress"),
+        trust_checkpoint=args.trust_checkpoint,
     )
     print(f"wrote {path}")
     return 0
@@ -192,6 +197,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"failed: {', '.join(report.failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+TRUST_HELP = (
+    "unpickle a checkpoint that does not load as plain tensors and values (an older single-file .pt): "
+    "this runs any code the file carries, so only for files you made or trust"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--progress", default="0.1,0.5,0.9", help="ehm: training progress values to draw, comma-separated"
     )
+    show.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     show.set_defaults(func=_show_masks)
 
     demo = sub.add_parser(
@@ -279,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="a YAML file, or a recipe name from masklab/recipes/configs (mae, simmim, ...)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 run.epochs=5")
-    train.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in run.out")
+    train.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in run.out that loads")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run's metrics and checkpoints in run.out first"
+    )
+    train.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP + " (--resume, model.init)")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser(
@@ -288,11 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint's frozen encoder: kNN (cosine, k=20, temperature) or a linear probe.",
     )
     evaluate.add_argument("kind", choices=["knn", "linear"], help="which evaluation")
-    evaluate.add_argument("checkpoint", help="a checkpoint file, or 'random' for the config's encoder at random init")
+    evaluate.add_argument(
+        "checkpoint", help="a checkpoint (a ckpt-UPDATE folder), or 'random' for the config's encoder at random init"
+    )
     evaluate.add_argument("--data", default=None, help="training images: a .beton or builtin:NAME (default: the run's)")
     evaluate.add_argument(
         "--test", default=None, help="test images: a .beton or builtin:NAME:test (default: the run's)"
     )
+    evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("overrides", nargs="*", help="dotted config overrides")
     evaluate.set_defaults(func=_eval)
 
@@ -371,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:
         print(f"masklab {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -139,6 +139,8 @@ class RunConfig:
     ckpt_every: int = 200  # updates between checkpoints (and one at the end)
     keep: int = 3  # checkpoints kept
     resume: str | None = None  # a checkpoint path, or "auto" for the latest in `out`
+    overwrite: bool = False  # a fresh run into an `out` holding a previous run's outputs deletes them first
+    trust_checkpoint: bool = False  # unpickle checkpoints (resume, model.init) that need it: runs any code they carry
     progress: bool = True
     record_indices: bool = False  # keep the dataset indices each rank trained on (debugging, tests)
 

@@ -154,6 +154,7 @@ def run_demo(
         f"data.train={data['train']}",
         f"data.test={data['test']}",
         f"run.out={_run_dir(out_dir, seed)}",
+        "run.overwrite=true",  # a demo run starts afresh each time
         f"run.device={device}",
         f"run.seed={seed}",
     ]

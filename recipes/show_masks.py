@@ -125,30 +125,18 @@ def draw_mask_picture(rows: list[tuple[str, torch.Tensor]], path: Path, title: s
     plt.close(fig)
 
 
-def _guide(images: torch.Tensor, checkpoint: str | None, patch_size: int, kind: str):
-    """``(guide, images_in, patch_size)``: a trained model's guidance of ``kind`` (its normalisation
-    applied to the images), or a random-init 4-block ViT's without a checkpoint."""
+def _guide(images: torch.Tensor, trained, patch_size: int, kind: str):
+    """``(guide, images_in, patch_size)``: a trained ``(config, model)``'s guidance of ``kind`` (its
+    normalisation applied to the images), or a random-init 4-block ViT's without one."""
     from masklab.objectives import ViTBackbone
 
-    from .train import load_trained
-
     size = images.shape[-1]
-    if checkpoint is None:
+    if trained is None:
         backbone = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=size, patch_size=patch_size, depth=4).eval()
         if kind == "saliency":
             return (lambda x, grid: backbone.saliency(x, grid)), images, patch_size
         return (lambda x, grid: backbone.affinity(x)), images, patch_size
-    cfg, model = load_trained(checkpoint)
-    if not hasattr(model, "guidance"):
-        from masklab.objectives import OBJECTIVES
-
-        guided = [name for name, make in OBJECTIVES.items() if hasattr(getattr(make, "func", make), "guidance")]
-        mask = "amt" if kind == "saliency" else "ehm"
-        raise ValueError(
-            f"--mask {mask} needs a model's {kind} guidance, and checkpoint {checkpoint} holds a "
-            f"{type(model).__name__} model (task {cfg.task!r}) that offers none; give a pretraining checkpoint "
-            f"(objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
-        )
+    cfg, model = trained
     if cfg.data.resolution != size:
         raise ValueError(f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}")
     from masklab.transforms import Normalize
@@ -159,10 +147,10 @@ def _guide(images: torch.Tensor, checkpoint: str | None, patch_size: int, kind: 
     return model.guidance(kind), images_in, patch_size_of(cfg, model.backbone.family)
 
 
-def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, ratio: float | None, seed: int):
+def _amt_rows(images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int):
     """Saliency of a trained model (or a random-init ViT) and the AMT masks it drives."""
     size = images.shape[-1]
-    guide, images_in, patch_size = _guide(images, checkpoint, patch_size, "saliency")
+    guide, images_in, patch_size = _guide(images, trained, patch_size, "saliency")
     grid = (size // patch_size, size // patch_size)
     stage = AttentionMask(
         num_samples=len(images), ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
@@ -175,7 +163,7 @@ def _amt_rows(images: torch.Tensor, checkpoint: str | None, patch_size: int, rat
     heat_rgb = torch.stack([heat, heat * 0.4, 1 - heat], dim=1)
     m = out.mask
     label = f"{m.grid[0]}x{m.grid[1]}: masked {m.num_masked}, thrown {m.num_thrown}"
-    source = "trained saliency" if checkpoint else "saliency (random init)"
+    source = "trained saliency" if trained else "saliency (random init)"
     return [
         ("image", images),
         (source, 0.5 * images + 0.5 * heat_rgb),
@@ -192,7 +180,7 @@ def region_colours(regions: torch.Tensor, size: int, seed: int = 0) -> torch.Ten
 
 def _ehm_rows(
     images: torch.Tensor,
-    checkpoint: str | None,
+    trained,
     patch_size: int,
     ratio: float | None,
     seed: int,
@@ -200,7 +188,7 @@ def _ehm_rows(
 ):
     """EHM's regions (from a model's affinity) and masks at several points of training."""
     size = images.shape[-1]
-    guide, images_in, patch_size = _guide(images, checkpoint, patch_size, "affinity")
+    guide, images_in, patch_size = _guide(images, trained, patch_size, "affinity")
     stage = HierarchicalMask(0.75 if ratio is None else ratio, patch_size)
     stage.bind(guide)
     rows = [("image", images)]
@@ -225,6 +213,7 @@ def show_masks(
     seed: int = 0,
     checkpoint: str | None = None,
     progress: tuple[float, ...] = (0.1, 0.5, 0.9),
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Draw ``mask`` over ``n`` images and save the picture to ``out``.
 
@@ -232,22 +221,38 @@ def show_masks(
     random-init ViT without one), drawn as a heat map too. For ``ehm`` the
     regions of the model's affinity tree and the masks are drawn at each
     training ``progress`` (the checkpoint's EMA teacher, or a random-init ViT).
+    The checkpoint's weights and config are read without unpickling anything
+    unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`).
     """
+    from .train import load_trained
+
     if n < 1:
         raise ValueError(f"-n (images to draw) must be at least 1, got {n}")
     stage = build_mask_stage(mask, patch_size, ratio, size)
     images = load_images(n, size, data, seed)
+    trained = load_trained(checkpoint, trust=trust_checkpoint) if checkpoint and mask in ("amt", "ehm") else None
+    if trained is not None and not hasattr(trained[1], "guidance"):
+        from masklab.objectives import OBJECTIVES
+
+        cfg, model = trained
+        kind = "saliency" if mask == "amt" else "affinity"
+        guided = [name for name, make in OBJECTIVES.items() if hasattr(getattr(make, "func", make), "guidance")]
+        raise ValueError(
+            f"--mask {mask} needs a model's {kind} guidance, and checkpoint {checkpoint} holds a "
+            f"{type(model).__name__} model (task {cfg.task!r}) that offers none; give a pretraining checkpoint "
+            f"(objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
+        )
     if mask == "amt":
-        rows = _amt_rows(images, checkpoint, patch_size, ratio, seed)
+        rows = _amt_rows(images, trained, patch_size, ratio, seed)
         title = f"amt: ratio={0.45 if ratio is None else ratio}, throw_ratio=0.4, " + (
-            "trained saliency" if checkpoint else "random-init saliency"
+            "trained saliency" if trained else "random-init saliency"
         )
     elif mask == "ehm":
         if not progress or not all(0 <= t <= 1 for t in progress):
             raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
-        rows = _ehm_rows(images, checkpoint, patch_size, ratio, seed, tuple(progress))
+        rows = _ehm_rows(images, trained, patch_size, ratio, seed, tuple(progress))
         title = f"ehm: ratio={stage.ratio}, " + (
-            "the checkpoint's affinity (its EMA teacher's, if any)" if checkpoint else "random-init affinity"
+            "the checkpoint's affinity (its EMA teacher's, if any)" if trained else "random-init affinity"
         )
     else:
         rows = _rows_for(stage, images, seed)

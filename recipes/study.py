@@ -236,7 +236,9 @@ def _run_one(
         torch.manual_seed(seed)
         model, updates = build_model(cfg).eval(), 0
     else:
-        cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
+        # A run that did not finish (its scores are not in results.json) is trained again from the start.
+        again = [f"run.seed={seed}", f"run.out={run_out}", "run.overwrite=true"]
+        cfg = load_config(arm.recipe, [*arm.overrides, *common, *again])
         trained = train(cfg)
         model, updates = trained.model.eval(), trained.updates
     device = next(model.parameters()).device

@@ -24,18 +24,19 @@ from .build import (
     family_of,
     sync_batchnorm,
 )
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_backbone, fit_weights, save_checkpoint
+from .checkpoint import load_checkpoint as read_checkpoint
 from .config import TrainConfig, save_config, to_dict
+from .run_folder import RunLock, check_resumed_config, find_resume, prepare_fresh_run
 
 __all__ = [
     "TrainResult",
     "evaluate_checkpoint",
     "evaluate_encoder",
     "evaluate_knn",
-    "latest_checkpoint",
     "load_trained",
     "plot_losses",
     "refresh_caches",
-    "save_checkpoint",
     "train",
 ]
 
@@ -84,21 +85,6 @@ def make_accelerator(cfg: TrainConfig):
         log_with=log_with or None,
         project_dir=cfg.run.out,
     )
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("ckpt-*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(state: dict[str, Any], folder: Path, update: int, keep: int) -> Path:
-    """Write ``ckpt-UPDATE.pt`` under a temporary name, rename it, keep the last ``keep``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ckpt-{update:08d}.pt"
-    replace_atomically(lambda tmp: torch.save(state, tmp), path)
-    for old in sorted(folder.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink()
-    return path
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
@@ -249,29 +235,77 @@ def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -
     return evaluate_encoder(cfg, encoder, device, family, ("knn",))["knn"]
 
 
-def _resume_path(cfg: TrainConfig) -> Path | None:
-    if cfg.run.resume is None:
-        return None
-    if cfg.run.resume == "auto":
-        return latest_checkpoint(checkpoint_dir(cfg))
-    path = Path(cfg.run.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return path
+TRAINING_STATE = ("optimizer", "scheduler", "loader", "stages", "rng")
+
+
+def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | None:
+    """Lock the run folder, read the checkpoint to resume and check it against ``cfg``, or clear the
+    folder for a fresh run; write ``config.yaml`` only once all of that passed. Returns the checkpoint."""
+    out = Path(cfg.run.out)
+    if cfg.run.resume is not None and cfg.run.overwrite:
+        raise ValueError(
+            f"run.resume={cfg.run.resume!r} and run.overwrite=true: overwrite deletes the checkpoints a resume "
+            "reads; give one of --resume and --overwrite"
+        )
+    if main:
+        lock.acquire()
+    resume = find_resume(cfg, announce=main)
+    if resume is not None:
+        check_resumed_config(resume, cfg)
+        lacking = [key for key in TRAINING_STATE if key not in resume.state]
+        if resume.update is None or lacking:
+            raise CheckpointError(
+                f"checkpoint {resume.path} holds weights but not a training state to resume "
+                f"(missing: {lacking or ['update']})"
+            )
+    if main:
+        if resume is None:
+            prepare_fresh_run(out, cfg.run.overwrite)
+        replace_atomically(lambda tmp: save_config(cfg, tmp), out / "config.yaml")
+    return resume
+
+
+def _agree(accelerator, prepare):
+    """``prepare()`` on every process; if any process fails, every process raises (none waits forever)."""
+    try:
+        result, failure = prepare(), None
+    except (ValueError, OSError) as error:
+        result, failure = None, error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = [m for m in gather_object([None if failure is None else str(failure)]) if m]
+        if messages and failure is None:
+            raise RuntimeError(f"another process refused the run: {messages[0]}")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run ``cfg``: pretrain or train a classifier, checkpoint, log, evaluate kNN at the end."""
+    """Run ``cfg``: pretrain or train a classifier, checkpoint, log, evaluate kNN at the end.
+
+    The main process holds a lock on ``cfg.run.out`` while it runs. A fresh
+    run into a folder holding a previous run's outputs is refused unless
+    ``run.overwrite``; a resume is refused if its config changes the
+    checkpoint's schedule, model or data.
+    """
+    accelerator = make_accelerator(cfg)
+    lock = RunLock(cfg.run.out)
+    try:
+        resume = _agree(accelerator, lambda: _prepare_run(cfg, accelerator.is_main_process, lock))
+        return _train(cfg, accelerator, resume)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainResult:
     from accelerate.utils import set_seed
     from timm.scheduler import CosineLRScheduler
     from tqdm.auto import tqdm
 
-    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out = Path(cfg.run.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     set_seed(cfg.run.seed)
     model = sync_batchnorm(cfg, build_model(cfg), accelerator.device, accelerator.num_processes)
     family = family_of(model)
@@ -294,20 +328,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     raw = accelerator.unwrap_model(model)
 
     update = 0
-    resume = _resume_path(cfg)
     csv_path = out / "metrics.csv"
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        raw.load_state_dict(state["model"])
+        backbone = checkpoint_backbone(to_dict(cfg))
+        fit_weights(raw, resume.model, resume.path, checkpoint_backbone(resume.config), backbone)
+        state = resume.state
         optimizer.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         loader.chain.load_state_dict(state["stages"])
         torch.set_rng_state(state["rng"]["torch"])
-        update = int(state["update"])
+        update = int(resume.update)
         if main:
             _keep_rows_until(csv_path, update)
-        logger.info("resumed from %s at update %d", resume, update)
+        logger.info("resumed from %s at update %d", resume.path, update)
     scheduler.step_update(update)
     if main:
         accelerator.init_trackers("masklab", config=_flat(to_dict(cfg)))
@@ -315,16 +349,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             with open(csv_path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
 
-    def snapshot() -> dict[str, Any]:
+    def training_state() -> dict[str, Any]:
         return {
-            "model": raw.state_dict(),
             "optimizer": optimizer.optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "stages": loader.chain.state_dict(),
-            "update": update,
             "rng": {"torch": torch.get_rng_state()},
-            "config": to_dict(cfg),
         }
 
     progress = tqdm(
@@ -389,7 +420,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 pending = []
             if update % cfg.run.ckpt_every == 0 or update >= stop_at:
                 if main:
-                    last_path = save_checkpoint(snapshot(), checkpoint_dir(cfg), update, cfg.run.keep)
+                    last_path = save_checkpoint(
+                        checkpoint_dir(cfg), update, raw.state_dict(), training_state(), to_dict(cfg), cfg.run.keep
+                    )
                 accelerator.wait_for_everyone()
             if update >= stop_at:
                 break
@@ -424,47 +457,47 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_trained(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()):
+def load_trained(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), trust: bool = False):
     """``(config, model)`` of a checkpoint (its config, then ``overrides``), weights loaded, in eval mode.
 
+    Only the checkpoint's weights and config are read (``model.safetensors``), never unpickled
+    unless ``trust`` and the checkpoint is an older single ``.pt`` file that needs it.
     ``checkpoint`` may be ``random``: the model of ``overrides``' config at random initialisation.
-    """
-    from omegaconf import OmegaConf
 
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        CheckpointError: not a checkpoint, refused (see :func:`~masklab.recipes.checkpoint.load_checkpoint`),
+            no config recorded, or weights that do not fit the model the config builds.
+    """
+    from .checkpoint import trained_config
     from .config import load_config
 
     if str(checkpoint) == "random":
-        state = None
+        trained = None
         cfg = load_config(None, list(overrides))
     else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.config.yaml")
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(state["config"])))
-        try:
-            cfg = load_config(tmp, list(overrides))
-        finally:
-            tmp.unlink()
+        trained = read_checkpoint(checkpoint, trust=trust, training_state=False)
+        cfg = trained_config(trained, overrides)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
+    if trained is not None:
+        source, requested = checkpoint_backbone(trained.config), checkpoint_backbone(to_dict(cfg))
+        fit_weights(model, trained.model, trained.path, source, requested)
     return cfg, model.eval()
 
 
 def evaluate_checkpoint(
-    checkpoint: str | os.PathLike, kind: str = "knn", overrides: list[str] | tuple[str, ...] = ()
+    checkpoint: str | os.PathLike, kind: str = "knn", overrides: list[str] | tuple[str, ...] = (), trust: bool = False
 ) -> dict[str, float]:
     """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
 
     ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
     config at random initialisation (the baseline a trained one must beat).
+    ``trust``: see :func:`load_trained`.
     """
     if kind not in ("knn", "linear"):
         raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
-    cfg, model = load_trained(checkpoint, overrides)
+    cfg, model = load_trained(checkpoint, overrides, trust)
     device = (
         torch.device("cpu")
         if cfg.run.device in ("auto", "cpu") and not torch.cuda.is_available()

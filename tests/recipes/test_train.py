@@ -1,4 +1,5 @@
 import csv
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -6,6 +7,7 @@ import textwrap
 import pytest
 import torch
 
+from masklab.recipes.checkpoint import load_checkpoint
 from masklab.recipes.config import load_config
 from masklab.recipes.train import evaluate_checkpoint, train
 
@@ -49,9 +51,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     stopped = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=2", "run.stop_at=5"]))
     assert stopped.updates == 5
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
-        "ckpt-00000002.pt",
-        "ckpt-00000004.pt",
-        "ckpt-00000005.pt",
+        "ckpt-00000002",
+        "ckpt-00000004",
+        "ckpt-00000005",
     ]
     resumed = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=2", "run.resume=auto"]))
     assert resumed.updates == 12
@@ -67,11 +69,11 @@ def test_resume_from_a_middle_checkpoint_after_a_crash_drops_the_lost_rows(tmp_p
     out = tmp_path / "run"
     train(load_config("mae", [*TINY, f"run.out={out}", "run.ckpt_every=4", "run.stop_at=7", "run.keep=5"]))
     # A crash after update 7: the checkpoint of update 7 never made it.
-    (out / "checkpoints" / "ckpt-00000007.pt").unlink()
+    shutil.rmtree(out / "checkpoints" / "ckpt-00000007")
     train(
         load_config(
             "mae",
-            [*TINY, f"run.out={out}", "run.ckpt_every=4", f"run.resume={out / 'checkpoints' / 'ckpt-00000004.pt'}"],
+            [*TINY, f"run.out={out}", "run.ckpt_every=4", f"run.resume={out / 'checkpoints' / 'ckpt-00000004'}"],
         )
     )
     full = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'full'}"]))
@@ -85,7 +87,8 @@ def test_outputs_keep_last_k_and_leave_no_temporary_files(tmp_path):
     out = tmp_path / "run"
     result = train(load_config("mae", [*TINY, f"run.out={out}", "run.ckpt_every=1", "run.keep=2"]))
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["ckpt-00000011.pt", "ckpt-00000012.pt"]
+    assert names == ["ckpt-00000011", "ckpt-00000012"]
+    assert sorted(p.name for p in (out / "checkpoints" / names[-1]).iterdir()) == ["model.safetensors", "state.pt"]
     assert (out / "loss.png").exists() and (out / "config.yaml").exists()
     assert len(losses_of(out)) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     with open(out / "metrics.csv") as f:
@@ -179,7 +182,7 @@ def test_finetune_from_a_pretraining_checkpoint_with_layer_decay_and_lars(tmp_pa
             ],
         )
     )
-    state = torch.load(pre.checkpoint, weights_only=False)["model"]
+    state = load_checkpoint(pre.checkpoint, training_state=False).model
     assert tuned.updates == 2
     # The classifier started from the pretrained encoder: its patch embedding moved only by two small steps.
     start = state["backbone.model.patch_embed.proj.weight"]
@@ -209,7 +212,7 @@ def test_amt_refreshes_on_schedule_and_resume_restores_the_cache(tmp_path):
     stage = next(s for s in _loader_stages(full) if hasattr(s, "refreshes"))
     assert int(stage.refreshes) == 3  # epochs 1, 2 and 3 of 4 (every 10%, at least one epoch)
     train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=7"]))
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000007.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000007").state
     assert state["stages"]["stages.1._extra_state"]["refreshes"] == 1  # refreshed at the start of epoch 1 (updates 5-8)
     resumed = train(load_config("mae_amt", [*amt, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
     a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")

@@ -1,0 +1,197 @@
+"""Checkpoints: safetensors weights and a weights-only state; nothing read from a file runs code."""
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from masklab.recipes import checkpoint as checkpoint_module
+from masklab.recipes.checkpoint import CheckpointError, load_checkpoint
+from masklab.recipes.cli import main
+from masklab.recipes.config import load_config
+from masklab.recipes.train import load_trained, train
+
+from .test_train import TINY
+
+
+class WritesAFile:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-update MAE run with a checkpoint after each update."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = train(load_config("mae", [*TINY, f"run.out={out}", "run.max_steps=2", "run.ckpt_every=1"]))
+    return result
+
+
+@pytest.fixture
+def crafted(tmp_path, trained):
+    """``(file, marker)``: a checkpoint-like ``.pt`` whose unpickling would create ``marker``."""
+    marker = tmp_path / "ran-code"
+    file = tmp_path / "evil.pt"
+    config = json.loads(safe_open(trained.checkpoint / "model.safetensors", "pt").metadata()["config"])
+    torch.save({"model": WritesAFile(marker), "config": config, "update": 2}, file)
+    return file, marker
+
+
+def crafted_folder(tmp_path, trained, marker):
+    """A real checkpoint folder whose ``state.pt`` would create ``marker`` when unpickled."""
+    folder = tmp_path / "ckpt-00000002"
+    shutil.copytree(trained.checkpoint, folder)
+    torch.save({"optimizer": WritesAFile(marker)}, folder / "state.pt")
+    return folder
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code, err, file, marker):
+    assert code == 2
+    assert f"refused to load {file}: it is not only tensors and plain Python values" in err
+    assert "unsupported GLOBAL posix.system" in err  # says why: the callable it would run
+    assert "pass --trust-checkpoint (config: run.trust_checkpoint=true)" in err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_is_a_folder_of_safetensors_weights_and_a_weights_only_state(trained):
+    folder = trained.checkpoint
+    assert folder.name == "ckpt-00000002" and sorted(p.name for p in folder.iterdir()) == [
+        "model.safetensors",
+        "state.pt",
+    ]
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+        for name, value in trained.model.state_dict().items():
+            torch.testing.assert_close(f.get_tensor(name), value, rtol=0, atol=0)
+    assert metadata["update"] == "2" and json.loads(metadata["config"])["model"]["backbone"] == "vit_tiny_patch16_224"
+    state = torch.load(folder / "state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "loader", "stages", "rng", "update"} <= set(state)
+
+
+def test_eval_refuses_a_crafted_checkpoint_and_never_runs_it(crafted, capsys):
+    file, marker = crafted
+    assert_refused(*run_cli(["eval", "knn", str(file)], capsys), file, marker)
+
+
+def test_show_masks_refuses_a_crafted_checkpoint_and_never_runs_it(crafted, tmp_path, capsys):
+    file, marker = crafted
+    argv = ["show-masks", "--mask", "amt", "--checkpoint", str(file), "--out", str(tmp_path / "m.png")]
+    assert_refused(*run_cli(argv, capsys), file, marker)
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_finetune_refuses_a_crafted_model_init_and_never_runs_it(crafted, tmp_path, capsys):
+    file, marker = crafted
+    argv = ["train", "finetune", *TINY, f"run.out={tmp_path / 'ft'}", f"model.init={file}"]
+    assert_refused(*run_cli(argv, capsys), file, marker)
+    assert not (tmp_path / "ft" / "metrics.csv").exists()
+
+
+def test_train_resume_refuses_a_crafted_checkpoint_and_never_runs_it(crafted, tmp_path, capsys):
+    file, marker = crafted
+    argv = ["train", "mae", *TINY, f"run.out={tmp_path / 'run'}", "--resume", str(file)]
+    assert_refused(*run_cli(argv, capsys), file, marker)
+
+
+def test_train_resume_refuses_a_checkpoint_folder_with_a_crafted_state(trained, tmp_path, capsys):
+    marker = tmp_path / "ran-code"
+    folder = crafted_folder(tmp_path, trained, marker)
+    argv = ["train", "mae", *TINY, f"run.out={tmp_path / 'run'}", "--resume", str(folder)]
+    assert_refused(*run_cli(argv, capsys), folder / "state.pt", marker)
+    # Evaluating it reads the weights and their config only: the crafted state is never opened.
+    load_trained(folder)
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_unpickles_with_a_warning(crafted, caplog):
+    file, marker = crafted
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="is not a masklab checkpoint"):
+        load_checkpoint(file, trust=True)
+    assert marker.exists()  # the crafted file is live: only the flag let it run
+    assert f"unpickling {file} (--trust-checkpoint): this runs any code the file carries" in caplog.text
+
+
+def test_an_older_single_file_checkpoint_of_plain_values_still_loads(trained, tmp_path):
+    file = tmp_path / "ckpt-00000002.pt"
+    old = load_checkpoint(trained.checkpoint)
+    torch.save({"model": old.model, "config": old.config, "update": 2, **old.state}, file)
+    cfg, model = load_trained(file)
+    assert cfg.model.kwargs == {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    for name, value in trained.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
+def test_a_truncated_checkpoint_is_named_as_incomplete(trained, tmp_path, damaged):
+    folder = tmp_path / "ckpt-00000002"
+    shutil.copytree(trained.checkpoint, folder)
+    data = (folder / damaged).read_bytes()
+    (folder / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{folder / damaged} is not a complete checkpoint"):
+        load_checkpoint(folder)
+
+
+def test_a_checkpoint_without_a_config_is_a_clear_error(trained, tmp_path, capsys):
+    folder = tmp_path / "ckpt-00000002"
+    folder.mkdir()
+    save_file(dict(trained.model.state_dict()), folder / "model.safetensors")  # no metadata
+    shutil.copy(trained.checkpoint / "state.pt", folder / "state.pt")
+    code, err = run_cli(["eval", "knn", str(folder)], capsys)
+    assert code == 2 and f"checkpoint {folder} records no training config" in err
+    code, err = run_cli(["train", "mae", *TINY, f"run.out={tmp_path / 'run'}", "--resume", str(folder)], capsys)
+    assert code == 2 and f"checkpoint {folder} records no training config, so a resume cannot check" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "state.pt"]
+
+
+def test_a_checkpoint_of_another_architecture_names_both_backbones(trained, tmp_path, capsys):
+    argv = ["train", "finetune", f"run.out={tmp_path / 'ft'}", "model.backbone=resnet18", "run.progress=false"]
+    code, err = run_cli([*argv, f"model.init={trained.checkpoint}"], capsys)
+    assert code == 2
+    assert (
+        f"checkpoint {trained.checkpoint} does not fit this model: it holds a 'vit_tiny_patch16_224' with "
+        "{'depth': 1, 'embed_dim': 32, 'num_heads': 2} backbone, this run builds 'resnet18' (keys " in err
+    )
+    assert re.search(r"keys \d+ missing: conv1.weight, bn1.weight, bn1.bias, \.\.\.; \d+ unexpected: blocks", err)
+    assert len(err) < 600  # a few keys, not torch's wall of every key
+    code, err = run_cli(["eval", "knn", str(trained.checkpoint), "model.kwargs.depth=2"], capsys)
+    assert code == 2
+    assert "this run builds 'vit_tiny_patch16_224' with {'depth': 2, 'embed_dim': 32, 'num_heads': 2}" in err
+    assert "(keys 12 missing: backbone.model.blocks.1.norm1.weight, " in err
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_older_checkpoints(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real, calls = checkpoint_module.save_file, []
+
+    def fill_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) < 3:
+            return real(tensors, path, metadata=metadata)
+        path.write_bytes(b"\0" * 100)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", fill_the_disk)
+    code, err = run_cli(["train", "mae", *TINY, f"run.out={out}", "run.ckpt_every=1", "run.max_steps=4"], capsys)
+    assert code == 2
+    assert f"the disk is full: checkpoint ckpt-00000003 could not be written to {out / 'checkpoints'}" in err
+    assert "the older checkpoints are kept (ckpt-00000001, ckpt-00000002)" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
+    assert load_checkpoint(out / "checkpoints" / "ckpt-00000002").update == 2
+    assert not (out / "masklab.lock").exists()  # the failed run let go of its folder
