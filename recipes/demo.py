@@ -226,8 +226,8 @@ def demo_markdown(result) -> str:
     minutes = [trained[s]["seconds"] / 60 for s in seeds]
     lines = [
         f"Measured on this project's 2-core CPU machine ({trained[seeds[0]]['updates']} updates, "
-        f"{statistics.mean(minutes):.1f} min a run on average, slowest {max(minutes):.1f} min), "
-        "accuracy on the 1000 test images (8 classes, chance 0.125):",
+        f"{statistics.mean(minutes):.1f} min a run on average, slowest {max(minutes):.1f} min; the first seed's "
+        "run also writes the data and draws the pictures), accuracy on the 1000 test images (8 classes, chance 0.125):",
         "",
         "| seed | kNN, pretrained | kNN, random init | linear, pretrained | linear, random init | linear gain |",
         "|---:|---:|---:|---:|---:|---:|",
