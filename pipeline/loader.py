@@ -16,7 +16,12 @@ measures all three). In :class:`DatasetLoader`, on the device with kornia.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import queue
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,6 +38,8 @@ from .stage import Chain, derive_seed
 from .writer import to_hwc_uint8
 
 __all__ = ["Loader", "DatasetLoader"]
+
+logger = logging.getLogger(__name__)
 
 StageLike = nn.Module | Callable[[Batch], Batch]
 _ORDERS = ("random", "sequential")
@@ -182,6 +189,15 @@ class _BatchLoader:
         """Start the next iteration at the beginning of ``epoch``."""
         self.epoch, self.step = int(epoch), 0
 
+    def close(self) -> None:
+        """Stop the reading of any epoch in flight; the loader can iterate again afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _ffcv_loader_class():
     require_ffcv("masklab.pipeline.Loader")
@@ -202,6 +218,56 @@ def _ffcv_loader_class():
             return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     return OrderedFFCVLoader
+
+
+_STOP_TIMEOUT_S = 60.0
+
+
+def _stop_epoch_thread(epoch: Any) -> None:
+    """Stop and join the thread of an FFCV ``EpochIterator``, then release its memory context.
+
+    A thread left running when the interpreter exits aborts the process
+    (``terminate called without an active exception``, exit code 134). FFCV's
+    thread looks at its terminate event only while its output queue is full,
+    and puts its end-of-epoch marker with a blocking ``put``: so it is handed
+    no further batch, and its queue is emptied until it returns, which costs
+    at most the batch it is decoding (or, on the first epoch, numba's compile).
+    """
+    epoch.iter_ixes = iter(())
+    epoch.terminate_event.set()
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while epoch.is_alive():
+        with contextlib.suppress(queue.Empty):
+            while True:
+                epoch.output_queue.get_nowait()
+        epoch.join(timeout=0.05)
+        if time.monotonic() > deadline:
+            logger.warning("FFCV's reading thread did not stop within %.0f s; leaving it running", _STOP_TIMEOUT_S)
+            return
+    epoch.close()
+
+
+class _Epoch:
+    """One FFCV epoch in flight; its reading thread stops when this is closed or collected, or at exit."""
+
+    def __init__(self, ffcv_loader: Any) -> None:
+        self._thread = iter(ffcv_loader)
+        # Holds the thread, not this object, and runs at interpreter exit if still pending.
+        self._stop = weakref.finalize(self, _stop_epoch_thread, self._thread)
+
+    def __iter__(self) -> _Epoch:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if not self._stop.alive:
+            raise RuntimeError(
+                "this epoch's reading was stopped (the loader was closed, or a new iteration over it began); "
+                "iterate the loader again to read on"
+            )
+        return next(self._thread)
+
+    def close(self) -> None:
+        self._stop()
 
 
 class Loader(_BatchLoader):
@@ -234,9 +300,17 @@ class Loader(_BatchLoader):
         flip_p: probability of a left-right flip.
         batches_ahead: batches FFCV prepares in advance.
 
+    FFCV decodes ahead in a thread of its own. It stops when the iterator is
+    exhausted, closed or garbage-collected, when a new iteration starts, when
+    :meth:`close` is called (``with Loader(...) as loader:`` calls it on
+    leaving), and at the latest at interpreter exit; so a script may take one
+    batch and end.
+
     Examples:
         >>> loader = Loader("shapes.beton", batch_size=64, resolution=32)  # doctest: +SKIP
         >>> batch = next(iter(loader))  # doctest: +SKIP
+        >>> with Loader("shapes.beton", batch_size=64) as loader:  # doctest: +SKIP
+        ...     first = next(iter(loader))
     """
 
     def __init__(
@@ -283,6 +357,7 @@ class Loader(_BatchLoader):
             ratio,
             flip_p,
         )
+        self._epochs: weakref.WeakSet[_Epoch] = weakref.WeakSet()
         # Read by the compiled decoder through its address: fill in place, never reassign.
         self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
         ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
@@ -311,12 +386,24 @@ class Loader(_BatchLoader):
     def _read(
         self, indices: np.ndarray, crops: CropParams
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # The crop table is shared: an earlier epoch still reading would crop with this one's boxes.
+        self.close()
         x0, y0, x1, y1 = crops.boxes.long().unbind(1)
         self._crop_table[indices] = torch.stack([y0, x0, y1 - y0, x1 - x0, crops.flips.long()], dim=1).numpy()
         self._ffcv.masklab_order = indices
-        # FFCV recycles its output buffers: what outlives the step is copied.
-        for images, labels, index in self._ffcv:
-            yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
+        epoch = _Epoch(self._ffcv)
+        self._epochs.add(epoch)
+        try:
+            # FFCV recycles its output buffers: what outlives the step is copied.
+            for images, labels, index in epoch:
+                yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
+        finally:
+            epoch.close()
+
+    def close(self) -> None:
+        """Stop FFCV's reading thread for any epoch in flight; iterating again starts a new one."""
+        for epoch in list(self._epochs):
+            epoch.close()
 
 
 def _square_uint8(image: Any, size: int | None) -> torch.Tensor:

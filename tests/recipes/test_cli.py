@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -68,3 +69,14 @@ def test_list_prints_the_declared_matrix_and_every_recipe(capsys):
         assert f"| `{path.stem}` |" in out
     assert "| `ehm` | pretrain | mae | ehm | vit_tiny_patch16_224 |" in out
     assert "| `maskdeep` | pretrain | maskdeep | feature | resnet18 |" in out
+
+
+@pytest.mark.slow
+def test_an_error_at_the_first_batch_exits_with_its_message_not_an_abort(shapes_beton, tmp_path):
+    """FFCV's reading thread, left running by the error, used to turn exit code 2 into 134 at exit."""
+    command = [sys.executable, "-m", "masklab.recipes.cli", "train", "mae", "mask.ratio=0"]
+    command += [f"data.train={shapes_beton}", "data.batch_size=16", f"run.out={tmp_path / 'run'}", "run.epochs=1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "terminate called" not in result.stderr
+    assert re.search(r"masklab train: error: .*(MASKED|mask\.ratio)", result.stderr), result.stderr[-2000:]
