@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +143,23 @@ class _Mapped:
 
 
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere nothing).
+
+    FFCV's writer workers otherwise outlive a killed ``write-dataset``:
+    re-parented to init, blocked on a pipe nobody reads, keeping the shared
+    metadata segment in ``/dev/shm`` alive.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("cannot tie writer process %d to its parent: %s", os.getpid(), os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 class _Indexed:
@@ -149,15 +169,23 @@ class _Indexed:
     fails to load is never allowed to raise there: it is written as a 1-pixel
     placeholder and its position reported on ``failures``; the caller then
     rewrites without it (or raises, with ``strict``).
+
+    It runs in FFCV's worker processes, which it ties to the writing process
+    on its first call there (FFCV's writer has no worker initialiser).
     """
 
     def __init__(self, source: Any, positions: Sequence[int], failures: Any) -> None:
         self.source, self.positions, self.failures = source, positions, failures
+        self.parent_pid = os.getpid()
+        self.tied_pid = self.parent_pid
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        if self.tied_pid != os.getpid():
+            _die_with_parent(self.parent_pid)
+            self.tied_pid = os.getpid()
         try:
             image, label = self.source[self.positions[i]]
         except Exception as error:  # noqa: BLE001 - any loader error means "skip this sample"

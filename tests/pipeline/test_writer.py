@@ -1,4 +1,10 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +141,74 @@ def test_an_interrupted_write_leaves_no_file_that_looks_complete(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         write_dataset((np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4)), out, num_workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+SLOW_WRITE = """
+import os, sys, time
+import numpy as np
+from masklab.pipeline import write_dataset
+
+class Slow:
+    def __len__(self):
+        return 4000
+
+    def __getitem__(self, i):
+        open(os.path.join(sys.argv[2], f"worker.{os.getpid()}"), "a").close()
+        time.sleep(0.05)
+        return np.zeros((8, 8, 3), np.uint8), 0
+
+write_dataset(Slow(), sys.argv[1], num_workers=2, progress=False)
+"""
+
+
+def alive(pid):
+    """Running, not merely a zombie waiting for a reaper (PID 1 in a container may not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the tie to the parent is Linux's prctl")
+def test_writer_workers_die_with_a_killed_parent(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(tmp_path / "out.beton"), str(markers)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(markers.iterdir())) < 2:
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never started its two workers"
+            time.sleep(0.1)
+        workers = {int(m.name.split(".")[1]) for m in markers.iterdir()}
+        descendants = set(children(writer.pid))  # the two workers and multiprocessing's resource tracker
+        segments = {
+            line.split()[-1]
+            for line in Path(f"/proc/{writer.pid}/maps").read_text().splitlines()
+            if "/dev/shm/" in line
+        }
+        assert workers <= descendants and segments
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in descendants) or any(os.path.exists(s) for s in segments):
+        assert time.monotonic() < deadline, (
+            f"still running: {[p for p in descendants if alive(p)]}; "
+            f"left in /dev/shm: {[s for s in segments if os.path.exists(s)]}"
+        )
+        time.sleep(0.1)
+    assert not (tmp_path / "out.beton").exists()
