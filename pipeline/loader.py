@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,7 +36,7 @@ from .batch import Batch
 from .crop import CropParams, apply_crop, check_crop_args, draw_crop_params
 from .order import epoch_order
 from .stage import Chain, derive_seed
-from .writer import to_hwc_uint8
+from .writer import _open_beton, to_hwc_uint8
 
 __all__ = ["Loader", "DatasetLoader"]
 
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 StageLike = nn.Module | Callable[[Batch], Batch]
 _ORDERS = ("random", "sequential")
 _CROP_SALT = 0xC409
+# What write_dataset writes, and all the loader decodes.
+_BETON_FIELDS = {"image": "RGBImageField", "label": "IntField", "index": "IntField"}
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -248,9 +251,16 @@ def _stop_epoch_thread(epoch: Any) -> None:
 
 
 class _Epoch:
-    """One FFCV epoch in flight; its reading thread stops when this is closed or collected, or at exit."""
+    """One FFCV epoch in flight; its reading thread stops when this is closed or collected, or at exit.
 
-    def __init__(self, ffcv_loader: Any) -> None:
+    Args:
+        ffcv_loader: the FFCV loader to start the epoch of.
+        indices: the dataset indices it reads.
+        number: the epoch's number.
+    """
+
+    def __init__(self, ffcv_loader: Any, indices: np.ndarray, number: int) -> None:
+        self.indices, self.number = indices, number
         self._thread = iter(ffcv_loader)
         # Holds the thread, not this object, and runs at interpreter exit if still pending.
         self._stop = weakref.finalize(self, _stop_epoch_thread, self._thread)
@@ -266,8 +276,11 @@ class _Epoch:
             )
         return next(self._thread)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the thread; ``True`` if this call stopped it, ``False`` if it was stopped before."""
+        running = self._stop.alive
         self._stop()
+        return running
 
 
 class Loader(_BatchLoader):
@@ -332,15 +345,21 @@ class Loader(_BatchLoader):
     ) -> None:
         ffcv_cls = _ffcv_loader_class()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.reader import Reader
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
         from ._ffcv_decode import TABLE_COLUMNS, TableCropDecoder
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
         self.path = str(path)
-        reader = Reader(self.path)
+        reader = _open_beton(self.path, "masklab.pipeline.Loader")
+        kinds = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+        if any(kinds.get(name) != kind for name, kind in _BETON_FIELDS.items()):
+            raise ValueError(
+                f"{self.path} is not a masklab dataset: it needs the fields "
+                + ", ".join(f"{name} ({kind})" for name, kind in _BETON_FIELDS.items())
+                + ", and has "
+                + (", ".join(f"{name} ({kind})" for name, kind in kinds.items()) or "none")
+                + "; write it with `masklab write-dataset`"
+            )
         image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
         self._sizes = torch.from_numpy(np.stack([image["height"], image["width"]], axis=1).astype(np.int64))
         super().__init__(
@@ -360,6 +379,7 @@ class Loader(_BatchLoader):
         self._epochs: weakref.WeakSet[_Epoch] = weakref.WeakSet()
         # Read by the compiled decoder through its address: fill in place, never reassign.
         self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
+        self._decode_failed = np.zeros(self.num_samples, dtype=np.int32)
         ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
         self._ffcv = ffcv_cls(
             self.path,
@@ -369,13 +389,15 @@ class Loader(_BatchLoader):
             batches_ahead=batches_ahead,
             pipelines={
                 "image": [
-                    TableCropDecoder((resolution, resolution), self._crop_table),
+                    TableCropDecoder((resolution, resolution), self._crop_table, self._decode_failed),
                     ToTensor(),
                     ToDevice(self.device, non_blocking=True),
                     ToTorchImage(),
                 ],
                 "label": ints,
                 "index": list(ints),
+                # Other fields are never decoded.
+                **{name: None for name in kinds if name not in _BETON_FIELDS},
             },
             first_order=self.epoch_indices(),
         )
@@ -391,19 +413,36 @@ class Loader(_BatchLoader):
         x0, y0, x1, y1 = crops.boxes.long().unbind(1)
         self._crop_table[indices] = torch.stack([y0, x0, y1 - y0, x1 - x0, crops.flips.long()], dim=1).numpy()
         self._ffcv.masklab_order = indices
-        epoch = _Epoch(self._ffcv)
+        self._decode_failed[:] = 0
+        epoch = _Epoch(self._ffcv, indices, self.epoch)
         self._epochs.add(epoch)
         try:
             # FFCV recycles its output buffers: what outlives the step is copied.
             for images, labels, index in epoch:
                 yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
         finally:
-            epoch.close()
+            self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: _Epoch) -> None:
+        """Stop ``epoch``'s thread; then, once, warn of the images it could not decode."""
+        if not epoch.close():
+            return
+        failed = np.flatnonzero(self._decode_failed[epoch.indices])
+        if len(failed):
+            first = ", ".join(str(i) for i in sorted(epoch.indices[failed])[:5])
+            warnings.warn(
+                f"{len(failed)} of the {len(epoch.indices)} images of epoch {epoch.number} in {self.path} "
+                f"failed to decode (corrupt JPEG data, at indices {first}{', ...' if len(failed) > 5 else ''}): "
+                "they come out black. Write the file again from its source: "
+                f"`masklab write-dataset SRC {self.path} --overwrite`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def close(self) -> None:
         """Stop FFCV's reading thread for any epoch in flight; iterating again starts a new one."""
         for epoch in list(self._epochs):
-            epoch.close()
+            self._end_epoch(epoch)
 
 
 def _square_uint8(image: Any, size: int | None) -> torch.Tensor:

@@ -388,15 +388,96 @@ class DatasetInfo:
         return "\n".join(lines)
 
 
-def read_info(path: str | os.PathLike) -> DatasetInfo:
-    """Count, fields, image sizes and classes of a ``.beton`` file."""
+def _open_beton(path: str | os.PathLike, what: str) -> Any:
+    """FFCV's ``Reader`` of ``path``, once the file is known to be a whole ``.beton``.
+
+    FFCV's reader checks little: a truncated file fails with "negative
+    dimensions are not allowed", or opens and later reads past its end; other
+    bytes fail with "file format mismatch". Reading uses numpy structured
+    dtypes and JSON only (no pickle), whatever the file holds.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a ``.beton`` file, or one cut short; the
+            message names it and says how to write it again.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    require_ffcv("read_info")
+        raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
+    require_ffcv(what)
     from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
-    reader = Reader(str(path))
+    def incomplete(reason: str) -> ValueError:
+        return ValueError(
+            f"{path} is not a complete .beton file: {reason}. "
+            f"Write it again from its source: `masklab write-dataset SRC {path} --overwrite`"
+        )
+
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise incomplete(f"it holds {size} bytes, fewer than FFCV's {HeaderType.itemsize}-byte header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise incomplete(f"its header is not FFCV's (format version {header['version']}, expected {CURRENT_VERSION})")
+    table_start = int(header["alloc_table_ptr"])
+    if table_start > size:
+        raise incomplete(f"it stops at byte {size}, before its allocation table at byte {table_start} (truncated)")
+    if (size - table_start) % ALLOC_TABLE_TYPE.itemsize:
+        raise incomplete(f"its allocation table, from byte {table_start} to the end at {size}, is cut short")
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in FFCV's reader in many ways
+        raise incomplete(f"FFCV cannot read it ({type(error).__name__}: {error})") from error
+    count = int(reader.num_samples)
+    if len(reader.metadata) != count:
+        raise incomplete(f"its sample table holds {len(reader.metadata)} of its {count} samples (truncated)")
+    table = reader.alloc_table
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    if len(table) and (
+        int(table["ptr"].min()) < data_start
+        or int((table["ptr"] + table["size"]).max()) > table_start
+        or int(table["sample_id"].max()) >= count
+    ):
+        raise incomplete("its allocation table points outside its data")
+    for i, (name, handler) in enumerate(reader.handlers.items()):
+        if "data_ptr" in (handler.metadata_type.names or ()):
+            missing = int((~np.isin(reader.metadata[f"f{i}"]["data_ptr"], table["ptr"])).sum())
+            if missing:
+                raise incomplete(f"the {name} data of {missing} of its {count} samples are not in its allocation table")
+    return reader
+
+
+def _read_classes(path: Path) -> list[str]:
+    """Class names from the JSON sidecar of ``path`` (parsed as JSON only), or ``[]`` without one."""
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return []
+    try:
+        content = json.loads(sidecar.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{sidecar} is not JSON ({error}); delete it, or write {path} again with --overwrite"
+        ) from error
+    classes = content.get("classes", []) if isinstance(content, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(
+            f"{sidecar} does not hold a list of class names under 'classes'; delete it, "
+            f"or write {path} again with --overwrite"
+        )
+    return classes
+
+
+def read_info(path: str | os.PathLike) -> DatasetInfo:
+    """Count, fields, image sizes and classes of a ``.beton`` file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a complete ``.beton`` file, has no image
+            field, or its ``PATH.json`` sidecar is not what :func:`write_dataset` writes.
+    """
+    path = Path(path)
+    reader = _open_beton(path, "read_info")
     meta = reader.metadata
     fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
     # FFCV names the metadata columns f0, f1, ... in field order.
@@ -406,9 +487,7 @@ def read_info(path: str | os.PathLike) -> DatasetInfo:
     image_meta = meta[column["image"]]
     heights, widths = image_meta["height"], image_meta["width"]
     labels = np.asarray(meta[column["label"]]) if "label" in column else np.zeros(0)
-    classes: list[str] = []
-    if _sidecar(path).is_file():
-        classes = json.loads(_sidecar(path).read_text()).get("classes", [])
+    classes = _read_classes(path)
     return DatasetInfo(
         path=path,
         count=int(reader.num_samples),

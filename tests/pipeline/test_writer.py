@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from masklab.pipeline import Loader, read_info, write_dataset
+from masklab.pipeline.writer import _quiet_progress
 
 pytestmark = pytest.mark.ffcv
 
@@ -212,3 +214,125 @@ def test_writer_workers_die_with_a_killed_parent(tmp_path):
         )
         time.sleep(0.1)
     assert not (tmp_path / "out.beton").exists()
+
+
+REWRITE = r"Write it again from its source: `masklab write-dataset SRC .*{name} --overwrite`"
+
+
+def damaged(source, path, keep=None, replace=None):
+    data = bytearray(source.read_bytes())
+    if keep is not None:
+        data = data[:keep]
+    for start, stop, value in replace or ():
+        data[start:stop] = bytes([value]) * (stop - start)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cut", "reason"),
+    [
+        (lambda size: 10, r"it holds 10 bytes, fewer than FFCV's 24-byte header"),
+        (lambda size: 5000, r"it stops at byte 5000, before its allocation table at byte \d+ \(truncated\)"),
+        (lambda size: size - 30, r"its allocation table, from byte \d+ to the end at \d+, is cut short"),
+        (lambda size: size - 24, r"the image data of 1 of its 203 samples are not in its allocation table"),
+    ],
+)
+def test_a_truncated_file_is_named_with_how_to_write_it_again(shapes_beton, tmp_path, cut, reason):
+    bad = damaged(shapes_beton, tmp_path / "cut.beton", keep=cut(shapes_beton.stat().st_size))
+    message = rf"{bad} is not a complete \.beton file: {reason}\. " + REWRITE.format(name="cut.beton")
+    with pytest.raises(ValueError, match=message):
+        read_info(bad)
+    with pytest.raises(ValueError, match=message):
+        Loader(bad, batch_size=8, num_workers=1)
+
+
+def test_random_bytes_are_not_a_beton(tmp_path):
+    bad = tmp_path / "noise.beton"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    message = (
+        r"noise\.beton is not a complete \.beton file: its header is not FFCV's \(format version \d+, expected 2\)"
+    )
+    with pytest.raises(ValueError, match=message + r"\. " + REWRITE.format(name="noise.beton")):
+        Loader(bad, batch_size=8, num_workers=1)
+    with pytest.raises(ValueError, match=message):
+        read_info(bad)
+
+
+def test_corrupt_jpeg_data_is_counted_and_warned_each_epoch(shapes_beton, tmp_path):
+    from ffcv.reader import Reader
+
+    reader = Reader(str(shapes_beton))
+    starts = reader.metadata["f0"]["data_ptr"]
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
+    broken = [(int(starts[i]), int(starts[i]) + sizes[int(starts[i])], 0) for i in (50, 3)]
+    bad = damaged(shapes_beton, tmp_path / "jpeg.beton", replace=broken)
+
+    loader = sequential(bad, num_workers=1)
+    for epoch in range(2):
+        with pytest.warns(RuntimeWarning) as caught:
+            images = torch.cat([b.images for b in loader])
+        assert [str(w.message) for w in caught] == [
+            f"2 of the 203 images of epoch {epoch} in {bad} failed to decode (corrupt JPEG data, at indices 3, 50): "
+            f"they come out black. Write the file again from its source: "
+            f"`masklab write-dataset SRC {bad} --overwrite`"
+        ]
+        assert images[3].abs().sum() == images[50].abs().sum() == 0 and images[4].mean() > 0.1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(sequential(shapes_beton, num_workers=1))) == 13
+
+
+def test_a_beton_without_masklab_fields_is_refused_by_name(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    path = tmp_path / "plain.beton"
+    writer = DatasetWriter(str(path), {"image": RGBImageField(), "label": IntField()}, num_workers=1)
+    with _quiet_progress(False):
+        writer.from_indexed_dataset([(np.zeros((8, 8, 3), np.uint8), 0)] * 4)
+    assert read_info(path).count == 4
+    with pytest.raises(
+        ValueError,
+        match=r"plain\.beton is not a masklab dataset: it needs the fields image \(RGBImageField\), "
+        r"label \(IntField\), index \(IntField\), and has image \(RGBImageField\), label \(IntField\); "
+        r"write it with `masklab write-dataset`",
+    ):
+        Loader(path, batch_size=2, num_workers=1)
+
+
+class Planted:
+    """Unpickling this creates ``path``: the proof that a reader ran code from a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_the_sidecar_is_only_ever_parsed_as_json(shapes_beton, tmp_path):
+    import pickle
+
+    beton = tmp_path / "s.beton"
+    beton.write_bytes(shapes_beton.read_bytes())
+    sidecar = tmp_path / "s.beton.json"
+    planted = tmp_path / "planted"
+
+    sidecar.write_bytes(pickle.dumps(Planted(planted)))
+    with pytest.raises(ValueError, match=r"s\.beton\.json is not JSON .*; delete it, or write .*s\.beton again"):
+        read_info(beton)
+    assert not planted.exists()
+
+    sidecar.write_text(json.dumps({"classes": {"py/object": "os.system", "args": ["touch planted"]}}))
+    with pytest.raises(ValueError, match=r"s\.beton\.json does not hold a list of class names under 'classes'"):
+        read_info(beton)
+    sidecar.write_text(json.dumps(["__reduce__", "os.system"]))
+    with pytest.raises(ValueError, match=r"does not hold a list of class names"):
+        read_info(beton)
+
+    odd = ["!!python/object/apply:os.system", "__import__('os')", "py/reduce"]
+    sidecar.write_text(json.dumps({"classes": odd, "extra": {"py/object": "os.system"}}))
+    assert read_info(beton).classes == odd
+    assert not planted.exists()

@@ -80,3 +80,17 @@ def test_an_error_at_the_first_batch_exits_with_its_message_not_an_abort(shapes_
     assert result.returncode == 2, result.stderr[-2000:]
     assert "terminate called" not in result.stderr
     assert re.search(r"masklab train: error: .*(MASKED|mask\.ratio)", result.stderr), result.stderr[-2000:]
+
+
+def test_a_truncated_dataset_is_a_clear_error(shapes_beton, tmp_path, capsys):
+    from ffcv.reader import Reader
+
+    table = Reader(str(shapes_beton)).header["alloc_table_ptr"]
+    bad = tmp_path / "cut.beton"
+    bad.write_bytes(shapes_beton.read_bytes()[:5000])
+    assert main(["info", str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        f"masklab info: error: {bad} is not a complete .beton file: it stops at byte 5000, before its allocation "
+        f"table at byte {table} (truncated). Write it again from its source: "
+        f"`masklab write-dataset SRC {bad} --overwrite`\n"
+    )
