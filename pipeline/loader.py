@@ -205,6 +205,23 @@ class _BatchLoader:
 def _ffcv_loader_class():
     require_ffcv("masklab.pipeline.Loader")
     from ffcv.loader import Loader as FFCVLoader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class ReportingEpochIterator(EpochIterator):
+        """FFCV's epoch thread, which on an error ends the epoch and keeps the error for the reader.
+
+        FFCV's own thread dies on an error and leaves its reader waiting forever.
+        """
+
+        error: BaseException | None = None
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which raises it
+                self.error = error
+                self.output_queue.put(None)
 
     class OrderedFFCVLoader(FFCVLoader):
         """FFCV's loader, reading exactly the order masklab hands it."""
@@ -219,6 +236,15 @@ def _ffcv_loader_class():
         def __len__(self) -> int:
             n = len(self.masklab_order)
             return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+        def __iter__(self) -> ReportingEpochIterator:
+            # FFCV's own __iter__, with the thread above.
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()[: len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return ReportingEpochIterator(self, order)
 
     return OrderedFFCVLoader
 
@@ -274,7 +300,13 @@ class _Epoch:
                 "this epoch's reading was stopped (the loader was closed, or a new iteration over it began); "
                 "iterate the loader again to read on"
             )
-        return next(self._thread)
+        try:
+            return next(self._thread)
+        except StopIteration:
+            error = self._thread.error
+            if error is None:
+                raise
+            raise RuntimeError(f"FFCV's reading thread failed: {type(error).__name__}: {error}") from error
 
     def close(self) -> bool:
         """Stop the thread; ``True`` if this call stopped it, ``False`` if it was stopped before."""

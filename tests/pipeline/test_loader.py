@@ -241,3 +241,28 @@ def test_a_script_that_takes_one_batch_and_exits_exits_cleanly(shapes_beton):
             f"num_workers={workers}, {stages}: exit code {result.returncode}\n{result.stderr[-2000:]}"
         )
         assert "terminate called" not in result.stderr
+
+
+@pytest.mark.ffcv
+def test_an_error_in_ffcvs_thread_is_raised_not_waited_on(shapes_beton, monkeypatch):
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def fail(*args):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", fail)
+    loader = Loader(shapes_beton, batch_size=16, resolution=16, num_workers=1)
+    outcome = []
+
+    def read():
+        try:
+            next(iter(loader))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the loader waited forever on FFCV's dead thread"
+    assert [str(e) for e in outcome] == ["FFCV's reading thread failed: OSError: disk on fire"]
+    assert ffcv_threads() == []
