@@ -412,7 +412,8 @@ class Loader(_BatchLoader):
         # Read by the compiled decoder through its address: fill in place, never reassign.
         self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
         self._decode_failed = np.zeros(self.num_samples, dtype=np.int32)
-        ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        # Squeeze(1), not Squeeze(): a batch of one keeps its batch dimension.
+        ints = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=True)]
         self._ffcv = ffcv_cls(
             self.path,
             batch_size=batch_size,

@@ -266,3 +266,9 @@ def test_an_error_in_ffcvs_thread_is_raised_not_waited_on(shapes_beton, monkeypa
     assert not reader.is_alive(), "the loader waited forever on FFCV's dead thread"
     assert [str(e) for e in outcome] == ["FFCV's reading thread failed: OSError: disk on fire"]
     assert ffcv_threads() == []
+
+
+def test_a_batch_of_one_keeps_its_batch_dimension(make_loader):
+    batches = run(make_loader(batch_size=101, drop_last=False, order="sequential"))
+    assert [b["index"].tolist() for b in batches[2:]] == [[202]]
+    assert batches[2]["labels"].shape == (1,) and batches[2]["images"].shape == (1, 3, 32, 32)
