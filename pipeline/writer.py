@@ -54,14 +54,34 @@ class WriteReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+# Pillow's modes for 16-bit greyscale PNG and TIFF files ("I" is 32-bit, but so Pillow opens them too).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_hwc_uint8(image: Any) -> np.ndarray:
     """Convert a PIL image, array or tensor to an ``(H, W, 3)`` uint8 array.
 
-    Accepts HW (grey), HWC or CHW layouts; floats are read as ``[0, 1]``.
+    Accepts HW (grey), HWC or CHW layouts. Floats (and PIL mode ``F``) are
+    read as ``[0, 1]``; uint16 values and Pillow's 16-bit greyscale modes
+    (``I;16``, and ``I`` with values in ``0..65535``) as 16-bit, scaled by
+    255/65535; any other integers must already lie in ``0..255``.
+
+    Raises:
+        ValueError: an unsupported shape, or integer values that fit none of those ranges.
     """
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
+        if image.mode not in (*_SIXTEEN_BIT_MODES, "F"):
+            return np.asarray(image.convert("RGB"))
+        array = np.asarray(image)
+        if image.mode in _SIXTEEN_BIT_MODES:
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high > 65535:
+                raise ValueError(
+                    f"a PIL image of mode {image.mode} with values in [{low}, {high}] has no 8-bit scaling: "
+                    "convert it to 16 bits (0..65535) or 8 bits first"
+                )
+            array = array.astype(np.uint16)
+    elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
             array = array.permute(1, 2, 0)
@@ -79,6 +99,13 @@ def to_hwc_uint8(image: Any) -> np.ndarray:
     array = array[..., :3]
     if np.issubdtype(array.dtype, np.floating):
         array = np.clip(np.rint(array * 255.0), 0, 255)
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.uint32) + 128) // 257  # 65535 = 255 * 257: rounds to the nearest 8-bit value
+    elif array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(
+            f"{array.dtype} pixel values span [{array.min()}, {array.max()}], outside 0..255: "
+            "pass uint8 values, uint16 ones (0..65535) or floats in [0, 1]"
+        )
     return np.ascontiguousarray(array.astype(np.uint8))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from masklab.pipeline import Loader, read_info, write_dataset
+from masklab.pipeline import Loader, read_info, to_hwc_uint8, write_dataset
 from masklab.pipeline.writer import _quiet_progress
 
 pytestmark = pytest.mark.ffcv
@@ -336,3 +336,35 @@ def test_the_sidecar_is_only_ever_parsed_as_json(shapes_beton, tmp_path):
     sidecar.write_text(json.dumps({"classes": odd, "extra": {"py/object": "os.system"}}))
     assert read_info(beton).classes == odd
     assert not planted.exists()
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 65535, 32)[None, :] * np.linspace(0.3, 1.0, 32)[:, None]
+    source = np.clip(ramp + rng.normal(0, 500, (32, 32)), 0, 65535).astype(np.uint16)
+    (tmp_path / "src" / "grey").mkdir(parents=True)
+    Image.fromarray(source).save(tmp_path / "src" / "grey" / "deep.png")
+    with Image.open(tmp_path / "src" / "grey" / "deep.png") as image:
+        assert image.mode == "I;16"
+
+    report = write_dataset(tmp_path / "src", tmp_path / "deep.beton", num_workers=1, progress=False)
+    assert report.count == 1 and report.skipped == []
+    batch = next(iter(Loader(tmp_path / "deep.beton", batch_size=1, resolution=32, scale=None, flip_p=0.0)))
+    stored = batch.images[0] * 255
+    assert abs(stored.mean().item() - source.mean() / 257) < 1.0
+    assert (stored - torch.from_numpy(source / 257.0).float()).abs().mean() < 3.0  # JPEG at quality 90
+
+
+def test_high_bit_depth_and_float_pil_images_are_scaled():
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    expected = [0, 1, 128, 255]
+    for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I")
+        assert to_hwc_uint8(image)[0, :, 0].tolist() == expected
+    assert to_hwc_uint8(values)[0, :, 1].tolist() == expected
+    assert to_hwc_uint8(Image.fromarray(values.astype(np.float32) / 65535))[0, :, 2].tolist() == expected
+    with pytest.raises(ValueError, match=r"a PIL image of mode I with values in \[-1, 70000\] has no 8-bit scaling"):
+        to_hwc_uint8(Image.fromarray(np.array([[-1, 70000]], dtype=np.int32)))
+    with pytest.raises(ValueError, match=r"int64 pixel values span \[0, 300\], outside 0\.\.255"):
+        to_hwc_uint8(np.array([[0, 300]]))
+    assert to_hwc_uint8(np.array([[0, 255]]))[0, :, 0].tolist() == [0, 255]
