@@ -24,7 +24,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -193,9 +193,13 @@ class _BatchLoader:
         self.epoch, self.step = int(epoch), 0
 
     def close(self) -> None:
-        """Stop the reading of any epoch in flight; the loader can iterate again afterwards."""
+        """Stop reading ahead for any epoch in flight; the loader can iterate again afterwards.
 
-    def __enter__(self):
+        :class:`Loader` stops FFCV's thread here; a torch ``DataLoader``'s
+        workers end with its iterator, so :class:`DatasetLoader` has nothing to stop.
+        """
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
