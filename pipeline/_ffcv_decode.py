@@ -5,10 +5,14 @@ never reports them. This decoder reads each sample's box and flip from a
 table that the loader fills before each epoch (``(num_samples, 5)`` int64:
 ``y0, x0, h, w, flip``), so the crop runs in FFCV's worker threads on uint8
 data (OpenCV's area resize) and the Batch still records exactly what was done.
+Each JPEG that fails to decode (corrupt bytes) is marked in a second table,
+``(num_samples,)`` int32, which the loader counts after each epoch (not
+uint8: FFCV's memory manager marks numba's shared ``uint8[::1]`` array type
+readonly, so no compiled code could write such a table).
 
 numba freezes arrays captured by a compiled function as constants, so the
-compiled decoder gets the table's address and views the live memory with
-``numba.carray``; the loader keeps the array alive and only writes into it.
+compiled decoder gets the tables' addresses and views the live memory with
+``numba.carray``; the loader keeps the arrays alive and only writes into them.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ def _address_as_pointer(typingctx, address):
 
 
 class TableCropDecoder(ResizedCropRGBImageDecoder):
-    """Decode JPEG/raw RGB, crop ``table[sample]`` and resize to ``output_size``, flip if asked."""
+    """Decode JPEG/raw RGB, crop ``table[sample]`` and resize to ``output_size``, flip if asked.
 
-    def __init__(self, output_size: tuple[int, int], table: np.ndarray) -> None:
+    When a sample's JPEG does not decode cleanly, ``failed[sample]`` (int32)
+    is set to 1 and the image comes out black.
+    """
+
+    def __init__(self, output_size: tuple[int, int], table: np.ndarray, failed: np.ndarray) -> None:
         super().__init__(output_size)
         if (
             table.dtype != np.int64
@@ -47,7 +55,10 @@ class TableCropDecoder(ResizedCropRGBImageDecoder):
             or not table.flags.c_contiguous
         ):
             raise ValueError(f"crop table must be a C-contiguous (N, {TABLE_COLUMNS}) int64 array")
+        if failed.dtype != np.int32 or failed.shape != table.shape[:1] or not failed.flags.c_contiguous:
+            raise ValueError(f"failure table must be a C-contiguous ({table.shape[0]},) int32 array")
         self.table = table
+        self.failed = failed
 
     @property
     def get_crop_generator(self):  # required by the abstract base; boxes come from the table
@@ -60,10 +71,12 @@ class TableCropDecoder(ResizedCropRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         address, rows = self.table.ctypes.data, self.table.shape[0]
+        failed_address = self.failed.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             table = carray(_address_as_pointer(address), (rows, TABLE_COLUMNS), np.int64)
+            failed = carray(_address_as_pointer(failed_address), (rows,), np.int32)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -72,8 +85,12 @@ class TableCropDecoder(ResizedCropRGBImageDecoder):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
                     pixels = temp_storage[dst_ix]
-                    imdecode_c(image_data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    status = imdecode_c(image_data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
                     pixels = pixels.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    if status != 0:
+                        # The buffer may hold a part of it, or another sample's pixels: make it plainly black.
+                        failed[source_ix] = 1
+                        pixels[:] = 0
                 else:
                     pixels = image_data.reshape(height, width, 3)
                 y0, x0, h, w, flip = (

@@ -16,9 +16,15 @@ measures all three). In :class:`DatasetLoader`, on the device with kornia.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import queue
+import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -30,13 +36,17 @@ from .batch import Batch
 from .crop import CropParams, apply_crop, check_crop_args, draw_crop_params
 from .order import epoch_order
 from .stage import Chain, derive_seed
-from .writer import to_hwc_uint8
+from .writer import _open_beton, to_hwc_uint8
 
 __all__ = ["Loader", "DatasetLoader"]
+
+logger = logging.getLogger(__name__)
 
 StageLike = nn.Module | Callable[[Batch], Batch]
 _ORDERS = ("random", "sequential")
 _CROP_SALT = 0xC409
+# What write_dataset writes, and all the loader decodes.
+_BETON_FIELDS = {"image": "RGBImageField", "label": "IntField", "index": "IntField"}
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -182,10 +192,40 @@ class _BatchLoader:
         """Start the next iteration at the beginning of ``epoch``."""
         self.epoch, self.step = int(epoch), 0
 
+    def close(self) -> None:
+        """Stop reading ahead for any epoch in flight; the loader can iterate again afterwards.
+
+        :class:`Loader` stops FFCV's thread here; a torch ``DataLoader``'s
+        workers end with its iterator, so :class:`DatasetLoader` has nothing to stop.
+        """
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _ffcv_loader_class():
     require_ffcv("masklab.pipeline.Loader")
     from ffcv.loader import Loader as FFCVLoader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class ReportingEpochIterator(EpochIterator):
+        """FFCV's epoch thread, which on an error ends the epoch and keeps the error for the reader.
+
+        FFCV's own thread dies on an error and leaves its reader waiting forever.
+        """
+
+        error: BaseException | None = None
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which raises it
+                self.error = error
+                self.output_queue.put(None)
 
     class OrderedFFCVLoader(FFCVLoader):
         """FFCV's loader, reading exactly the order masklab hands it."""
@@ -201,7 +241,82 @@ def _ffcv_loader_class():
             n = len(self.masklab_order)
             return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+        def __iter__(self) -> ReportingEpochIterator:
+            # FFCV's own __iter__, with the thread above.
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()[: len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return ReportingEpochIterator(self, order)
+
     return OrderedFFCVLoader
+
+
+_STOP_TIMEOUT_S = 60.0
+
+
+def _stop_epoch_thread(epoch: Any) -> None:
+    """Stop and join the thread of an FFCV ``EpochIterator``, then release its memory context.
+
+    A thread left running when the interpreter exits aborts the process
+    (``terminate called without an active exception``, exit code 134). FFCV's
+    thread looks at its terminate event only while its output queue is full,
+    and puts its end-of-epoch marker with a blocking ``put``: so it is handed
+    no further batch, and its queue is emptied until it returns, which costs
+    at most the batch it is decoding (or, on the first epoch, numba's compile).
+    """
+    epoch.iter_ixes = iter(())
+    epoch.terminate_event.set()
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while epoch.is_alive():
+        with contextlib.suppress(queue.Empty):
+            while True:
+                epoch.output_queue.get_nowait()
+        epoch.join(timeout=0.05)
+        if time.monotonic() > deadline:
+            logger.warning("FFCV's reading thread did not stop within %.0f s; leaving it running", _STOP_TIMEOUT_S)
+            return
+    epoch.close()
+
+
+class _Epoch:
+    """One FFCV epoch in flight; its reading thread stops when this is closed or collected, or at exit.
+
+    Args:
+        ffcv_loader: the FFCV loader to start the epoch of.
+        indices: the dataset indices it reads.
+        number: the epoch's number.
+    """
+
+    def __init__(self, ffcv_loader: Any, indices: np.ndarray, number: int) -> None:
+        self.indices, self.number = indices, number
+        self._thread = iter(ffcv_loader)
+        # Holds the thread, not this object, and runs at interpreter exit if still pending.
+        self._stop = weakref.finalize(self, _stop_epoch_thread, self._thread)
+
+    def __iter__(self) -> _Epoch:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if not self._stop.alive:
+            raise RuntimeError(
+                "this epoch's reading was stopped (the loader was closed, or a new iteration over it began); "
+                "iterate the loader again to read on"
+            )
+        try:
+            return next(self._thread)
+        except StopIteration:
+            error = self._thread.error
+            if error is None:
+                raise
+            raise RuntimeError(f"FFCV's reading thread failed: {type(error).__name__}: {error}") from error
+
+    def close(self) -> bool:
+        """Stop the thread; ``True`` if this call stopped it, ``False`` if it was stopped before."""
+        running = self._stop.alive
+        self._stop()
+        return running
 
 
 class Loader(_BatchLoader):
@@ -234,9 +349,17 @@ class Loader(_BatchLoader):
         flip_p: probability of a left-right flip.
         batches_ahead: batches FFCV prepares in advance.
 
+    FFCV decodes ahead in a thread of its own. It stops when the iterator is
+    exhausted, closed or garbage-collected, when a new iteration starts, when
+    :meth:`close` is called (``with Loader(...) as loader:`` calls it on
+    leaving), and at the latest at interpreter exit; so a script may take one
+    batch and end.
+
     Examples:
         >>> loader = Loader("shapes.beton", batch_size=64, resolution=32)  # doctest: +SKIP
         >>> batch = next(iter(loader))  # doctest: +SKIP
+        >>> with Loader("shapes.beton", batch_size=64) as loader:  # doctest: +SKIP
+        ...     first = next(iter(loader))
     """
 
     def __init__(
@@ -258,15 +381,21 @@ class Loader(_BatchLoader):
     ) -> None:
         ffcv_cls = _ffcv_loader_class()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.reader import Reader
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
         from ._ffcv_decode import TABLE_COLUMNS, TableCropDecoder
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
         self.path = str(path)
-        reader = Reader(self.path)
+        reader = _open_beton(self.path, "masklab.pipeline.Loader")
+        kinds = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+        if any(kinds.get(name) != kind for name, kind in _BETON_FIELDS.items()):
+            raise ValueError(
+                f"{self.path} is not a masklab dataset: it needs the fields "
+                + ", ".join(f"{name} ({kind})" for name, kind in _BETON_FIELDS.items())
+                + ", and has "
+                + (", ".join(f"{name} ({kind})" for name, kind in kinds.items()) or "none")
+                + "; write it with `masklab write-dataset`"
+            )
         image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
         self._sizes = torch.from_numpy(np.stack([image["height"], image["width"]], axis=1).astype(np.int64))
         super().__init__(
@@ -283,9 +412,12 @@ class Loader(_BatchLoader):
             ratio,
             flip_p,
         )
+        self._epochs: weakref.WeakSet[_Epoch] = weakref.WeakSet()
         # Read by the compiled decoder through its address: fill in place, never reassign.
         self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
-        ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        self._decode_failed = np.zeros(self.num_samples, dtype=np.int32)
+        # Squeeze(1), not Squeeze(): a batch of one keeps its batch dimension.
+        ints = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=True)]
         self._ffcv = ffcv_cls(
             self.path,
             batch_size=batch_size,
@@ -294,13 +426,15 @@ class Loader(_BatchLoader):
             batches_ahead=batches_ahead,
             pipelines={
                 "image": [
-                    TableCropDecoder((resolution, resolution), self._crop_table),
+                    TableCropDecoder((resolution, resolution), self._crop_table, self._decode_failed),
                     ToTensor(),
                     ToDevice(self.device, non_blocking=True),
                     ToTorchImage(),
                 ],
                 "label": ints,
                 "index": list(ints),
+                # Other fields are never decoded.
+                **{name: None for name in kinds if name not in _BETON_FIELDS},
             },
             first_order=self.epoch_indices(),
         )
@@ -311,12 +445,41 @@ class Loader(_BatchLoader):
     def _read(
         self, indices: np.ndarray, crops: CropParams
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # The crop table is shared: an earlier epoch still reading would crop with this one's boxes.
+        self.close()
         x0, y0, x1, y1 = crops.boxes.long().unbind(1)
         self._crop_table[indices] = torch.stack([y0, x0, y1 - y0, x1 - x0, crops.flips.long()], dim=1).numpy()
         self._ffcv.masklab_order = indices
-        # FFCV recycles its output buffers: what outlives the step is copied.
-        for images, labels, index in self._ffcv:
-            yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
+        self._decode_failed[:] = 0
+        epoch = _Epoch(self._ffcv, indices, self.epoch)
+        self._epochs.add(epoch)
+        try:
+            # FFCV recycles its output buffers: what outlives the step is copied.
+            for images, labels, index in epoch:
+                yield images.float().div_(255.0), labels.long().clone(), index.long().clone()
+        finally:
+            self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: _Epoch) -> None:
+        """Stop ``epoch``'s thread; then, once, warn of the images it could not decode."""
+        if not epoch.close():
+            return
+        failed = np.flatnonzero(self._decode_failed[epoch.indices])
+        if len(failed):
+            first = ", ".join(str(i) for i in sorted(epoch.indices[failed])[:5])
+            warnings.warn(
+                f"{len(failed)} of the {len(epoch.indices)} images of epoch {epoch.number} in {self.path} "
+                f"failed to decode (corrupt JPEG data, at indices {first}{', ...' if len(failed) > 5 else ''}): "
+                "they come out black. Write the file again from its source: "
+                f"`masklab write-dataset SRC {self.path} --overwrite`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def close(self) -> None:
+        """Stop FFCV's reading thread for any epoch in flight; iterating again starts a new one."""
+        for epoch in list(self._epochs):
+            self._end_epoch(epoch)
 
 
 def _square_uint8(image: Any, size: int | None) -> torch.Tensor:

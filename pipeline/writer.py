@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,14 +55,34 @@ class WriteReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+# Pillow's modes for 16-bit greyscale PNG and TIFF files ("I" is 32-bit, but so Pillow opens them too).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_hwc_uint8(image: Any) -> np.ndarray:
     """Convert a PIL image, array or tensor to an ``(H, W, 3)`` uint8 array.
 
-    Accepts HW (grey), HWC or CHW layouts; floats are read as ``[0, 1]``.
+    Accepts HW (grey), HWC or CHW layouts. Floats (and PIL mode ``F``) are
+    read as ``[0, 1]``; uint16 values and Pillow's 16-bit greyscale modes
+    (``I;16``, and ``I`` with values in ``0..65535``) as 16-bit, scaled by
+    255/65535; any other integers must already lie in ``0..255``.
+
+    Raises:
+        ValueError: an unsupported shape, or integer values that fit none of those ranges.
     """
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
+        if image.mode not in (*_SIXTEEN_BIT_MODES, "F"):
+            return np.asarray(image.convert("RGB"))
+        array = np.asarray(image)
+        if image.mode in _SIXTEEN_BIT_MODES:
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high > 65535:
+                raise ValueError(
+                    f"a PIL image of mode {image.mode} with values in [{low}, {high}] has no 8-bit scaling: "
+                    "convert it to 16 bits (0..65535) or 8 bits first"
+                )
+            array = array.astype(np.uint16)
+    elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
             array = array.permute(1, 2, 0)
@@ -77,6 +100,13 @@ def to_hwc_uint8(image: Any) -> np.ndarray:
     array = array[..., :3]
     if np.issubdtype(array.dtype, np.floating):
         array = np.clip(np.rint(array * 255.0), 0, 255)
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.uint32) + 128) // 257  # 65535 = 255 * 257: rounds to the nearest 8-bit value
+    elif array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(
+            f"{array.dtype} pixel values span [{array.min()}, {array.max()}], outside 0..255: "
+            "pass uint8 values, uint16 ones (0..65535) or floats in [0, 1]"
+        )
     return np.ascontiguousarray(array.astype(np.uint8))
 
 
@@ -141,6 +171,23 @@ class _Mapped:
 
 
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere nothing).
+
+    FFCV's writer workers otherwise outlive a killed ``write-dataset``:
+    re-parented to init, blocked on a pipe nobody reads, keeping the shared
+    metadata segment in ``/dev/shm`` alive.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("cannot tie writer process %d to its parent: %s", os.getpid(), os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 class _Indexed:
@@ -150,15 +197,23 @@ class _Indexed:
     fails to load is never allowed to raise there: it is written as a 1-pixel
     placeholder and its position reported on ``failures``; the caller then
     rewrites without it (or raises, with ``strict``).
+
+    It runs in FFCV's worker processes, which it ties to the writing process
+    on its first call there (FFCV's writer has no worker initialiser).
     """
 
     def __init__(self, source: Any, positions: Sequence[int], failures: Any) -> None:
         self.source, self.positions, self.failures = source, positions, failures
+        self.parent_pid = os.getpid()
+        self.tied_pid = self.parent_pid
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        if self.tied_pid != os.getpid():
+            _die_with_parent(self.parent_pid)
+            self.tied_pid = os.getpid()
         try:
             image, label = self.source[self.positions[i]]
         except Exception as error:  # noqa: BLE001 - any loader error means "skip this sample"
@@ -376,15 +431,96 @@ class DatasetInfo:
         return "\n".join(lines)
 
 
-def read_info(path: str | os.PathLike) -> DatasetInfo:
-    """Count, fields, image sizes and classes of a ``.beton`` file."""
+def _open_beton(path: str | os.PathLike, what: str) -> Any:
+    """FFCV's ``Reader`` of ``path``, once the file is known to be a whole ``.beton``.
+
+    FFCV's reader checks little: a truncated file fails with "negative
+    dimensions are not allowed", or opens and later reads past its end; other
+    bytes fail with "file format mismatch". Reading uses numpy structured
+    dtypes and JSON only (no pickle), whatever the file holds.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a ``.beton`` file, or one cut short; the
+            message names it and says how to write it again.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    require_ffcv("read_info")
+        raise FileNotFoundError(f"dataset file {path} does not exist; write one with `masklab write-dataset`")
+    require_ffcv(what)
     from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
-    reader = Reader(str(path))
+    def incomplete(reason: str) -> ValueError:
+        return ValueError(
+            f"{path} is not a complete .beton file: {reason}. "
+            f"Write it again from its source: `masklab write-dataset SRC {path} --overwrite`"
+        )
+
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise incomplete(f"it holds {size} bytes, fewer than FFCV's {HeaderType.itemsize}-byte header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise incomplete(f"its header is not FFCV's (format version {header['version']}, expected {CURRENT_VERSION})")
+    table_start = int(header["alloc_table_ptr"])
+    if table_start > size:
+        raise incomplete(f"it stops at byte {size}, before its allocation table at byte {table_start} (truncated)")
+    if (size - table_start) % ALLOC_TABLE_TYPE.itemsize:
+        raise incomplete(f"its allocation table, from byte {table_start} to the end at {size}, is cut short")
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in FFCV's reader in many ways
+        raise incomplete(f"FFCV cannot read it ({type(error).__name__}: {error})") from error
+    count = int(reader.num_samples)
+    if len(reader.metadata) != count:
+        raise incomplete(f"its sample table holds {len(reader.metadata)} of its {count} samples (truncated)")
+    table = reader.alloc_table
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    if len(table) and (
+        int(table["ptr"].min()) < data_start
+        or int((table["ptr"] + table["size"]).max()) > table_start
+        or int(table["sample_id"].max()) >= count
+    ):
+        raise incomplete("its allocation table points outside its data")
+    for i, (name, handler) in enumerate(reader.handlers.items()):
+        if "data_ptr" in (handler.metadata_type.names or ()):
+            missing = int((~np.isin(reader.metadata[f"f{i}"]["data_ptr"], table["ptr"])).sum())
+            if missing:
+                raise incomplete(f"the {name} data of {missing} of its {count} samples are not in its allocation table")
+    return reader
+
+
+def _read_classes(path: Path) -> list[str]:
+    """Class names from the JSON sidecar of ``path`` (parsed as JSON only), or ``[]`` without one."""
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return []
+    try:
+        content = json.loads(sidecar.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{sidecar} is not JSON ({error}); delete it, or write {path} again with --overwrite"
+        ) from error
+    classes = content.get("classes", []) if isinstance(content, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(
+            f"{sidecar} does not hold a list of class names under 'classes'; delete it, "
+            f"or write {path} again with --overwrite"
+        )
+    return classes
+
+
+def read_info(path: str | os.PathLike) -> DatasetInfo:
+    """Count, fields, image sizes and classes of a ``.beton`` file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a complete ``.beton`` file, has no image
+            field, or its ``PATH.json`` sidecar is not what :func:`write_dataset` writes.
+    """
+    path = Path(path)
+    reader = _open_beton(path, "read_info")
     meta = reader.metadata
     fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
     # FFCV names the metadata columns f0, f1, ... in field order.
@@ -394,9 +530,7 @@ def read_info(path: str | os.PathLike) -> DatasetInfo:
     image_meta = meta[column["image"]]
     heights, widths = image_meta["height"], image_meta["width"]
     labels = np.asarray(meta[column["label"]]) if "label" in column else np.zeros(0)
-    classes: list[str] = []
-    if _sidecar(path).is_file():
-        classes = json.loads(_sidecar(path).read_text()).get("classes", [])
+    classes = _read_classes(path)
     return DatasetInfo(
         path=path,
         count=int(reader.num_samples),

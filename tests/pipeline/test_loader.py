@@ -1,7 +1,10 @@
+import gc
 import itertools
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -168,3 +171,129 @@ def test_two_gloo_ranks_read_disjoint_shards_covering_the_dataset(shapes_beton, 
     assert rank0 == epoch_order(203, seed=2, epoch=0, rank=0, world_size=2).tolist()
     assert rank1 == epoch_order(203, seed=2, epoch=0, rank=1, world_size=2).tolist()
     assert len(set(rank0) | set(rank1)) == 203
+
+
+def ffcv_threads():
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    return [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+
+@pytest.mark.ffcv
+def test_ffcv_thread_stops_when_the_iterator_is_dropped_closed_or_replaced(shapes_beton):
+    loader = Loader(shapes_beton, batch_size=16, resolution=16, num_workers=1)
+    assert next(iter(loader)).images.shape == (16, 3, 16, 16)
+    gc.collect()
+    assert ffcv_threads() == []
+
+    first = iter(loader)
+    next(first)
+    assert len(ffcv_threads()) == 1
+    second = iter(loader)
+    assert len(next(second).index) == 16
+    assert len(ffcv_threads()) == 1  # the new epoch stopped the first one's thread
+    with pytest.raises(RuntimeError, match="reading was stopped .* iterate the loader again"):
+        next(first)
+    second.close()
+    assert ffcv_threads() == []
+    assert loader.state_dict() == {"seed": 0, "epoch": 0, "step": 3}
+
+
+@pytest.mark.ffcv
+def test_loader_as_context_manager_stops_its_thread_and_can_read_again(shapes_beton):
+    with Loader(shapes_beton, batch_size=16, resolution=16, num_workers=2, order="sequential") as loader:
+        held = iter(loader)
+        assert next(held).index.tolist() == list(range(16))
+        assert len(ffcv_threads()) == 1
+    assert ffcv_threads() == []
+    assert next(iter(loader)).index.tolist() == list(range(16, 32))
+    gc.collect()
+    assert ffcv_threads() == []
+
+
+ONE_BATCH = """
+import sys
+from masklab.pipeline import Loader
+from masklab.transforms import Normalize
+stages = [Normalize(mean=(0.5,) * 3, std=(0.25,) * 3)] if sys.argv[3] == "stages" else []
+loader = Loader(sys.argv[1], batch_size=16, resolution=32, num_workers=int(sys.argv[2]), stages=stages)
+batch = next(iter(loader))
+print(tuple(batch.images.shape))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ffcv
+def test_a_script_that_takes_one_batch_and_exits_exits_cleanly(shapes_beton):
+    """Before the loader stopped FFCV's thread, about half these processes aborted (exit code 134)."""
+    cases = [(workers, stages) for workers in (1, 2) for stages in ("none", "stages")] * 5
+
+    def one_run(case):
+        workers, stages = case
+        command = [sys.executable, "-c", ONE_BATCH, str(shapes_beton), str(workers), stages]
+        return case, subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(one_run, cases))
+    assert len(results) == 20
+    for (workers, stages), result in results:
+        assert (result.returncode, result.stdout.strip()) == (0, "(16, 3, 32, 32)"), (
+            f"num_workers={workers}, {stages}: exit code {result.returncode}\n{result.stderr[-2000:]}"
+        )
+        assert "terminate called" not in result.stderr
+
+
+FAIL_AT_FIRST_BATCH = """
+import sys
+from masklab.pipeline import Lambda, Loader
+
+def fail(batch):
+    raise ValueError("this stage refuses its first batch")
+
+loader = Loader(sys.argv[1], batch_size=16, resolution=32, num_workers=2, stages=[Lambda(fail)])
+for batch in loader:
+    pass
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ffcv
+def test_an_error_at_the_first_batch_ends_the_process_with_its_exception_not_an_abort(shapes_beton):
+    """The error leaves FFCV's reading thread running; it used to turn exit code 1 into 134 at exit."""
+    for _ in range(3):
+        command = [sys.executable, "-c", FAIL_AT_FIRST_BATCH, str(shapes_beton)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "ValueError: this stage refuses its first batch" in result.stderr
+        assert "terminate called" not in result.stderr
+
+
+@pytest.mark.ffcv
+def test_an_error_in_ffcvs_thread_is_raised_not_waited_on(shapes_beton, monkeypatch):
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def fail(*args):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", fail)
+    loader = Loader(shapes_beton, batch_size=16, resolution=16, num_workers=1)
+    outcome = []
+
+    def read():
+        try:
+            next(iter(loader))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the loader waited forever on FFCV's dead thread"
+    assert [str(e) for e in outcome] == ["FFCV's reading thread failed: OSError: disk on fire"]
+    assert ffcv_threads() == []
+
+
+def test_a_batch_of_one_keeps_its_batch_dimension(make_loader):
+    batches = run(make_loader(batch_size=101, drop_last=False, order="sequential"))
+    assert [b["index"].tolist() for b in batches[2:]] == [[202]]
+    assert batches[2]["labels"].shape == (1,) and batches[2]["images"].shape == (1, 3, 32, 32)

@@ -1,11 +1,19 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from masklab.pipeline import Loader, read_info, write_dataset
+from masklab.pipeline import Loader, read_info, to_hwc_uint8, write_dataset
+from masklab.pipeline.writer import _quiet_progress
 
 pytestmark = pytest.mark.ffcv
 
@@ -135,3 +143,228 @@ def test_an_interrupted_write_leaves_no_file_that_looks_complete(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         write_dataset((np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4)), out, num_workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+SLOW_WRITE = """
+import os, sys, time
+import numpy as np
+from masklab.pipeline import write_dataset
+
+class Slow:
+    def __len__(self):
+        return 4000
+
+    def __getitem__(self, i):
+        open(os.path.join(sys.argv[2], f"worker.{os.getpid()}"), "a").close()
+        time.sleep(0.05)
+        return np.zeros((8, 8, 3), np.uint8), 0
+
+write_dataset(Slow(), sys.argv[1], num_workers=2, progress=False)
+"""
+
+
+def alive(pid):
+    """Running, not merely a zombie waiting for a reaper (PID 1 in a container may not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the tie to the parent is Linux's prctl")
+def test_writer_workers_die_with_a_killed_parent(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(tmp_path / "out.beton"), str(markers)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(markers.iterdir())) < 2:
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never started its two workers"
+            time.sleep(0.1)
+        workers = {int(m.name.split(".")[1]) for m in markers.iterdir()}
+        descendants = set(children(writer.pid))  # the two workers and multiprocessing's resource tracker
+        segments = {
+            line.split()[-1]
+            for line in Path(f"/proc/{writer.pid}/maps").read_text().splitlines()
+            if "/dev/shm/" in line
+        }
+        assert workers <= descendants and segments
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in descendants) or any(os.path.exists(s) for s in segments):
+        assert time.monotonic() < deadline, (
+            f"still running: {[p for p in descendants if alive(p)]}; "
+            f"left in /dev/shm: {[s for s in segments if os.path.exists(s)]}"
+        )
+        time.sleep(0.1)
+    assert not (tmp_path / "out.beton").exists()
+
+
+REWRITE = r"Write it again from its source: `masklab write-dataset SRC .*{name} --overwrite`"
+
+
+def damaged(source, path, keep=None, replace=None):
+    data = bytearray(source.read_bytes())
+    if keep is not None:
+        data = data[:keep]
+    for start, stop, value in replace or ():
+        data[start:stop] = bytes([value]) * (stop - start)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cut", "reason"),
+    [
+        (lambda size: 10, r"it holds 10 bytes, fewer than FFCV's 24-byte header"),
+        (lambda size: 5000, r"it stops at byte 5000, before its allocation table at byte \d+ \(truncated\)"),
+        (lambda size: size - 30, r"its allocation table, from byte \d+ to the end at \d+, is cut short"),
+        (lambda size: size - 24, r"the image data of 1 of its 203 samples are not in its allocation table"),
+    ],
+)
+def test_a_truncated_file_is_named_with_how_to_write_it_again(shapes_beton, tmp_path, cut, reason):
+    bad = damaged(shapes_beton, tmp_path / "cut.beton", keep=cut(shapes_beton.stat().st_size))
+    message = rf"{bad} is not a complete \.beton file: {reason}\. " + REWRITE.format(name="cut.beton")
+    with pytest.raises(ValueError, match=message):
+        read_info(bad)
+    with pytest.raises(ValueError, match=message):
+        Loader(bad, batch_size=8, num_workers=1)
+
+
+def test_random_bytes_are_not_a_beton(tmp_path):
+    bad = tmp_path / "noise.beton"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    message = (
+        r"noise\.beton is not a complete \.beton file: its header is not FFCV's \(format version \d+, expected 2\)"
+    )
+    with pytest.raises(ValueError, match=message + r"\. " + REWRITE.format(name="noise.beton")):
+        Loader(bad, batch_size=8, num_workers=1)
+    with pytest.raises(ValueError, match=message):
+        read_info(bad)
+
+
+def test_corrupt_jpeg_data_is_counted_and_warned_each_epoch(shapes_beton, tmp_path):
+    from ffcv.reader import Reader
+
+    reader = Reader(str(shapes_beton))
+    starts = reader.metadata["f0"]["data_ptr"]
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
+    broken = [(int(starts[i]), int(starts[i]) + sizes[int(starts[i])], 0) for i in (50, 3)]
+    bad = damaged(shapes_beton, tmp_path / "jpeg.beton", replace=broken)
+
+    loader = sequential(bad, num_workers=1)
+    for epoch in range(2):
+        with pytest.warns(RuntimeWarning) as caught:
+            images = torch.cat([b.images for b in loader])
+        assert [str(w.message) for w in caught] == [
+            f"2 of the 203 images of epoch {epoch} in {bad} failed to decode (corrupt JPEG data, at indices 3, 50): "
+            f"they come out black. Write the file again from its source: "
+            f"`masklab write-dataset SRC {bad} --overwrite`"
+        ]
+        assert images[3].abs().sum() == images[50].abs().sum() == 0 and images[4].mean() > 0.1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(sequential(shapes_beton, num_workers=1))) == 13
+
+
+def test_a_beton_without_masklab_fields_is_refused_by_name(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    path = tmp_path / "plain.beton"
+    writer = DatasetWriter(str(path), {"image": RGBImageField(), "label": IntField()}, num_workers=1)
+    with _quiet_progress(False):
+        writer.from_indexed_dataset([(np.zeros((8, 8, 3), np.uint8), 0)] * 4)
+    assert read_info(path).count == 4
+    with pytest.raises(
+        ValueError,
+        match=r"plain\.beton is not a masklab dataset: it needs the fields image \(RGBImageField\), "
+        r"label \(IntField\), index \(IntField\), and has image \(RGBImageField\), label \(IntField\); "
+        r"write it with `masklab write-dataset`",
+    ):
+        Loader(path, batch_size=2, num_workers=1)
+
+
+class Planted:
+    """Unpickling this creates ``path``: the proof that a reader ran code from a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_the_sidecar_is_only_ever_parsed_as_json(shapes_beton, tmp_path):
+    import pickle
+
+    beton = tmp_path / "s.beton"
+    beton.write_bytes(shapes_beton.read_bytes())
+    sidecar = tmp_path / "s.beton.json"
+    planted = tmp_path / "planted"
+
+    sidecar.write_bytes(pickle.dumps(Planted(planted)))
+    with pytest.raises(ValueError, match=r"s\.beton\.json is not JSON .*; delete it, or write .*s\.beton again"):
+        read_info(beton)
+    assert not planted.exists()
+
+    sidecar.write_text(json.dumps({"classes": {"py/object": "os.system", "args": ["touch planted"]}}))
+    with pytest.raises(ValueError, match=r"s\.beton\.json does not hold a list of class names under 'classes'"):
+        read_info(beton)
+    sidecar.write_text(json.dumps(["__reduce__", "os.system"]))
+    with pytest.raises(ValueError, match=r"does not hold a list of class names"):
+        read_info(beton)
+
+    odd = ["!!python/object/apply:os.system", "__import__('os')", "py/reduce"]
+    sidecar.write_text(json.dumps({"classes": odd, "extra": {"py/object": "os.system"}}))
+    assert read_info(beton).classes == odd
+    assert not planted.exists()
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 65535, 32)[None, :] * np.linspace(0.3, 1.0, 32)[:, None]
+    source = np.clip(ramp + rng.normal(0, 500, (32, 32)), 0, 65535).astype(np.uint16)
+    (tmp_path / "src" / "grey").mkdir(parents=True)
+    Image.fromarray(source).save(tmp_path / "src" / "grey" / "deep.png")
+    with Image.open(tmp_path / "src" / "grey" / "deep.png") as image:
+        assert image.mode == "I;16"
+
+    report = write_dataset(tmp_path / "src", tmp_path / "deep.beton", num_workers=1, progress=False)
+    assert report.count == 1 and report.skipped == []
+    batch = next(iter(Loader(tmp_path / "deep.beton", batch_size=1, resolution=32, scale=None, flip_p=0.0)))
+    stored = batch.images[0] * 255
+    assert abs(stored.mean().item() - source.mean() / 257) < 1.0
+    assert (stored - torch.from_numpy(source / 257.0).float()).abs().mean() < 3.0  # JPEG at quality 90
+
+
+def test_high_bit_depth_and_float_pil_images_are_scaled():
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    expected = [0, 1, 128, 255]
+    for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I")
+        assert to_hwc_uint8(image)[0, :, 0].tolist() == expected
+    assert to_hwc_uint8(values)[0, :, 1].tolist() == expected
+    assert to_hwc_uint8(Image.fromarray(values.astype(np.float32) / 65535))[0, :, 2].tolist() == expected
+    with pytest.raises(ValueError, match=r"a PIL image of mode I with values in \[-1, 70000\] has no 8-bit scaling"):
+        to_hwc_uint8(Image.fromarray(np.array([[-1, 70000]], dtype=np.int32)))
+    with pytest.raises(ValueError, match=r"int64 pixel values span \[0, 300\], outside 0\.\.255"):
+        to_hwc_uint8(np.array([[0, 300]]))
+    assert to_hwc_uint8(np.array([[0, 255]]))[0, :, 0].tolist() == [0, 255]

@@ -131,3 +131,17 @@ def test_train_prints_the_message_and_exits_non_zero_without_a_traceback(overrid
     assert result.returncode == 2
     assert f"masklab train: error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_truncated_dataset_is_a_clear_error(shapes_beton, tmp_path, capsys):
+    from ffcv.reader import Reader
+
+    table = Reader(str(shapes_beton)).header["alloc_table_ptr"]
+    bad = tmp_path / "cut.beton"
+    bad.write_bytes(shapes_beton.read_bytes()[:5000])
+    assert main(["info", str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        f"masklab info: error: {bad} is not a complete .beton file: it stops at byte 5000, before its allocation "
+        f"table at byte {table} (truncated). Write it again from its source: "
+        f"`masklab write-dataset SRC {bad} --overwrite`\n"
+    )
