@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["GuidanceMixin", "ObjectiveOutput", "concat_all_gather", "patchify", "unpatchify", "sincos_pos_embed"]
+__all__ = ["GuidanceMixin", "ObjectiveOutput", "concat_all_gather", "patchify", "unpatchify"]
 
 
 @dataclass
@@ -45,24 +45,6 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], ch
     return rearrange(
         patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size, c=channels
     )
-
-
-def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings ``(Gh * Gw, dim)`` (MAE's decoder uses these)."""
-    if dim % 4:
-        raise ValueError(f"sincos position embeddings need dim divisible by 4, got {dim}")
-    gh, gw = grid
-    ys, xs = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float32, device=device),
-        torch.arange(gw, dtype=torch.float32, device=device),
-        indexing="ij",
-    )
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angles = coord[:, None] * omega[None]
-        parts += [torch.sin(angles), torch.cos(angles)]
-    return torch.cat(parts, dim=1)
 
 
 class GuidanceMixin:

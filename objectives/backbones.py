@@ -59,7 +59,12 @@ def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _attention_probe(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass."""
+    """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass.
+
+    timm's ``AttentionExtract`` hooks the same ``attn_drop`` modules, but its hooks stay on and it
+    leaves fused attention (whose path never calls ``attn_drop``) as it is; the guides run mid-training,
+    so this probe turns fusion off for the one pass and puts everything back.
+    """
     captured: list[torch.Tensor] = []
     handles, fused = [], []
     for block in blocks:

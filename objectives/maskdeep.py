@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from masklab.pipeline import Batch
@@ -172,19 +171,16 @@ class MaskDeep(GuidanceMixin, nn.Module):
         if isinstance(backbone, CNNBackbone):
             maps = backbone.features(images)
             return [maps[backbone.strides.index(s)] for s in strides]
-        model = backbone.model
-        depth = len(model.blocks)
+        depth = len(backbone.model.blocks)
         picks = [max(0, round(depth * (i + 1) / len(strides)) - 1) for i in range(len(strides))]
-        gh, gw = backbone.grid(images)
-        x = backbone.embed(images)
+        blocks = sorted(set(picks))  # a shallow ViT gives one block to several strides
+        maps = backbone.model.forward_intermediates(
+            images, indices=blocks, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+        )
         outs = []
-        for i, block in enumerate(model.blocks):
-            x = block(x)
-            while len(outs) < len(picks) and picks[len(outs)] == i:
-                tokens = model.norm(x)[:, backbone.num_prefix :]
-                grid = rearrange(tokens, "b (h w) c -> b c h w", h=gh, w=gw)
-                factor = strides[len(outs)] // backbone.patch_size
-                outs.append(F.avg_pool2d(grid, factor) if factor > 1 else grid)
+        for pick, stride in zip(picks, strides, strict=True):
+            grid, factor = maps[blocks.index(pick)], stride // backbone.patch_size
+            outs.append(F.avg_pool2d(grid, factor) if factor > 1 else grid)
         return outs
 
     def predict(self, maps: list[torch.Tensor], masks: FeatureMasks) -> torch.Tensor:
