@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["GuidanceMixin", "ObjectiveOutput", "concat_all_gather", "patchify", "unpatchify"]
+from masklab.pipeline import Batch
+
+__all__ = [
+    "GuidanceMixin",
+    "ObjectiveOutput",
+    "concat_all_gather",
+    "gather_tokens",
+    "patchify",
+    "two_views",
+    "unpatchify",
+]
 
 
 @dataclass
@@ -45,6 +55,23 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], ch
     return rearrange(
         patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size, c=channels
     )
+
+
+def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's tokens at ``ids``, in ``ids`` order.
+
+    Shape:
+        ``(B, N, D)`` tokens and ``(B, K)`` indices into ``N`` -> ``(B, K, D)``.
+    """
+    return tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def two_views(batch: Batch, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch.views[0]`` and ``batch.views[1]``, or a ``ValueError`` that names ``objective`` and the fix."""
+    got = 0 if batch.views is None else len(batch.views)
+    if got < 2:
+        raise ValueError(f"{objective} needs two views in batch.views, got {got}: add Views(2, ...) to the loader")
+    return batch.views[0], batch.views[1]
 
 
 class GuidanceMixin:

@@ -10,7 +10,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
 from .backbones import ViTBackbone
 from .compat import check_family
 
@@ -107,6 +107,6 @@ class MAE(GuidanceMixin, nn.Module):
             raise ValueError("MAE needs at least one MASKED cell per sample")
         pred = self.predict(batch.images, mask)
         patches = patchify(batch.images, self.backbone.patch_size)
-        target = patches.gather(1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        target = gather_tokens(patches, mask.ids_masked)
         loss = mae_loss(pred, target, self.norm_pix)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})

@@ -11,7 +11,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import FeatureMask, FeatureMasks
 
-from ._common import GuidanceMixin, ObjectiveOutput
+from ._common import GuidanceMixin, ObjectiveOutput, two_views
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .ema import EMATeacher
@@ -222,9 +222,7 @@ class MaskDeep(GuidanceMixin, nn.Module):
         return masks[0], masks[1]
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
-        if batch.views is None or len(batch.views) < 2:
-            raise ValueError("MaskDeep needs two views in batch.views: add Views(2, ...) to the loader")
-        x1, x2 = batch.views[0], batch.views[1]
+        x1, x2 = two_views(batch, "MaskDeep")
         m1, m2 = self._view_masks(batch)
         p1 = self.predict(self.levels(self.backbone, x1, self.strides), m1)
         p2 = self.predict(self.levels(self.backbone, x2, self.strides), m2)
