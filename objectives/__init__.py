@@ -6,7 +6,7 @@ with a :class:`~masklab.transforms.PatchMask`) and never see a loader.
 
 from functools import partial
 
-from ._common import ObjectiveOutput, concat_all_gather, patchify, sincos_pos_embed, unpatchify
+from ._common import ObjectiveOutput, concat_all_gather, patchify, unpatchify
 from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, minmax
 from .compat import COMPATIBILITY, Support, check_compatible, compatibility_table, supported_triples
 from .ema import EMATeacher, cosine_decay
@@ -18,7 +18,7 @@ from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
 from .siamese import BASES, BaseSpec, Siamese
 from .simmim import SimMIM, simmim_loss
-from .supervised import Supervised, soft_cross_entropy
+from .supervised import Supervised
 
 OBJECTIVES = {
     "mae": MAE,
@@ -65,8 +65,6 @@ __all__ = [
     "predictor_mlp",
     "projection_mlp",
     "simmim_loss",
-    "soft_cross_entropy",
-    "sincos_pos_embed",
     "supported_triples",
     "unpatchify",
 ]

@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["GuidanceMixin", "ObjectiveOutput", "concat_all_gather", "patchify", "unpatchify", "sincos_pos_embed"]
+from masklab.pipeline import Batch
+
+__all__ = [
+    "GuidanceMixin",
+    "ObjectiveOutput",
+    "concat_all_gather",
+    "gather_tokens",
+    "patchify",
+    "two_views",
+    "unpatchify",
+]
 
 
 @dataclass
@@ -47,22 +57,21 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], ch
     )
 
 
-def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings ``(Gh * Gw, dim)`` (MAE's decoder uses these)."""
-    if dim % 4:
-        raise ValueError(f"sincos position embeddings need dim divisible by 4, got {dim}")
-    gh, gw = grid
-    ys, xs = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float32, device=device),
-        torch.arange(gw, dtype=torch.float32, device=device),
-        indexing="ij",
-    )
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angles = coord[:, None] * omega[None]
-        parts += [torch.sin(angles), torch.cos(angles)]
-    return torch.cat(parts, dim=1)
+def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's tokens at ``ids``, in ``ids`` order.
+
+    Shape:
+        ``(B, N, D)`` tokens and ``(B, K)`` indices into ``N`` -> ``(B, K, D)``.
+    """
+    return tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def two_views(batch: Batch, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch.views[0]`` and ``batch.views[1]``, or a ``ValueError`` that names ``objective`` and the fix."""
+    got = 0 if batch.views is None else len(batch.views)
+    if got < 2:
+        raise ValueError(f"{objective} needs two views in batch.views, got {got}: add Views(2, ...) to the loader")
+    return batch.views[0], batch.views[1]
 
 
 class GuidanceMixin:

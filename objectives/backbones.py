@@ -23,6 +23,8 @@ from torch import nn
 from masklab.transforms import MASKED, THROWN, PatchMask
 from masklab.transforms._sampling import patch_grid
 
+from ._common import gather_tokens
+
 __all__ = [
     "CNNBackbone",
     "ViTBackbone",
@@ -59,7 +61,12 @@ def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _attention_probe(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass."""
+    """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass.
+
+    timm's ``AttentionExtract`` hooks the same ``attn_drop`` modules, but its hooks stay on and it
+    leaves fused attention (whose path never calls ``attn_drop``) as it is; the guides run mid-training,
+    so this probe turns fusion off for the one pass and puts everything back.
+    """
     captured: list[torch.Tensor] = []
     handles, fused = [], []
     for block in blocks:
@@ -148,8 +155,7 @@ class ViTBackbone(nn.Module):
         """
         tokens = self.embed(images)
         prefix, patches = tokens[:, : self.num_prefix], tokens[:, self.num_prefix :]
-        keep = mask.ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-        return self._encode(torch.cat([prefix, patches.gather(1, keep)], dim=1))
+        return self._encode(torch.cat([prefix, gather_tokens(patches, mask.ids_keep)], dim=1))
 
     def encode_with_mask_token(
         self, images: torch.Tensor, mask: PatchMask, token: torch.Tensor
@@ -165,7 +171,7 @@ class ViTBackbone(nn.Module):
         kept = mask.num_visible + mask.num_masked
         ids = mask.ids_shuffle[:, :kept].sort(dim=1).values if mask.num_thrown else None
         if ids is not None:
-            patches = patches.gather(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            patches = gather_tokens(patches, ids)
         else:
             ids = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
         out = self._encode(torch.cat([prefix, patches], dim=1))

@@ -8,13 +8,14 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from masklab.pipeline import clamp_progress
+
 __all__ = ["EMATeacher", "cosine_decay"]
 
 
 def cosine_decay(progress: float, base: float = 0.996, final: float = 1.0) -> float:
     """BYOL's schedule: ``final - (final - base) * (cos(pi * progress) + 1) / 2`` for progress in [0, 1]."""
-    progress = min(max(float(progress), 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    return final - (final - base) * (math.cos(math.pi * clamp_progress(progress)) + 1) / 2
 
 
 class EMATeacher(nn.Module):

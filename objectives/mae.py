@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from masklab.pipeline import Batch
 from masklab.transforms import PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, patchify, sincos_pos_embed
+from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
 from .backbones import ViTBackbone
 from .compat import check_family
 
@@ -88,7 +88,10 @@ class MAE(GuidanceMixin, nn.Module):
         """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
         latent = self.decoder_embed(self.backbone.encode_visible(images, mask))
         p = self.backbone.num_prefix
-        pos = sincos_pos_embed(latent.shape[-1], mask.grid, images.device).to(latent.dtype)
+        # Fixed 2-D sine-cosine positions, (Gh * Gw, D): [sin y, cos y, sin x, cos x] per cell, row-major.
+        pos = build_sincos2d_pos_embed(
+            list(mask.grid), latent.shape[-1], interleave_sin_cos=True, device=images.device, dtype=latent.dtype
+        )
         visible = latent[:, p:] + pos[mask.ids_keep]
         masked = self.mask_token.to(latent.dtype) + pos[mask.ids_masked]
         # A transformer is order-free given positions: no un-shuffling needed, and THROWN cells never enter.
@@ -104,6 +107,6 @@ class MAE(GuidanceMixin, nn.Module):
             raise ValueError("MAE needs at least one MASKED cell per sample")
         pred = self.predict(batch.images, mask)
         patches = patchify(batch.images, self.backbone.patch_size)
-        target = patches.gather(1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        target = gather_tokens(patches, mask.ids_masked)
         loss = mae_loss(pred, target, self.norm_pix)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from masklab.pipeline import Batch
 from masklab.transforms import FeatureMask, FeatureMasks
 
-from ._common import GuidanceMixin, ObjectiveOutput
+from ._common import GuidanceMixin, ObjectiveOutput, two_views
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .ema import EMATeacher
@@ -172,19 +171,16 @@ class MaskDeep(GuidanceMixin, nn.Module):
         if isinstance(backbone, CNNBackbone):
             maps = backbone.features(images)
             return [maps[backbone.strides.index(s)] for s in strides]
-        model = backbone.model
-        depth = len(model.blocks)
+        depth = len(backbone.model.blocks)
         picks = [max(0, round(depth * (i + 1) / len(strides)) - 1) for i in range(len(strides))]
-        gh, gw = backbone.grid(images)
-        x = backbone.embed(images)
+        blocks = sorted(set(picks))  # a shallow ViT gives one block to several strides
+        maps = backbone.model.forward_intermediates(
+            images, indices=blocks, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+        )
         outs = []
-        for i, block in enumerate(model.blocks):
-            x = block(x)
-            while len(outs) < len(picks) and picks[len(outs)] == i:
-                tokens = model.norm(x)[:, backbone.num_prefix :]
-                grid = rearrange(tokens, "b (h w) c -> b c h w", h=gh, w=gw)
-                factor = strides[len(outs)] // backbone.patch_size
-                outs.append(F.avg_pool2d(grid, factor) if factor > 1 else grid)
+        for pick, stride in zip(picks, strides, strict=True):
+            grid, factor = maps[blocks.index(pick)], stride // backbone.patch_size
+            outs.append(F.avg_pool2d(grid, factor) if factor > 1 else grid)
         return outs
 
     def predict(self, maps: list[torch.Tensor], masks: FeatureMasks) -> torch.Tensor:
@@ -226,9 +222,7 @@ class MaskDeep(GuidanceMixin, nn.Module):
         return masks[0], masks[1]
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
-        if batch.views is None or len(batch.views) < 2:
-            raise ValueError("MaskDeep needs two views in batch.views: add Views(2, ...) to the loader")
-        x1, x2 = batch.views[0], batch.views[1]
+        x1, x2 = two_views(batch, "MaskDeep")
         m1, m2 = self._view_masks(batch)
         p1 = self.predict(self.levels(self.backbone, x1, self.strides), m1)
         p2 = self.predict(self.levels(self.backbone, x2, self.strides), m2)

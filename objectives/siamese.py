@@ -11,7 +11,7 @@ from torch import nn
 
 from masklab.pipeline import Batch
 
-from ._common import GuidanceMixin, ObjectiveOutput
+from ._common import GuidanceMixin, ObjectiveOutput, two_views
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .ema import EMATeacher
@@ -178,20 +178,12 @@ class Siamese(GuidanceMixin, nn.Module):
         # A copy: the queue is updated in place after the loss, before backward.
         return partial(infonce_loss, queue=self.queue.keys.clone(), temperature=self.temperature, reduction="none")
 
-    @staticmethod
-    def views_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The query view ``batch.views[0]`` and the key view ``batch.views[1]``."""
-        if batch.views is None or len(batch.views) < 2:
-            got = 0 if batch.views is None else len(batch.views)
-            raise ValueError(f"siamese objectives need two views in batch.views, got {got}: add Views(2, ...)")
-        return batch.views[0], batch.views[1]
-
     def extra_terms(self, batch: Batch, base: PairLoss, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """Further per-sample losses ``(B,)`` on top of ``base(q, k)``; none here (MixMask adds its own)."""
         return None
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
-        x_q, x_k = self.views_of(batch)
+        x_q, x_k = two_views(batch, type(self).__name__)  # the query view, the key view
         base = self.pair_loss()
         q, z_q = self.online(x_q)
         want_z_k = self.symmetric and self.momentum is None

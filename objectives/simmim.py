@@ -10,7 +10,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import MASKED, PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 
@@ -80,7 +80,7 @@ class SimMIM(GuidanceMixin, nn.Module):
             out, ids = self.backbone.encode_with_mask_token(images, mask, self.mask_token)
             pred = self.head(out)  # (B, n_kept, p * p * 3)
             patches = patchify(images, self.backbone.patch_size)
-            target = patches.gather(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            target = gather_tokens(patches, ids)
             weight = (mask.states.flatten(1).gather(1, ids) == MASKED).unsqueeze(-1)
         else:
             stride = self.backbone.strides[-1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -11,12 +10,7 @@ from masklab.transforms import MixParams, PatchMask, erase_patches, mix_targets
 
 from ._common import ObjectiveOutput
 
-__all__ = ["Supervised", "soft_cross_entropy"]
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against ``(B, K)`` soft targets, averaged over the batch."""
-    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+__all__ = ["Supervised"]
 
 
 class Supervised(nn.Module):
@@ -53,9 +47,8 @@ class Supervised(nn.Module):
             targets = mix_targets(targets, params)
         if isinstance(batch.mask, PatchMask):
             images = erase_patches(images, batch.mask)
-        if self.label_smoothing:
-            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
         logits = self.model(images)
-        loss = soft_cross_entropy(logits, targets)
+        # Soft (B, K) targets: -sum(targets * log_softmax(logits)) per sample, smoothed toward 1 / K first.
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         accuracy = (logits.argmax(1) == batch.labels).float().mean()
         return ObjectiveOutput(loss, {"loss": loss.detach(), "accuracy": accuracy.detach()})

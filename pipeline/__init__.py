@@ -19,7 +19,7 @@ from .crop import (
 )
 from .loader import DatasetLoader, Loader
 from .order import epoch_order
-from .stage import Chain, Lambda, Stage, batch_generator, derive_seed, stage_node
+from .stage import Chain, Lambda, Stage, batch_generator, clamp_progress, derive_seed, stage_node
 from .writer import (
     DatasetInfo,
     WriteReport,
@@ -48,6 +48,7 @@ __all__ = [
     "apply_crop",
     "batch_generator",
     "builtin_dataset",
+    "clamp_progress",
     "derive_seed",
     "epoch_order",
     "ffcv_available",

@@ -18,7 +18,7 @@ from torch import nn
 
 from .batch import Batch
 
-__all__ = ["Stage", "Chain", "Lambda", "derive_seed", "batch_generator", "stage_node"]
+__all__ = ["Stage", "Chain", "Lambda", "batch_generator", "clamp_progress", "derive_seed", "stage_node"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -44,6 +44,16 @@ def derive_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         state = z ^ (z >> 31)
     return state >> 1
+
+
+def clamp_progress(progress: float) -> float:
+    """Training progress as a Python float in ``[0, 1]``, what schedules read (0: the start, 1: the end).
+
+    Examples:
+        >>> [clamp_progress(t) for t in (-0.5, 0.25, 1.02)]
+        [0.0, 0.25, 1.0]
+    """
+    return min(max(float(progress), 0.0), 1.0)
 
 
 def batch_generator(batch: Batch, salt: int = 0) -> torch.Generator | None:

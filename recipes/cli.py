@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -10,6 +11,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+
+def _tool(command: str, name: str):
+    """``masklab.tools.NAME``: this repository's tools, present in a source checkout only.
+
+    Raises:
+        ImportError: saying so, when masklab runs from an installed wheel.
+    """
+    try:
+        return importlib.import_module(f"masklab.tools.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("masklab.tools", f"masklab.tools.{name}"):
+            raise
+        raise ImportError(
+            f"{command} is a tool of masklab's source checkout (masklab/tools/, with benchmarks/ and the README), "
+            "not of the installed package: git clone the repository, pip install -e it, and run this from there"
+        ) from None
 
 
 def _write_dataset(args: argparse.Namespace) -> int:
@@ -76,16 +94,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from masklab.recipes.demo import run_demo
+    from masklab.recipes.demo import README_FIGURES, demo_markdown, run_demo
 
+    readme = _tool("demo --readme", "readme") if args.readme else None  # before minutes of training
     out = Path(args.out)
     for i, seed in enumerate(args.seeds):
         result = run_demo(out_dir=out, device=args.device, epochs=args.epochs, seed=seed, pictures=i == 0)
-    if args.readme:
-        from masklab.recipes.demo import README_FIGURES, demo_markdown
-        from masklab.recipes.readme import update_readme
-
-        update_readme(Path(args.readme), "demo", demo_markdown(result), {out / "demo.json": README_FIGURES})
+    if readme is not None:
+        readme.update_readme(Path(args.readme), "demo", demo_markdown(result), {out / "demo.json": README_FIGURES})
         print(
             f"updated the demo section of {args.readme} ({README_FIGURES}, seeds {', '.join(sorted(result.runs['mae'], key=int))})"
         )
@@ -153,19 +169,16 @@ def _show_masks(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from masklab.recipes.study import run_study
-
+    study, readme = _tool("study", "study"), _tool("study", "readme")
     out = Path(args.out)
     start = time.perf_counter()
-    result = run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
+    result = study.run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
     print((out / "results.md").read_text())
     if args.readme:
-        from masklab.recipes.readme import update_readme
-        from masklab.recipes.study import README_FIGURES, README_PLOT, study_markdown
-
-        copies = {out / "results.png": README_PLOT, out / "results.json": README_FIGURES}
-        update_readme(Path(args.readme), "study", study_markdown(result, plot=README_PLOT), copies)
-        print(f"updated the study section of {args.readme} ({README_PLOT}, {README_FIGURES})")
+        copies = {out / "results.png": study.README_PLOT, out / "results.json": study.README_FIGURES}
+        markdown = study.study_markdown(result, plot=study.README_PLOT)
+        readme.update_readme(Path(args.readme), "study", markdown, copies)
+        print(f"updated the study section of {args.readme} ({study.README_PLOT}, {study.README_FIGURES})")
     print(
         f"study took {(time.perf_counter() - start) / 60:.1f} min; table {out / 'results.md'}, plot {out / 'results.png'}"
     )
@@ -173,30 +186,30 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from masklab.recipes.bench import (
-        README_CHART,
-        README_FIGURES,
-        find_benchmarks,
-        report_markdown,
-        run_bench,
-        write_report,
-    )
-    from masklab.recipes.readme import update_readme
-
-    folder = find_benchmarks(args.dir)
-    report = run_bench(folder, quick=args.quick, only=args.only, timeout=args.timeout)
-    markdown, chart = write_report(report, Path(args.out))
+    bench, readme = _tool("bench", "bench"), _tool("bench", "readme")
+    folder = bench.find_benchmarks(args.dir)
+    report = bench.run_bench(folder, quick=args.quick, only=args.only, timeout=args.timeout)
+    markdown, chart = bench.write_report(report, Path(args.out))
     print(f"\nreport: {markdown}" + (f", chart: {chart}" if chart else ""))
     if args.readme:
         if chart is None:
             raise ValueError("no benchmark ran to the end: the README keeps its report")
-        copies = {chart: README_CHART, Path(args.out) / "bench.json": README_FIGURES}
-        update_readme(Path(args.readme), "bench", report_markdown(report, README_CHART), copies)
-        print(f"updated the performance section of {args.readme} ({README_CHART}, {README_FIGURES})")
+        copies = {chart: bench.README_CHART, Path(args.out) / "bench.json": bench.README_FIGURES}
+        readme.update_readme(Path(args.readme), "bench", bench.report_markdown(report, bench.README_CHART), copies)
+        print(f"updated the performance section of {args.readme} ({bench.README_CHART}, {bench.README_FIGURES})")
     if report.failed:
         print(f"failed: {', '.join(report.failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _mask_picture(name: str) -> str:
+    """``--mask``'s check, run only when show-masks is parsed: its names come with torch."""
+    from masklab.recipes.show_masks import MASK_PICTURES
+
+    if name not in MASK_PICTURES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(MASK_PICTURES)})")
+    return name
 
 
 TRUST_HELP = (
@@ -237,8 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", help="a .beton file")
     info.set_defaults(func=_info)
 
-    from masklab.recipes.show_masks import MASK_PICTURES
-
     listing = sub.add_parser(
         "list",
         help="print the supported (objective x backbone family x mask) matrix and the recipes",
@@ -251,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw masks over images to a PNG",
         description="Draw a mask stage's masks over images: masked cells red, thrown blue; mixed images for mixmask; each level for feature.",
     )
-    show.add_argument("--mask", required=True, choices=MASK_PICTURES, help="which mask stage to draw")
+    show.add_argument(
+        "--mask", required=True, type=_mask_picture, metavar="MASK", help="which mask stage to draw (masklab list)"
+    )
     show.add_argument("--builtin", choices=["shapes"], default=None, help="draw over the built-in shapes (the default)")
     show.add_argument("--data", default=None, help="draw over the first images of this .beton file")
     show.add_argument("--out", default="masks.png", help="output PNG (default masks.png)")
@@ -318,16 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser(
         "study",
         help="every method against its baseline on shapes: equal steps, 3 seeds, kNN and linear probe",
-        description="Train each arm (by default the eleven of masklab.recipes.study.STUDY_ARMS) with each seed "
+        description="Train each arm (by default the eleven of masklab.tools.study.STUDY_ARMS) with each seed "
         "on the built-in shapes for the same number of updates, evaluate kNN and a linear probe, and write "
-        "results.json, results.md (mean and spread) and results.png. Runs already done are kept.",
+        "results.json, results.md (mean and spread) and results.png. Runs already done are kept. "
+        "A tool of the source checkout (masklab/tools/study.py).",
     )
     study.add_argument("--recipes", dest="arms", nargs="+", default=None, help="arms or recipes (default: all arms)")
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
-    from masklab.recipes.study import STUDY_EPOCHS
-
     study.add_argument(
-        "--epochs", type=int, default=STUDY_EPOCHS, help=f"epochs per run, the same for all (default {STUDY_EPOCHS})"
+        "--epochs", type=int, default=None, help="epochs per run, the same for all (default: the study's STUDY_EPOCHS)"
     )
     study.add_argument("--quick", action="store_true", help="512 images, one epoch, one seed: a two-minute smoke run")
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
@@ -339,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run every benchmark script; one Markdown report and a PNG chart of the ratios",
         description="Run each script in benchmarks/ (a source checkout's) in a fresh process and gather "
-        "its figures into bench.md, bench.json and bench.png.",
+        "its figures into bench.md, bench.json and bench.png. A tool of the source checkout (masklab/tools/bench.py).",
     )
     bench.add_argument("--quick", action="store_true", help="each script's --quick mode (under 3 min on 2 cores)")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these scripts only (e.g. masks)")

@@ -12,17 +12,22 @@ the study's format: ``runs["mae"]`` and ``runs["random_vit"]``), from which
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
     "DEMO_OVERRIDES",
     "README_FIGURES",
+    "RunScores",
     "crop_picture_inputs",
     "demo_markdown",
     "run_demo",
@@ -55,6 +60,38 @@ class token, which no MAE loss reads directly (on this demo's seeds 0 and 1 the
 class token's linear-probe gain over random init varied several times more
 between seeds than the mean-pooled one's). The loop's own end-of-run kNN is off:
 the demo evaluates kNN and the linear probe from one extraction."""
+
+
+@dataclass
+class RunScores:
+    """Per arm, per seed: ``{"knn", "linear", "updates", "seconds"}``; plus the settings used.
+
+    The demo's ``demo.json`` and the study's ``results.json`` (``masklab study``) hold one each.
+    """
+
+    runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunScores:
+        """Scores as :meth:`save` wrote them."""
+        data = json.loads(Path(path).read_text())
+        return cls(runs=data["runs"], settings=data["settings"])
+
+    @classmethod
+    def load_or_new(cls, path: str | os.PathLike, settings: dict[str, Any]) -> RunScores:
+        """The runs saved at ``path`` if they were made with ``settings``, else none (a fresh start)."""
+        path = Path(path)
+        previous = cls.load(path) if path.exists() else None
+        if previous is not None and previous.settings == settings:
+            return previous
+        return cls(settings=settings)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``{"settings", "runs"}`` as JSON under a temporary name, then rename it."""
+        from masklab.pipeline import write_text_atomically
+
+        write_text_atomically(Path(path), json.dumps({"settings": self.settings, "runs": self.runs}, indent=1))
 
 
 def crop_picture_inputs(path: str | Path, n: int = 8, resolution: int = 32, seed: int = 1):
@@ -142,7 +179,7 @@ def run_demo(
     sources (``crops.png``); the loop saves the loss curve (``loss.png``).
 
     Returns:
-        the :class:`~masklab.recipes.study.StudyResult` of ``demo.json``
+        the :class:`RunScores` of ``demo.json``
         (``runs["mae"][str(seed)]`` and ``runs["random_vit"][str(seed)]``:
         ``{"knn", "linear", "updates", "seconds"}``).
     """
@@ -150,7 +187,6 @@ def run_demo(
 
     from .build import build_loader, build_model, encoder_of, family_of
     from .config import load_config
-    from .study import StudyResult
     from .train import evaluate_encoder, train
 
     start = time.perf_counter()
@@ -193,7 +229,7 @@ def run_demo(
     scores["random_vit"]["seconds"] = 0.0
 
     settings = {"epochs": cfg.run.epochs, "length": 4000, "overrides": settings_overrides}
-    demo = StudyResult.load_or_new(out_dir / "demo.json", settings)
+    demo = RunScores.load_or_new(out_dir / "demo.json", settings)
     for name, values in scores.items():
         demo.runs.setdefault(name, {})[str(seed)] = values
     demo.save(out_dir / "demo.json")
@@ -219,7 +255,7 @@ def gain_line(trained: dict[str, float], random: dict[str, float]) -> str:
 
 
 def demo_markdown(result) -> str:
-    """The README's demo paragraph and table, from a ``demo.json`` (:class:`~masklab.recipes.study.StudyResult`)."""
+    """The README's demo paragraph and table, from a ``demo.json`` (:class:`RunScores`)."""
     trained, random = result.runs["mae"], result.runs["random_vit"]
     seeds = sorted(trained, key=int)
     gains = [trained[s]["linear"] - random[s]["linear"] for s in seeds]

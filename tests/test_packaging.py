@@ -53,4 +53,5 @@ def test_wheel_maps_the_folders_into_one_package(tmp_path):
         "recipes/cli.py",
     ):
         assert f"masklab/{module}" in names
-    assert not any(n.startswith(("masklab/tests", "masklab/benchmarks", "tests/", "benchmarks/")) for n in names)
+    checkout_only = ("masklab/tests", "masklab/benchmarks", "masklab/tools", "tests/", "benchmarks/", "tools/")
+    assert not any(n.startswith(checkout_only) for n in names)

@@ -66,13 +66,13 @@ def test_mixmask_example_trains():
 
 
 def _section(tag: str) -> str:
-    from masklab.recipes.readme import readme_section
+    from masklab.tools.readme import readme_section
 
     return readme_section(README, tag)
 
 
 def test_readme_performance_section_is_the_bench_report_of_its_figures():
-    from masklab.recipes.bench import README_CHART, README_FIGURES, BenchReport, report_markdown
+    from masklab.tools.bench import README_CHART, README_FIGURES, BenchReport, report_markdown
 
     report = BenchReport.load(README.parent / README_FIGURES)
     assert not report.failed and not report.quick
@@ -82,9 +82,10 @@ def test_readme_performance_section_is_the_bench_report_of_its_figures():
 
 
 def test_readme_study_section_is_the_study_of_its_figures():
-    from masklab.recipes.study import README_FIGURES, README_PLOT, STUDY_ARMS, StudyResult, study_markdown
+    from masklab.recipes.demo import RunScores
+    from masklab.tools.study import README_FIGURES, README_PLOT, STUDY_ARMS, study_markdown
 
-    result = StudyResult.load(README.parent / README_FIGURES)
+    result = RunScores.load(README.parent / README_FIGURES)
     assert set(result.runs) == {"random_cnn", "random_vit", *(arm.name for arm in STUDY_ARMS)}
     assert all(len(runs) == 3 for runs in result.runs.values())  # three seeds each
     assert _section("study") == study_markdown(result, plot=README_PLOT)
@@ -92,10 +93,9 @@ def test_readme_study_section_is_the_study_of_its_figures():
 
 
 def test_readme_demo_section_is_the_demo_of_its_figures():
-    from masklab.recipes.demo import README_FIGURES, demo_markdown
-    from masklab.recipes.study import StudyResult
+    from masklab.recipes.demo import README_FIGURES, RunScores, demo_markdown
 
-    result = StudyResult.load(README.parent / README_FIGURES)
+    result = RunScores.load(README.parent / README_FIGURES)
     assert set(result.runs) == {"mae", "random_vit"}
     assert set(result.runs["mae"]) == set(result.runs["random_vit"]) == {"0", "1", "2"}
     assert _section("demo") == demo_markdown(result)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from masklab.pipeline import Batch
+from masklab.pipeline import Batch, clamp_progress
 
 from ._mask_stage import PatchMaskStage, erase_patches
 from ._sampling import check_ratio, mask_count, top_cells
@@ -219,8 +219,7 @@ def regions_at(progress: float, num_cells: int, start: float = 0.5, end: float =
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-    progress = min(max(float(progress), 0.0), 1.0)
-    fraction = start + (end - start) * SCHEDULES[schedule](progress)
+    fraction = start + (end - start) * SCHEDULES[schedule](clamp_progress(progress))
     return min(num_cells, max(1, round(num_cells * fraction)))
 
 
@@ -296,7 +295,7 @@ class HierarchicalMask(PatchMaskStage):
 
     Examples:
         >>> import torch
-        >>> from masklab.pipeline import Batch
+        >>> from masklab.pipeline import Batch, clamp_progress
         >>> stage = HierarchicalMask(0.75, patch_size=8)
         >>> stage.bind(lambda images, grid: torch.rand(len(images), 16, 16))
         >>> stage.set_progress(0.5)
@@ -336,7 +335,7 @@ class HierarchicalMask(PatchMaskStage):
 
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1]; it selects the tree level."""
-        self.progress = min(max(float(progress), 0.0), 1.0)
+        self.progress = clamp_progress(progress)
 
     def get_extra_state(self) -> dict[str, float]:
         return {"progress": self.progress}

@@ -71,3 +71,25 @@ def test_simmim_ignores_thrown_cells(name, size):
     base = model(Batch(images=images, mask=mask)).loss
     changed = model(Batch(images=_thrown_pixels_changed(images, mask, patch), mask=mask)).loss
     assert changed.item() == pytest.approx(base.item(), rel=1e-5)
+
+
+def test_mae_decoder_positions_are_sine_cosine_of_the_row_then_the_column():
+    # A 2 x 3 grid: rows and columns differ, so swapped axes would show.
+    torch.manual_seed(0)
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=(8, 12), patch_size=4, depth=1)
+    model = MAE(vit, decoder_dim=8, decoder_depth=1)
+    with torch.no_grad():  # the decoder's input is then its positions alone
+        model.decoder_embed.weight.zero_()
+        model.decoder_embed.bias.zero_()
+        model.mask_token.zero_()
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    mask = PatchMask(torch.tensor([[[0, 1, 2], [1, 0, 0]]]))
+    model.predict(torch.rand(1, 3, 8, 12), mask)
+    rows, cols = torch.arange(6.0).div(3, rounding_mode="floor"), torch.arange(6.0) % 3
+    omega = 1.0 / 10000 ** (torch.arange(2.0) / 2)  # decoder_dim / 4 frequencies
+    y, x = rows[:, None] * omega, cols[:, None] * omega
+    table = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (6 cells, 8)
+    order = torch.cat([mask.ids_keep[0], mask.ids_masked[0]])  # the thrown cell 2 is in neither
+    assert order.tolist() == [0, 4, 5, 1, 3]
+    torch.testing.assert_close(seen[0][0, vit.num_prefix :], table[order])

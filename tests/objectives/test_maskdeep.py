@@ -120,6 +120,21 @@ def test_vit_stages_come_from_evenly_spaced_blocks():
     assert torch.isfinite(out.loss)
 
 
+def test_vit_stages_are_the_normed_tokens_of_the_chosen_blocks_by_hand():
+    torch.manual_seed(0)
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2).eval()
+    images = torch.rand(2, 3, 32, 32)
+    maps = MaskDeep.levels(vit, images, (4, 8, 16))
+    x, normed = vit.embed(images), []
+    for block in vit.model.blocks:
+        x = block(x)
+        normed.append(vit.model.norm(x)[:, vit.num_prefix :].transpose(1, 2).reshape(2, 192, 8, 8))
+    # Depth 2, three stages: blocks 0, 0 and 1 (round(2 * k / 3) - 1), each average-pooled to its stride.
+    expected = [normed[0], F.avg_pool2d(normed[0], 2), F.avg_pool2d(normed[1], 4)]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_feature_mask_draws_one_set_per_view_at_the_views_size():
     batch = Views(2, "byol", size=32)(Batch(images=torch.rand(2, 3, 64, 64), seed=0))
     out = FeatureMask((8, 16), 0.5, groups=3)(batch)

@@ -145,3 +145,23 @@ def test_a_truncated_dataset_is_a_clear_error(shapes_beton, tmp_path, capsys):
         f"table at byte {table} (truncated). Write it again from its source: "
         f"`masklab write-dataset SRC {bad} --overwrite`\n"
     )
+
+
+def test_help_builds_its_parser_without_torch_or_the_library():
+    code = "import sys; from masklab.recipes.cli import build_parser; build_parser(); print(*sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = result.stdout.split()
+    assert "torch" not in loaded
+    assert [name for name in loaded if name.startswith("masklab.")] == ["masklab.recipes", "masklab.recipes.cli"]
+
+
+@pytest.mark.parametrize(
+    "argv,tool",
+    [(["bench"], "bench"), (["study"], "study"), (["demo", "--readme", "README.md"], "demo --readme")],
+)
+def test_checkout_tools_say_so_when_masklab_is_installed_without_them(argv, tool, monkeypatch, capsys, tmp_path):
+    for name in ("masklab.tools", "masklab.tools.bench", "masklab.tools.study", "masklab.tools.readme"):
+        monkeypatch.setitem(sys.modules, name, None)  # as in a wheel, which leaves masklab/tools/ out
+    assert main([*argv, "--out", str(tmp_path)]) == 2  # the demo stops before it trains
+    assert f"masklab {argv[0]}: error: {tool} is a tool of masklab's source checkout" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

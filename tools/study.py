@@ -16,16 +16,16 @@ stopped study resumes where it stopped), ``results.md`` (the table) and
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STUDY_ARMS", "Arm", "StudyResult", "plot_study", "run_study", "study_markdown", "study_table"]
+from masklab.recipes.demo import RunScores
+
+__all__ = ["STUDY_ARMS", "Arm", "plot_study", "run_study", "study_markdown", "study_table"]
 
 README_PLOT = "docs/study.png"
 README_FIGURES = "docs/study.json"
@@ -105,40 +105,11 @@ QUICK = {"length": 512, "epochs": 1, "linear_epochs": 20, "seeds": (0,)}
 """``--quick``: 512 images, one epoch (4 updates), one seed; the whole study in about two minutes."""
 
 
-@dataclass
-class StudyResult:
-    """Per arm, per seed: ``{"knn", "linear", "updates", "seconds"}``; plus the settings used."""
-
-    runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> StudyResult:
-        """A study as :func:`run_study` saved it in ``results.json``."""
-        data = json.loads(Path(path).read_text())
-        return cls(runs=data["runs"], settings=data["settings"])
-
-    @classmethod
-    def load_or_new(cls, path: str | os.PathLike, settings: dict[str, Any]) -> StudyResult:
-        """The runs saved at ``path`` if they were made with ``settings``, else none (a fresh start)."""
-        path = Path(path)
-        previous = cls.load(path) if path.exists() else None
-        if previous is not None and previous.settings == settings:
-            return previous
-        return cls(settings=settings)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``{"settings", "runs"}`` as JSON under a temporary name, then rename it."""
-        from masklab.pipeline import write_text_atomically
-
-        write_text_atomically(Path(path), json.dumps({"settings": self.settings, "runs": self.runs}, indent=1))
-
-
 def _arm_for(name: str) -> Arm:
     known = {arm.name: arm for arm in STUDY_ARMS}
     if name in known:
         return known[name]
-    from .config import _resolve
+    from masklab.recipes.config import _resolve
 
     _resolve(name)  # a recipe name or YAML file, else FileNotFoundError naming what exists
     return Arm(name, name)
@@ -149,10 +120,10 @@ def run_study(
     seeds: Sequence[int] = (0, 1, 2),
     out: Path = Path("runs/study"),
     overrides: Sequence[str] = (),
-    epochs: int = STUDY_EPOCHS,
+    epochs: int | None = None,
     quick: bool = False,
     log=print,
-) -> StudyResult:
+) -> RunScores:
     """Train every arm with every seed on the built-in shapes, evaluate kNN and a linear probe.
 
     Args:
@@ -161,18 +132,18 @@ def run_study(
         seeds: one run per arm and seed.
         out: the study's folder: data, one run folder per arm and seed, results.
         overrides: dotted overrides applied to every run, after the arm's own.
-        epochs: epochs per run (the same for every arm, so the same updates).
+        epochs: epochs per run (the same for every arm, so the same updates; default :data:`STUDY_EPOCHS`).
         quick: :data:`QUICK`'s smaller data, one epoch, one seed (a smoke run).
 
     Runs already in ``out/results.json`` with the same settings are kept, not
     rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
     """
     from masklab.pipeline import read_info, write_text_atomically
-
-    from .demo import write_shapes
+    from masklab.recipes.demo import write_shapes
 
     chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
     length = QUICK["length"] if quick else 4000
+    epochs = STUDY_EPOCHS if epochs is None else epochs
     if quick:
         epochs, seeds = QUICK["epochs"], QUICK["seeds"]
     if epochs < 1:
@@ -194,7 +165,7 @@ def run_study(
     ]
     settings = {"epochs": epochs, "length": length, "common": common}
     path = out / "results.json"
-    result = StudyResult.load_or_new(path, settings)
+    result = RunScores.load_or_new(path, settings)
     families, loaders = {arm.family for arm in chosen}, {}
     jobs = [(f"random_{family}", None, family) for family in sorted(families)] + [
         (arm.name, arm, arm.family) for arm in chosen
@@ -226,9 +197,9 @@ def _run_one(
     """Train one arm (or, for ``arm=None``, build the family's random-init encoder) and evaluate it."""
     import torch
 
-    from .build import build_loader, build_model, encoder_of, family_of
-    from .config import load_config
-    from .train import evaluate_encoder, train
+    from masklab.recipes.build import build_loader, build_model, encoder_of, family_of
+    from masklab.recipes.config import load_config
+    from masklab.recipes.train import evaluate_encoder, train
 
     if arm is None:  # the family's encoder at random initialisation, on a reference recipe's model
         recipe, extra = ("mae", VIT) if family == "vit" else ("byol", CNN)
@@ -254,11 +225,11 @@ def _summary(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _mean(result: StudyResult, name: str, metric: str) -> float:
+def _mean(result: RunScores, name: str, metric: str) -> float:
     return _summary([r[metric] for r in result.runs[name].values()])[0]
 
 
-def study_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
+def study_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     """The Markdown table: per arm, updates, kNN and linear accuracy (mean ± std over seeds), and the
     difference of the means from its baseline."""
     names = [n for n in result.runs if n.startswith("random_")] + [a.name for a in arms if a.name in result.runs]
@@ -283,7 +254,7 @@ def study_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study_markdown(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS, plot: str | None = "results.png") -> str:
+def study_markdown(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS, plot: str | None = "results.png") -> str:
     """The table, the scale it was measured at, and the plot: what ``masklab study --readme`` puts in a README."""
     settings = result.settings
     seeds = sorted({seed for runs in result.runs.values() for seed in runs})
@@ -305,7 +276,7 @@ def study_markdown(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS, plot: 
     return "\n".join(lines)
 
 
-def claims_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
+def claims_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     """Each arm with a published claim: the claim, and its Δ kNN / Δ linear against its baseline here."""
     lines = ["| arm against baseline | published claim, at its scale | here: Δ kNN / Δ linear |", "|---|---|---:|"]
     for arm in arms:
@@ -316,7 +287,7 @@ def claims_table(result: StudyResult, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
-def plot_study(result: StudyResult, arms: Sequence[Arm], path: Path, chance: float | None = None) -> None:
+def plot_study(result: RunScores, arms: Sequence[Arm], path: Path, chance: float | None = None) -> None:
     """Bars of the mean accuracy per arm (kNN and linear side by side), a dot per seed, a line at ``chance``."""
     import matplotlib
 

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from masklab.recipes.bench import (
+from masklab.recipes.cli import main
+from masklab.tools.bench import (
     BenchReport,
     find_benchmarks,
     report_markdown,
     run_bench,
     write_report,
 )
-from masklab.recipes.cli import main
-from masklab.recipes.readme import update_readme
+from masklab.tools.readme import update_readme
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from masklab.recipes import study
-from masklab.recipes.study import STUDY_ARMS, Arm, StudyResult, run_study, study_table
+from masklab.recipes.demo import RunScores
+from masklab.tools import study
+from masklab.tools.study import STUDY_ARMS, Arm, run_study, study_table
 
 pytestmark = pytest.mark.ffcv
 
@@ -35,7 +36,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
 
 
 def test_table_means_spreads_and_differences_by_hand():
-    result = StudyResult(
+    result = RunScores(
         runs={
             "mae": {"0": {"knn": 0.1, "linear": 0.2, "updates": 4}, "1": {"knn": 0.3, "linear": 0.4, "updates": 4}},
             "ehm": {"0": {"knn": 0.5, "linear": 0.1, "updates": 4}, "1": {"knn": 0.5, "linear": 0.3, "updates": 4}},
