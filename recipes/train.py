@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from masklab.objectives.protocols import HasTeachers, OffersGuidance
 from masklab.pipeline import replace_atomically
+from masklab.transforms.protocols import GuidedStage, ProgressAware, RefreshesCache
 
 from .build import (
     build_loader,
@@ -125,32 +127,30 @@ def _keep_rows_until(csv_path: Path, update: int) -> None:
 
 
 def bind_guidance(stages, objective) -> int:
-    """Hand model-guided stages their guide: the objective's ``guidance(kind)``.
+    """Hand each :class:`~masklab.transforms.protocols.GuidedStage` its guide: the objective's ``guidance(kind)``.
 
-    A stage that needs a model (AMT's saliency, EHM's affinity) has a
-    ``guide_kind`` attribute and a ``bind(guide)`` method; stages never import
-    a model, the loop binds them. Returns how many stages were bound.
+    Stages never import a model; the loop binds them. Returns how many stages were bound.
+
+    Raises:
+        ValueError: a stage needs guidance and the objective offers none.
     """
     bound = 0
     for stage in stages:
-        kind = getattr(stage, "guide_kind", None)
-        if kind is None:
+        if not isinstance(stage, GuidedStage):
             continue
-        if not hasattr(objective, "guidance"):
+        if not isinstance(objective, OffersGuidance):
             raise ValueError(
-                f"{type(stage).__name__} needs {kind!r} guidance but {type(objective).__name__} offers none"
+                f"{type(stage).__name__} needs {stage.guide_kind!r} guidance but {type(objective).__name__} offers none"
             )
-        stage.bind(objective.guidance(kind))
+        stage.bind(objective.guidance(stage.guide_kind))
         bound += 1
     return bound
 
 
 def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str, epoch: int) -> int:
-    """Refresh the caches of stages due at ``epoch`` (AMT's saliency), each rank its shard, gathered.
-
-    Returns how many stages were refreshed.
-    """
-    due = [s for s in stages if hasattr(s, "refresh_due") and s.refresh_due(epoch, cfg.run.epochs)]
+    """Refresh each :class:`~masklab.transforms.protocols.RefreshesCache` stage due at ``epoch``
+    (AMT's saliency), each rank its shard, gathered. Returns how many stages were refreshed."""
+    due = [s for s in stages if isinstance(s, RefreshesCache) and s.refresh_due(epoch, cfg.run.epochs)]
     if not due:
         return 0
     from masklab.transforms._sampling import patch_grid
@@ -174,19 +174,18 @@ def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str
 
 
 def set_progress(stages, progress: float) -> None:
-    """Tell stages that evolve with training (``set_progress``) where training is, in [0, 1]."""
+    """Tell each :class:`~masklab.transforms.protocols.ProgressAware` stage where training is, in [0, 1]."""
     for stage in stages:
-        if hasattr(stage, "set_progress"):
+        if isinstance(stage, ProgressAware):
             stage.set_progress(min(max(progress, 0.0), 1.0))
 
 
 def step_teachers(objective, progress: float) -> int:
-    """Step every EMA teacher of ``objective`` after an update.
+    """Step every EMA teacher of a :class:`~masklab.objectives.protocols.HasTeachers` objective after an update.
 
-    An objective with teachers exposes ``teachers()``: ``(EMATeacher, student)``
-    pairs. Returns how many were stepped.
+    Returns how many were stepped.
     """
-    pairs = objective.teachers() if hasattr(objective, "teachers") else []
+    pairs = objective.teachers() if isinstance(objective, HasTeachers) else []
     for teacher, student in pairs:
         teacher.update(student, progress)
     return len(pairs)
