@@ -2,7 +2,7 @@
 
 :func:`train` is the outline of a run; the jobs around it have a module each:
 :mod:`~masklab.recipes.accelerator` (the Accelerator and its device),
-:mod:`~masklab.recipes.checkpoint` (the checkpoint format),
+:mod:`~masklab.recipes.checkpoint` (saving and resuming),
 :mod:`~masklab.recipes.metrics` (CSV, trackers, progress bar) and
 :mod:`~masklab.recipes.trained` (evaluating a trained encoder or checkpoint,
 re-exported here). The loop talks to stages and objectives only through the
@@ -17,7 +17,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,7 +26,7 @@ from masklab.transforms.protocols import GuidedStage, ProgressAware, RefreshesCa
 
 from .accelerator import agree, make_accelerator
 from .build import build_loader, build_model, build_optimizer, checkpoint_dir, encoder_of, family_of, sync_batchnorm
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_backbone, fit_weights, save_checkpoint
+from .checkpoint import Checkpoint, Checkpointer, check_resumable
 from .config import TrainConfig, save_config, to_dict
 from .metrics import RunLog, plot_losses
 from .run_folder import RunLock, check_resumed_config, find_resume, prepare_fresh_run
@@ -130,9 +129,6 @@ def step_teachers(objective, progress: float) -> int:
     return len(pairs)
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "loader", "stages", "rng")
-
-
 def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | None:
     """Lock the run folder, read the checkpoint to resume and check it against ``cfg``, or clear the
     folder for a fresh run; write ``config.yaml`` only once all of that passed. Returns the checkpoint."""
@@ -147,12 +143,7 @@ def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | No
     resume = find_resume(cfg, announce=main)
     if resume is not None:
         check_resumed_config(resume, cfg)
-        lacking = [key for key in TRAINING_STATE if key not in resume.state]
-        if resume.update is None or lacking:
-            raise CheckpointError(
-                f"checkpoint {resume.path} holds weights but not a training state to resume "
-                f"(missing: {lacking or ['update']})"
-            )
+        check_resumable(resume)
     if main:
         if resume is None:
             prepare_fresh_run(out, cfg.run.overwrite)
@@ -221,30 +212,23 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     scheduler, total = _schedule(cfg, optimizer, len(loader))
     stop_at = total if cfg.run.stop_at is None else min(total, cfg.run.stop_at)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.prepare_scheduler(scheduler)  # so save_state / load_state carry it; the loop steps it by update
     raw = accelerator.unwrap_model(model)
+    checkpoints = Checkpointer(
+        accelerator,
+        checkpoint_dir(cfg),
+        to_dict(cfg),
+        cfg.run.keep,
+        {"loader": loader, "stages": loader.chain},
+        trust=cfg.run.trust_checkpoint,
+    )
     update = 0
     if resume is not None:
-        backbone = checkpoint_backbone(to_dict(cfg))
-        fit_weights(raw, resume.model, resume.path, checkpoint_backbone(resume.config), backbone)
-        state = resume.state
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        loader.chain.load_state_dict(state["stages"])
-        torch.set_rng_state(state["rng"]["torch"])
+        checkpoints.resume(resume)
         update = int(resume.update)
         logger.info("resumed from %s at update %d", resume.path, update)
     scheduler.step_update(update)
     log = RunLog(accelerator, out, to_dict(cfg), total, update, resume is not None, cfg.run.progress)
-
-    def training_state() -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(),
-            "stages": loader.chain.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-        }
 
     recorded: list[torch.Tensor] = []
     last_checkpoint: Path | None = None
@@ -271,11 +255,7 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
             if len(log.pending) >= cfg.run.log_every or checkpoint_due:
                 log.flush()  # before a checkpoint: a resume keeps the rows up to it
             if checkpoint_due:
-                if accelerator.is_main_process:
-                    last_checkpoint = save_checkpoint(
-                        checkpoint_dir(cfg), update, raw.state_dict(), training_state(), to_dict(cfg), cfg.run.keep
-                    )
-                accelerator.wait_for_everyone()
+                last_checkpoint = checkpoints.save(update)
             if update >= stop_at:
                 break
     log.close()
