@@ -224,6 +224,8 @@ class Checkpointer:
 
     def _read_model_and_state(self, models: list, input_dir: str) -> None:
         checkpoint = self._resuming
+        if checkpoint is None:
+            raise RuntimeError("load a masklab checkpoint with Checkpointer.resume, which reads it safely first")
         requested = checkpoint_backbone(self.config)
         for model in models:  # an FSDP model is not among them: Accelerate loads its shards itself
             unwrapped = self.accelerator.unwrap_model(model)
