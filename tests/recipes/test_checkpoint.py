@@ -57,6 +57,9 @@ def crafted_folder(tmp_path, trained, marker):
     return folder
 
 
+ACCELERATE_FILES = ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "state.pt"]
+
+
 def run_cli(argv, capsys):
     code = main(argv)
     return code, capsys.readouterr().err
@@ -70,19 +73,59 @@ def assert_refused(code, err, file, marker):
     assert not marker.exists()
 
 
-def test_a_checkpoint_is_a_folder_of_safetensors_weights_and_a_weights_only_state(trained):
+def test_a_checkpoint_is_accelerates_state_with_safetensors_weights_and_weights_only_files(trained):
     folder = trained.checkpoint
-    assert folder.name == "ckpt-00000002" and sorted(p.name for p in folder.iterdir()) == [
-        "model.safetensors",
-        "state.pt",
-    ]
+    assert folder.name == "ckpt-00000002" and sorted(p.name for p in folder.iterdir()) == ACCELERATE_FILES
     with safe_open(folder / "model.safetensors", "pt") as f:
         metadata = f.metadata()
         for name, value in trained.model.state_dict().items():
             torch.testing.assert_close(f.get_tensor(name), value, rtol=0, atol=0)
-    assert metadata["update"] == "2" and json.loads(metadata["config"])["model"]["backbone"] == "vit_tiny_patch16_224"
+    assert metadata["format"] == "masklab-checkpoint-2" and metadata["update"] == "2"
+    assert json.loads(metadata["config"])["model"]["backbone"] == "vit_tiny_patch16_224"
     state = torch.load(folder / "state.pt", weights_only=True)
-    assert {"optimizer", "scheduler", "loader", "stages", "rng", "update"} <= set(state)
+    assert state["update"] == 2 and state["loader"] == {"seed": 0, "epoch": 0, "step": 2}
+    assert {"loader", "stages", "update", "model_extra"} == set(state)
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    assert all(int(param["step"]) == 2 for param in optimizer["state"].values())  # AdamW took two steps
+    assert torch.load(folder / "scheduler.bin", weights_only=True)["t_initial"] == 2
+    read = load_checkpoint(folder)
+    assert {"optimizer", "scheduler", "loader", "stages", "rng"} <= set(read.state) and list(read.state["rng"]) == [0]
+    assert read.update == 2 and read.format == "masklab-checkpoint-2"
+
+
+@pytest.mark.parametrize("part", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_train_resume_refuses_a_crafted_accelerate_file_and_never_runs_it(trained, tmp_path, part, capsys):
+    marker = tmp_path / "ran-code"
+    folder = tmp_path / "ckpt-00000002"
+    shutil.copytree(trained.checkpoint, folder)
+    torch.save({"state": WritesAFile(marker)}, folder / part)
+    argv = ["train", "mae", *TINY, f"run.out={tmp_path / 'run'}", "--resume", str(folder)]
+    assert_refused(*run_cli(argv, capsys), folder / part, marker)
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_a_folder_inside_a_checkpoint_is_refused_unless_trusted(trained, tmp_path):
+    folder = tmp_path / "ckpt-00000002"
+    shutil.copytree(trained.checkpoint, folder)
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    with pytest.raises(CheckpointError, match=r"refused to load .*pytorch_model_fsdp_0: a folder of sharded state"):
+        load_checkpoint(folder)
+    assert load_checkpoint(folder, training_state=False).update == 2  # evaluating never looks at it
+
+
+def test_an_older_checkpoint_folder_is_evaluated_but_not_resumed(trained, tmp_path, capsys):
+    folder = tmp_path / "ckpt-00000002"
+    folder.mkdir()
+    old = load_checkpoint(trained.checkpoint)
+    metadata = {"format": "masklab-checkpoint-1", "update": "2", "config": json.dumps(old.config)}
+    save_file(dict(trained.model.state_dict()), folder / "model.safetensors", metadata=metadata)
+    torch.save({k: old.state[k] for k in ("optimizer", "scheduler", "loader", "stages")}, folder / "state.pt")
+    load_trained(folder)
+    same = [*TINY, "run.max_steps=2", "run.ckpt_every=1", f"run.out={tmp_path / 'run'}"]
+    code, err = run_cli(["train", "mae", *same, "--resume", str(folder)], capsys)
+    assert code == 2
+    assert f"checkpoint {folder} is an older masklab's checkpoint without a training state this masklab resumes" in err
+    assert "it can be evaluated, or fine-tuned from with model.init, not resumed" in err
 
 
 def test_eval_refuses_a_crafted_checkpoint_and_never_runs_it(crafted, capsys):

@@ -63,3 +63,29 @@ def test_a_guided_stage_without_guidance_is_an_error():
 
     with pytest.raises(ValueError, match=r"GuidedStage needs 'saliency' guidance but Linear offers none"):
         bind_guidance(Chain([GuidedStage()]), nn.Linear(1, 1))
+
+
+class Refreshing(Stage):
+    """A cache stage written only against the protocol: due at even epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.progress = None
+
+    def refresh_due(self, epoch, epochs):
+        return epoch % 2 == 0
+
+    def refresh(self, batches, grid, gather=None):
+        raise AssertionError("not called here")
+
+    def forward(self, batch):
+        return batch
+
+
+def test_the_loop_drives_stages_by_their_declared_abilities_only():
+    plain, refreshing = Stage(), Refreshing()
+    chain = Chain([plain, refreshing])
+    assert bind_guidance(chain, nn.Linear(1, 1)) == 0  # nothing guided: no guidance needed
+    set_progress(chain, 0.5)
+    assert refreshing.progress is None  # it has a cache, not a progress
+    assert step_teachers(nn.Linear(1, 1), 0.5) == 0

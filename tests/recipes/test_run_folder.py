@@ -181,7 +181,7 @@ def test_config_changes_counts_keys_an_older_checkpoint_lacks_as_their_defaults(
     assert config_changes(old, {**new, "run": {"epochs": 4}}) == ["run.epochs: 3 -> 4"]
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt", "optimizer.bin", "random_states_0.pkl"])
 def test_resume_auto_skips_a_truncated_newest_checkpoint_saying_why(stopped_run, damaged, caplog):
     newest = stopped_run / "checkpoints" / "ckpt-00000005" / damaged
     newest.write_bytes(newest.read_bytes()[:100])

@@ -88,7 +88,13 @@ def test_outputs_keep_last_k_and_leave_no_temporary_files(tmp_path):
     result = train(load_config("mae", [*TINY, f"run.out={out}", "run.ckpt_every=1", "run.keep=2"]))
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["ckpt-00000011", "ckpt-00000012"]
-    assert sorted(p.name for p in (out / "checkpoints" / names[-1]).iterdir()) == ["model.safetensors", "state.pt"]
+    assert sorted(p.name for p in (out / "checkpoints" / names[-1]).iterdir()) == [
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        "state.pt",
+    ]
     assert (out / "loss.png").exists() and (out / "config.yaml").exists()
     assert len(losses_of(out)) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     with open(out / "metrics.csv") as f:
@@ -119,37 +125,32 @@ def test_eval_of_a_checkpoint_and_of_random_init(tmp_path):
     assert 0 <= random["knn"] <= 1
 
 
-def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port: int):
-    """``train`` under ``torchrun --nproc_per_node 2``; each rank's indices, weights and world size."""
-    script = tmp_path / "two.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os, torch
-            from masklab.recipes.config import load_config
-            from masklab.recipes.train import train
-            result = train(load_config({recipe!r}, {overrides!r}))
-            torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"])}},
-                       {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
-            """
-        )
-    )
+def run_on_two_cpu_processes(script, code: str, port: int) -> None:
+    """Write ``code`` (indented as in the test) to ``script`` and run it under ``torchrun --nproc_per_node 2``."""
+    script.write_text(textwrap.dedent(code))
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)],
         capture_output=True,
         text=True,
         timeout=400,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def train_on_two_cpu_processes(tmp_path, recipe: str, overrides: list[str], port: int):
+    """``train`` under ``torchrun --nproc_per_node 2``; each rank's indices, weights and world size."""
+    run_on_two_cpu_processes(
+        tmp_path / "two.py",
+        f"""
+        import os, torch
+        from masklab.recipes.config import load_config
+        from masklab.recipes.train import train
+        result = train(load_config({recipe!r}, {overrides!r}))
+        torch.save({{"indices": result.indices, "weights": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"])}},
+                   {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+        """,
+        port,
+    )
     return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
 
 
@@ -241,27 +242,19 @@ def test_amt_recipes_train_past_the_first_refresh(recipe, backbone, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_share_one_amt_cache(tmp_path):
-    script = tmp_path / "amt.py"
     overrides = [*TINY, f"run.out={tmp_path / 'run'}", "data.length=68"]
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os, torch
-            from masklab.recipes.config import load_config
-            from masklab.recipes.train import train
-            result = train(load_config("mae_amt", {overrides!r}))
-            stage = list(result.stages)[1]
-            torch.save({{"cache": stage.cache, "refreshes": int(stage.refreshes)}}, {str(tmp_path)!r} + f"/amt{{os.environ['RANK']}}.pt")
-            """
-        )
+    run_on_two_cpu_processes(
+        tmp_path / "amt.py",
+        f"""
+        import os, torch
+        from masklab.recipes.config import load_config
+        from masklab.recipes.train import train
+        result = train(load_config("mae_amt", {overrides!r}))
+        stage = list(result.stages)[1]
+        torch.save({{"cache": stage.cache, "refreshes": int(stage.refreshes)}}, {str(tmp_path)!r} + f"/amt{{os.environ['RANK']}}.pt")
+        """,
+        29533,
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
     a, b = torch.load(tmp_path / "amt0.pt"), torch.load(tmp_path / "amt1.pt")
     assert a["refreshes"] == b["refreshes"] == 2
     # Each rank computed half the maps; after the gather both hold every image's map.
@@ -353,3 +346,29 @@ def test_two_cpu_processes_share_one_queue_and_momentum_encoder(tmp_path):
     for name, value in r0["weights"].items():
         if "running_" not in name:  # batch-norm statistics are per rank on CPU (SyncBN needs GPUs)
             torch.testing.assert_close(r1["weights"][name], value, msg=name)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_save_through_accelerate_and_resume_exactly(tmp_path):
+    base = [*TINY, "data.length=68"]  # 2 batches of 16 per rank and epoch: 6 updates
+    cut = [*base, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3"]
+    # One launch per run: Accelerate's end_training ends the process group.
+    full = train_on_two_cpu_processes(tmp_path, "mae", [*base, f"run.out={tmp_path / 'full'}"], 29534)
+    train_on_two_cpu_processes(tmp_path, "mae", [*cut, "run.stop_at=3"], 29535)
+    resumed = train_on_two_cpu_processes(tmp_path, "mae", [*cut, "run.resume=auto"], 29536)
+    # Each process saved its own generators; the main process the rest, once.
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "ckpt-00000003").iterdir()) == [
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "scheduler.bin",
+        "state.pt",
+    ]
+    a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for update in range(4, 7):
+        assert b[update] == pytest.approx(a[update], abs=1e-6), update
+    for rank in (0, 1):
+        for name, value in full[rank]["weights"].items():
+            torch.testing.assert_close(resumed[rank]["weights"][name], value, atol=1e-6, rtol=0, msg=name)
