@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,13 +12,27 @@ from masklab.pipeline import Batch
 from masklab.transforms import MixParams, PatchMask, erase_patches, mix_targets
 
 from ._common import ObjectiveOutput
+from .registry import ObjectiveOptions
 
-__all__ = ["Supervised", "soft_cross_entropy"]
+__all__ = ["Supervised", "SupervisedOptions", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against ``(B, K)`` soft targets, averaged over the batch."""
     return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+@dataclass
+class SupervisedOptions(ObjectiveOptions):
+    """The ``objective`` section of the tasks that train a classifier (supervised, finetune): MixMask
+    as a CutMix-like regulariser on a ``mixmask_grid`` layout, block patch erasing (a ratio; 0: off),
+    and label smoothing. Not a pretraining objective, so not in the registry."""
+
+    name: str = "supervised"
+    mixmask: bool = False
+    mixmask_grid: int = 4
+    erase_ratio: float = 0.0
+    label_smoothing: float = 0.0
 
 
 class Supervised(nn.Module):
