@@ -60,10 +60,8 @@ def main() -> None:
     rows = []
     for groups in (1, 2, 4, 8):
         torch.manual_seed(0)
-        model = MaskDeep(
-            CNNBackbone.from_name("resnet18"), (8, 16, 32), 0.5, groups, hidden=1024, dim=128, pred_hidden=1024
-        )
-        rows.append((groups, step_ms(model, model.mask_stage()(views), repeats)))
+        model = MaskDeep(CNNBackbone.from_name("resnet18"), (8, 16, 32), groups, hidden=1024, dim=128, pred_hidden=1024)
+        rows.append((groups, step_ms(model, model.mask_stage(0.5)(views), repeats)))
     encoder = encoder_ms(model, views.views, repeats)
     base = rows[0][1]
     figures = Figures(

@@ -1,62 +1,72 @@
 """masklab.objectives: backbone adapters, heads, losses and EMA teachers.
 
 Objectives consume what the stages emit (a :class:`~masklab.pipeline.Batch`
-with a :class:`~masklab.transforms.PatchMask`) and never see a loader.
+with a :class:`~masklab.transforms.PatchMask`) and never see a loader. Each
+registers itself in :data:`OBJECTIVES` where it is defined (:mod:`.registry`);
+which masks and backbone families it takes is derived from that (:mod:`.compat`).
 """
 
-from functools import partial
+from masklab.transforms import import_modules
 
-from ._common import ObjectiveOutput, concat_all_gather, patchify, unpatchify
-from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, minmax
-from .compat import COMPATIBILITY, Support, check_compatible, compatibility_table, supported_triples
+from ._common import ObjectiveOutput, TeacherOptions, concat_all_gather, patchify, unpatchify
+from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, create_timm, minmax
+from .compat import Support, check_compatible, compatibility, compatibility_table, mask_table, supported_triples
 from .ema import EMATeacher, cosine_decay
-from .heads import predictor_mlp, projection_mlp
+from .heads import HeadOptions, predictor_mlp, projection_mlp
 from .infonce import KeyQueue, infonce_loss
-from .mae import MAE, mae_loss
-from .maskdeep import TARGETS, MaskDeep, maskdeep_loss, masked_pool
+from .mae import MAE, MAEOptions, mae_loss
+from .maskdeep import TARGETS, MaskDeep, MaskDeepOptions, maskdeep_loss, masked_pool
 from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
-from .siamese import BASES, BaseSpec, Siamese
-from .simmim import SimMIM, simmim_loss
-from .supervised import Supervised
+from .protocols import HasTeachers, OffersGuidance
+from .registry import OBJECTIVES, ObjectiveEntry, ObjectiveOptions, register_objective
+from .siamese import BASES, BaseSpec, Siamese, SiameseOptions
+from .simmim import SimMIM, SimMIMOptions, simmim_loss
+from .supervised import Supervised, SupervisedOptions
 
-OBJECTIVES = {
-    "mae": MAE,
-    "simmim": SimMIM,
-    "maskdeep": MaskDeep,
-    **{base: partial(Siamese, base=base) for base in BASES},
-    **{f"mixmask_{base}": partial(MixMaskSiamese, base=base) for base in BASES},
-}
-"""objective name (as in ``COMPATIBILITY``) -> a callable ``(backbone, **options) -> objective``."""
+import_modules(__name__, __path__)  # an objective module not named above registers too
 
 __all__ = [
+    "HasTeachers",
+    "OffersGuidance",
     "TARGETS",
     "MaskDeep",
+    "MaskDeepOptions",
     "maskdeep_loss",
     "masked_pool",
     "BASES",
-    "COMPATIBILITY",
     "MAE",
+    "MAEOptions",
     "OBJECTIVES",
     "BaseSpec",
     "CNNBackbone",
     "EMATeacher",
+    "HeadOptions",
     "KeyQueue",
     "MixMaskSiamese",
+    "ObjectiveEntry",
+    "ObjectiveOptions",
     "ObjectiveOutput",
     "Siamese",
+    "SiameseOptions",
     "SimMIM",
+    "SimMIMOptions",
     "Supervised",
+    "SupervisedOptions",
     "Support",
+    "TeacherOptions",
     "ViTBackbone",
     "backbone_family",
     "build_backbone",
     "check_compatible",
+    "compatibility",
     "compatibility_table",
     "concat_all_gather",
     "cosine_decay",
+    "create_timm",
     "infonce_loss",
     "mae_loss",
+    "mask_table",
     "minmax",
     "mixmask_loss",
     "mixmask_terms",
@@ -64,6 +74,7 @@ __all__ = [
     "patchify",
     "predictor_mlp",
     "projection_mlp",
+    "register_objective",
     "simmim_loss",
     "supported_triples",
     "unpatchify",

@@ -8,10 +8,14 @@ import torch
 from einops import rearrange
 
 from masklab.pipeline import Batch
+from masklab.transforms import MASKS, MaskOptions
+
+from .registry import ObjectiveOptions
 
 __all__ = [
     "GuidanceMixin",
     "ObjectiveOutput",
+    "TeacherOptions",
     "concat_all_gather",
     "gather_tokens",
     "patchify",
@@ -74,6 +78,23 @@ def two_views(batch: Batch, objective: str) -> tuple[torch.Tensor, torch.Tensor]
     return batch.views[0], batch.views[1]
 
 
+@dataclass
+class TeacherOptions(ObjectiveOptions):
+    """Options of an objective that may keep an EMA teacher of its backbone (it guides EHM's affinity):
+    the teacher's decay at the start (``None``: no teacher, e.g. 0.996) and at the end (cosine)."""
+
+    teacher_decay: float | None = None
+    teacher_final_decay: float = 1.0
+
+    def teacher(self, mask: MaskOptions) -> dict[str, float | None]:
+        """The teacher's constructor arguments; a mask that reads a teacher's affinity needs one."""
+        if MASKS[mask.name].guide == "affinity" and self.teacher_decay is None:
+            raise ValueError(
+                f"mask {mask.name!r} reads an EMA teacher's affinity: set objective.teacher_decay (e.g. 0.996)"
+            )
+        return {"teacher_decay": self.teacher_decay, "teacher_final_decay": self.teacher_final_decay}
+
+
 class GuidanceMixin:
     """``guidance(kind)`` for model-guided stages, and an optional EMA teacher of the backbone.
 
@@ -83,6 +104,8 @@ class GuidanceMixin:
     restores the training mode after. An objective with a teacher lists it
     in :meth:`teachers`, so the training loop steps it after every update.
     """
+
+    guides = ("saliency", "affinity")
 
     def add_teacher(self, decay: float | None, final_decay: float = 1.0) -> None:
         """Keep an EMA copy of ``self.backbone`` (``decay`` at the start, cosine to ``final_decay``); ``None``: none."""
@@ -96,7 +119,7 @@ class GuidanceMixin:
         return [] if teacher is None else [(teacher, self.backbone)]
 
     def guidance(self, kind: str):
-        if kind not in ("saliency", "affinity"):
+        if kind not in self.guides:
             raise ValueError(f"unknown guidance {kind!r}; objectives offer 'saliency' and 'affinity'")
         teacher = getattr(self, "teacher", None)
         backbone = teacher.module if kind == "affinity" and teacher is not None else self.backbone

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masklab.transforms import MASKED, THROWN, PatchMask
-from masklab.transforms._sampling import patch_grid
+from masklab.transforms import MASKED, THROWN, PatchMask, patch_grid
 
 from ._common import gather_tokens
 

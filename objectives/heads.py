@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from torch import nn
 
-__all__ = ["predictor_mlp", "projection_mlp"]
+from .registry import ObjectiveOptions
+
+__all__ = ["HeadOptions", "predictor_mlp", "projection_mlp"]
+
+
+@dataclass
+class HeadOptions(ObjectiveOptions):
+    """Options of an objective with projector and predictor heads and an EMA target; ``None``: the
+    objective's default. Projector hidden and output widths, predictor hidden width, and the
+    target's EMA decay at the start and at the end."""
+
+    proj_hidden: int | None = None
+    proj_dim: int | None = None
+    pred_hidden: int | None = None
+    momentum: float | None = None
+    momentum_final: float | None = None
+
+    def heads(self) -> dict[str, Any]:
+        """The options that are set, under the constructors' names (``hidden``, ``dim``, ``pred_hidden``, ...)."""
+        given = {
+            "hidden": self.proj_hidden,
+            "dim": self.proj_dim,
+            "pred_hidden": self.pred_hidden,
+            "momentum": self.momentum,
+            "momentum_final": self.momentum_final,
+        }
+        return {k: v for k, v in given.items() if v is not None}
 
 
 def projection_mlp(

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from masklab.pipeline import Batch
-from masklab.transforms import PatchMask
+from masklab.transforms import MaskOptions, PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify
 from .backbones import ViTBackbone
 from .compat import check_family
+from .registry import register_objective
 
-__all__ = ["MAE", "mae_loss"]
+__all__ = ["MAE", "MAEOptions", "mae_loss"]
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -35,6 +38,18 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, ep
     return (pred - target).pow(2).mean(dim=-1).mean()
 
 
+@dataclass
+class MAEOptions(TeacherOptions):
+    """``objective.name: mae``: the decoder's width and depth, per-patch normalised targets, a teacher."""
+
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    norm_pix: bool = True
+
+
+@register_objective(
+    "mae", options=MAEOptions, takes="patch", families=("vit",), small=lambda: MAEOptions(teacher_decay=0.99)
+)
 class MAE(GuidanceMixin, nn.Module):
     """Masked autoencoder (He et al., 2022) on a :class:`ViTBackbone`.
 
@@ -83,6 +98,12 @@ class MAE(GuidanceMixin, nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
         trunc_normal_(self.mask_token, std=0.02)
         self.add_teacher(teacher_decay, teacher_final_decay)
+
+    @classmethod
+    def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions) -> MAE:
+        return cls(
+            backbone, options.decoder_dim, options.decoder_depth, norm_pix=options.norm_pix, **options.teacher(mask)
+        )
 
     def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
         """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from masklab.pipeline import Batch
-from masklab.transforms import FeatureMask, FeatureMasks
+from masklab.transforms import FeatureMask, FeatureMaskOptions, FeatureMasks, check_groups, feature_strides
 
 from ._common import GuidanceMixin, ObjectiveOutput, two_views
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .ema import EMATeacher
-from .heads import predictor_mlp, projection_mlp
+from .heads import HeadOptions, predictor_mlp, projection_mlp
+from .registry import register_objective
 
-__all__ = ["TARGETS", "MaskDeep", "maskdeep_loss", "masked_pool"]
+__all__ = ["TARGETS", "MaskDeep", "MaskDeepOptions", "maskdeep_loss", "masked_pool"]
 
 TARGETS = ("global", "multi")
 """``global``: the teacher's fused embedding only; ``multi``: that and one embedding per stage."""
@@ -61,6 +63,25 @@ def maskdeep_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -F.cosine_similarity(predictions, targets.detach().unsqueeze(2), dim=-1).mean()
 
 
+@dataclass
+class MaskDeepOptions(HeadOptions):
+    """``objective.name: maskdeep``: the heads and the teacher (:class:`HeadOptions`; ``None``:
+    :class:`MaskDeep`'s defaults) and the targets (``multi`` | ``global``).
+
+    The masked stages and the groups are the ``feature`` mask's options (``mask.strides``, ``mask.groups``).
+    """
+
+    targets: str = "multi"
+
+
+@register_objective(
+    "maskdeep",
+    options=MaskDeepOptions,
+    takes="feature",
+    families=("cnn", "vit"),
+    views=2,
+    small=lambda: MaskDeepOptions(proj_hidden=64, proj_dim=32, pred_hidden=64),
+)
 class MaskDeep(GuidanceMixin, nn.Module):
     """MaskDeep (Bao et al., "Masking Hierarchical Features...", 2023), our reading of the abstract.
 
@@ -85,8 +106,7 @@ class MaskDeep(GuidanceMixin, nn.Module):
     Args:
         backbone: a :class:`CNNBackbone` (``features_only``; ResNet-50 in the paper) or a :class:`ViTBackbone`.
         strides: the stages, by stride in pixels (CNN: some of ``backbone.strides``; ViT: multiples of the patch).
-        ratio: fraction of cells the stage masks (see :meth:`mask_stage`).
-        groups: masks per image (see :meth:`mask_stage`); the batch's masks must have this many.
+        groups: masks per image; the batch's masks must have this many (see :meth:`mask_stage`).
         targets: ``"multi"`` or ``"global"``.
         hidden: projector hidden width.
         dim: embedding width.
@@ -100,7 +120,7 @@ class MaskDeep(GuidanceMixin, nn.Module):
         >>> from masklab.transforms import Views
         >>> _ = torch.manual_seed(0)
         >>> model = MaskDeep(CNNBackbone.from_name("resnet18"), strides=(8, 16, 32), groups=2, hidden=32, dim=16)
-        >>> stages = [Views(2, "byol"), model.mask_stage()]
+        >>> stages = [Views(2, "byol"), model.mask_stage(ratio=0.5)]
         >>> batch = Batch(images=torch.rand(4, 3, 64, 64), seed=0)
         >>> for stage in stages:
         ...     batch = stage(batch)
@@ -115,7 +135,6 @@ class MaskDeep(GuidanceMixin, nn.Module):
         self,
         backbone: CNNBackbone | ViTBackbone,
         strides: Sequence[int] = (8, 16, 32),
-        ratio: float = 0.5,
         groups: int = 4,
         targets: str = "multi",
         hidden: int = 4096,
@@ -128,9 +147,7 @@ class MaskDeep(GuidanceMixin, nn.Module):
         check_family(self.name, backbone)
         if targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-        self.strides = tuple(sorted(int(s) for s in strides))
-        self._stage = FeatureMask(self.strides, ratio, groups)  # validates strides, ratio and groups
-        self.ratio, self.groups, self.targets = float(ratio), int(groups), targets
+        self.strides, self.groups, self.targets = feature_strides(strides), check_groups(groups), targets
         self.backbone = backbone
         channels = self._channels(backbone)
         heads = {"global": sum(channels)}
@@ -139,6 +156,13 @@ class MaskDeep(GuidanceMixin, nn.Module):
         self.projectors = nn.ModuleDict({k: projection_mlp(c, hidden, dim) for k, c in heads.items()})
         self.predictors = nn.ModuleDict({k: predictor_mlp(dim, pred_hidden) for k in heads})
         self.momentum = EMATeacher(self._student(), base=momentum, final=momentum_final)
+
+    @classmethod
+    def from_options(
+        cls, backbone: CNNBackbone | ViTBackbone, options: MaskDeepOptions, mask: FeatureMaskOptions
+    ) -> MaskDeep:
+        """Strides and groups from the ``feature`` mask's options, so model and stage agree."""
+        return cls(backbone, tuple(mask.strides), mask.groups, options.targets, **options.heads())
 
     def _channels(self, backbone: CNNBackbone | ViTBackbone) -> list[int]:
         if isinstance(backbone, ViTBackbone):
@@ -159,9 +183,9 @@ class MaskDeep(GuidanceMixin, nn.Module):
         """The ``(teacher, student)`` pair the training loop steps after each update."""
         return [(self.momentum, self._student())]
 
-    def mask_stage(self) -> FeatureMask:
-        """The loader stage that draws this objective's masks (strides, ratio, groups)."""
-        return FeatureMask(self.strides, self.ratio, self.groups)
+    def mask_stage(self, ratio: float = 0.5) -> FeatureMask:
+        """A loader stage that draws this objective's masks (its strides and groups), ``ratio`` of the cells."""
+        return FeatureMask(self.strides, ratio, self.groups)
 
     @staticmethod
     def levels(
@@ -230,4 +254,4 @@ class MaskDeep(GuidanceMixin, nn.Module):
         return ObjectiveOutput(loss, {"loss": loss.detach(), "targets": torch.tensor(float(p1.shape[0]))})
 
     def extra_repr(self) -> str:
-        return f"strides={self.strides}, ratio={self.ratio}, groups={self.groups}, targets={self.targets!r}"
+        return f"strides={self.strides}, groups={self.groups}, targets={self.targets!r}"

@@ -7,7 +7,8 @@ import torch
 from masklab.pipeline import Batch
 
 from .backbones import CNNBackbone, ViTBackbone
-from .siamese import PairLoss, Siamese
+from .registry import register_objective
+from .siamese import BASES, PairLoss, Siamese, SiameseOptions, small_siamese_options
 
 __all__ = ["MixMaskSiamese", "mixmask_loss", "mixmask_terms"]
 
@@ -118,12 +119,10 @@ class MixMaskSiamese(Siamese):
         ['loss', 'mixed', 'plain']
     """
 
+    prefix = "mixmask_"
+
     def __init__(self, backbone: ViTBackbone | CNNBackbone, base: str = "moco", **kwargs) -> None:
         super().__init__(backbone, base, **kwargs)
-
-    @staticmethod
-    def _name(base: str) -> str:
-        return f"mixmask_{base}"
 
     def extra_terms(self, batch: Batch, base: PairLoss, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         mix = batch.mix
@@ -131,3 +130,9 @@ class MixMaskSiamese(Siamese):
             raise ValueError("MixMaskSiamese needs batch.mix: add MixMask(view=0) after Views and Normalize")
         q_mix, _ = self.online(mix["images"])
         return mixmask_terms(base, q_mix, k, mix["lam"], mix["inverse"])
+
+
+for _base in BASES:
+    register_objective(
+        f"{MixMaskSiamese.prefix}{_base}", options=SiameseOptions, takes="mix", views=2, small=small_siamese_options
+    )(MixMaskSiamese)

@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 from masklab.pipeline import Batch
+from masklab.transforms import MaskOptions
 
 from ._common import GuidanceMixin, ObjectiveOutput, two_views
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .ema import EMATeacher
-from .heads import predictor_mlp, projection_mlp
+from .heads import HeadOptions, predictor_mlp, projection_mlp
 from .infonce import KeyQueue, infonce_loss
 from .negative_cosine import negative_cosine
+from .registry import register_objective
 
-__all__ = ["BASES", "BaseSpec", "Siamese"]
+__all__ = ["BASES", "BaseSpec", "Siamese", "SiameseOptions"]
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``base(q, k) -> (B,)``: one loss per sample for queries ``q`` against their keys ``k``."""
@@ -64,6 +66,22 @@ BASES: dict[str, BaseSpec] = {
 }
 
 
+@dataclass
+class SiameseOptions(HeadOptions):
+    """``objective.name: moco | byol | simsiam`` (and their ``mixmask_`` forms): the heads and the
+    target (:class:`HeadOptions`; ``None``: the base's default), MoCo's queue and temperature, and
+    whether the loss is symmetrised (``None``: the base's default)."""
+
+    queue_size: int = 65536
+    temperature: float = 0.2
+    symmetric: bool | None = None
+
+
+def small_siamese_options() -> SiameseOptions:
+    """Small heads and queue, for tests on small images."""
+    return SiameseOptions(proj_hidden=64, proj_dim=32, pred_hidden=64, queue_size=256)
+
+
 class Siamese(GuidanceMixin, nn.Module):
     """Two views through an online network and a target network, on a MoCo v2, BYOL or SimSiam base.
 
@@ -106,6 +124,9 @@ class Siamese(GuidanceMixin, nn.Module):
         (0, 4)
     """
 
+    prefix = ""
+    """Before the base's name in the objective's name (``mixmask_moco``)."""
+
     def __init__(
         self,
         backbone: ViTBackbone | CNNBackbone,
@@ -125,7 +146,7 @@ class Siamese(GuidanceMixin, nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         spec = BASES[base]
-        self.name = self._name(base)
+        self.name = f"{self.prefix}{base}"
         check_family(self.name, backbone)
         self.base, self.temperature = base, float(temperature)
         self.symmetric = spec.symmetric if symmetric is None else bool(symmetric)
@@ -145,9 +166,18 @@ class Siamese(GuidanceMixin, nn.Module):
             self.momentum = EMATeacher(self._student(), base=start, final=end)
         self.queue = KeyQueue(queue_size, dim) if spec.contrastive else None
 
-    @staticmethod
-    def _name(base: str) -> str:
-        return base
+    @classmethod
+    def from_options(cls, backbone: ViTBackbone | CNNBackbone, options: SiameseOptions, mask: MaskOptions) -> Siamese:
+        """The base is the objective's name without :attr:`prefix`."""
+        symmetric = {} if options.symmetric is None else {"symmetric": options.symmetric}
+        return cls(
+            backbone,
+            options.name.removeprefix(cls.prefix),
+            queue_size=options.queue_size,
+            temperature=options.temperature,
+            **options.heads(),
+            **symmetric,
+        )
 
     def _student(self) -> nn.Sequential:
         # A view over the online modules (no copy): what the EMA teacher follows.
@@ -212,3 +242,7 @@ class Siamese(GuidanceMixin, nn.Module):
     def extra_repr(self) -> str:
         queue = "" if self.queue is None else f", queue_size={self.queue.size}, temperature={self.temperature}"
         return f"base={self.base!r}, symmetric={self.symmetric}{queue}"
+
+
+for _base in BASES:
+    register_objective(_base, options=SiameseOptions, takes=None, views=2, small=small_siamese_options)(Siamese)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
 from masklab.pipeline import Batch
-from masklab.transforms import MASKED, PatchMask
+from masklab.transforms import MASKED, MaskOptions, PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
+from .registry import register_objective
 
-__all__ = ["SimMIM", "simmim_loss"]
+__all__ = ["SimMIM", "SimMIMOptions", "simmim_loss"]
 
 
 def simmim_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,6 +34,12 @@ def simmim_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     return ((pred - target).abs() * weight).sum() / weight.sum().clamp(min=1)
 
 
+@dataclass
+class SimMIMOptions(TeacherOptions):
+    """``objective.name: simmim``: an optional EMA teacher (see :class:`TeacherOptions`)."""
+
+
+@register_objective("simmim", options=SimMIMOptions, takes="patch", small=lambda: SimMIMOptions(teacher_decay=0.99))
 class SimMIM(GuidanceMixin, nn.Module):
     """SimMIM (Xie et al., 2022) on a ViT or a CNN backbone.
 
@@ -70,6 +79,10 @@ class SimMIM(GuidanceMixin, nn.Module):
             )
         trunc_normal_(self.mask_token, std=0.02)
         self.add_teacher(teacher_decay, teacher_final_decay)
+
+    @classmethod
+    def from_options(cls, backbone: ViTBackbone | CNNBackbone, options: SimMIMOptions, mask: MaskOptions) -> SimMIM:
+        return cls(backbone, **options.teacher(mask))
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
         mask = batch.mask

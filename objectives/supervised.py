@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -9,8 +11,22 @@ from masklab.pipeline import Batch
 from masklab.transforms import MixParams, PatchMask, erase_patches, mix_targets
 
 from ._common import ObjectiveOutput
+from .registry import ObjectiveOptions
 
-__all__ = ["Supervised"]
+__all__ = ["Supervised", "SupervisedOptions"]
+
+
+@dataclass
+class SupervisedOptions(ObjectiveOptions):
+    """The ``objective`` section of the tasks that train a classifier (supervised, finetune): MixMask
+    as a CutMix-like regulariser on a ``mixmask_grid`` layout, block patch erasing (a ratio; 0: off),
+    and label smoothing. Not a pretraining objective, so not in the registry."""
+
+    name: str = "supervised"
+    mixmask: bool = False
+    mixmask_grid: int = 4
+    erase_ratio: float = 0.0
+    label_smoothing: float = 0.0
 
 
 class Supervised(nn.Module):

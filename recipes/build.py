@@ -15,33 +15,16 @@ import torch
 from torch import nn
 
 from masklab.objectives import (
-    BASES,
-    MAE,
     OBJECTIVES,
-    MaskDeep,
-    MixMaskSiamese,
-    Siamese,
-    SimMIM,
     Supervised,
     ViTBackbone,
     backbone_family,
     build_backbone,
     check_compatible,
+    create_timm,
 )
-from masklab.objectives.backbones import create_timm
 from masklab.pipeline import DatasetLoader, Loader, builtin_dataset
-from masklab.transforms import (
-    AttentionMask,
-    BlockMask,
-    FeatureMask,
-    HierarchicalMask,
-    MixMask,
-    Normalize,
-    RandomMask,
-    SimMIMMask,
-    Views,
-)
-from masklab.transforms._sampling import mask_count
+from masklab.transforms import MASKS, BlockMask, MaskContext, MixMask, Normalize, Views, mask_count
 
 from .config import TrainConfig
 
@@ -59,8 +42,6 @@ __all__ = [
     "patch_size_of",
     "sync_batchnorm",
 ]
-
-SIAMESE = {**{base: Siamese for base in BASES}, **{f"mixmask_{base}": MixMaskSiamese for base in BASES}}
 
 logger = logging.getLogger(__name__)
 
@@ -91,38 +72,39 @@ def patch_size_of(cfg: TrainConfig, family: str) -> int:
     return max(1, cfg.data.resolution // 8)
 
 
-PATCH_MASKS = ("random", "block", "simmim", "amt", "ehm")
-"""Mask stages that cut the image into the patch grid (of :func:`patch_size_of`)."""
-
-
 def check_mask_grid(cfg: TrainConfig, family: str) -> None:
     """Raise ``ValueError`` unless the mask's cells tile ``data.resolution`` and ``mask.ratio`` masks one.
 
     What the first batch would otherwise fail on, checked before the loader starts.
     """
     m, size = cfg.mask, cfg.data.resolution
+    entry = MASKS[m.name]
     patch = patch_size_of(cfg, family)
     vit = f"model.patch_size={patch}"
     cells = {vit if family == "vit" else f"the CNN mask cell {patch} (data.resolution // 8)": patch}
-    masking = cfg.task == "pretrain" and m.name in PATCH_MASKS
-    if masking and m.name == "simmim":
-        cells[f"mask.mask_patch_size={m.mask_patch_size}"] = m.mask_patch_size
+    masking = cfg.task == "pretrain" and entry.emits == "patch"  # stages that cut the image into the patch grid
+    if masking and entry.coarse_cell:
+        coarse = getattr(m, entry.coarse_cell)
+        cells[f"mask.{entry.coarse_cell}={coarse}"] = coarse
     for what, cell in cells.items():
         if size % cell:
             raise ValueError(
                 f"data.resolution={size} is not divisible by {what}: the mask grid needs whole cells; "
                 f"choose a resolution that is a multiple of {cell}"
             )
-    if masking:
+    ratio = getattr(m, "ratio", None)
+    if masking and ratio is not None:
         count = (size // max(cells.values())) ** 2  # the ratio counts cells of the coarsest grid
-        if mask_count(count, m.ratio) == 0:
+        if mask_count(count, ratio) == 0:
             raise ValueError(
-                f"mask.ratio={m.ratio} masks round({m.ratio} * {count}) = 0 of the {count} cells of a "
+                f"mask.ratio={ratio} masks round({ratio} * {count}) = 0 of the {count} cells of a "
                 f"{size} px image; raise mask.ratio above {0.5 / count:.3g}"
             )
 
 
 def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.Module]:
+    """The loader's mask stages: the registered stage ``mask.name`` selects, built from its options
+    (pretraining), or MixMask and block erasing as augmentation (supervised)."""
     patch = patch_size_of(cfg, family)
     m = cfg.mask
     if cfg.task == "supervised":
@@ -133,36 +115,13 @@ def mask_stages(cfg: TrainConfig, family: str, num_samples: int = 0) -> list[nn.
             check_mask_grid(cfg, family)
             stages.append(BlockMask(cfg.objective.erase_ratio, patch_size=patch))
         return stages
-    if m.name == "none" or cfg.task != "pretrain":
+    if cfg.task != "pretrain":
         return []
-    if m.name in PATCH_MASKS:
+    entry = MASKS[m.name]
+    if entry.emits == "patch":
         check_mask_grid(cfg, family)
-    if m.name == "random":
-        return [RandomMask(m.ratio, patch, throw_ratio=m.throw_ratio)]
-    if m.name == "block":
-        return [BlockMask(m.ratio, patch)]
-    if m.name == "simmim":
-        return [SimMIMMask(m.ratio, mask_patch_size=m.mask_patch_size, patch_size=patch)]
-    if m.name == "mixmask":
-        return [MixMask(m.grid, m.ratio, m.partner, m.per_sample, view=0)]
-    if m.name == "amt":
-        grid = (cfg.data.resolution // patch, cfg.data.resolution // patch)
-        return [
-            AttentionMask(
-                num_samples,
-                m.ratio,
-                m.throw_ratio,
-                patch,
-                grid=grid,
-                refresh_start=m.refresh_start,
-                refresh_every=m.refresh_every,
-            )
-        ]
-    if m.name == "feature":
-        return [FeatureMask(m.strides, m.ratio, m.groups)]
-    if m.name == "ehm":
-        return [HierarchicalMask(m.ratio, patch, m.schedule, m.start_regions, m.end_regions)]
-    raise ValueError(f"unknown mask {m.name!r}; choose random, block, simmim, amt, ehm, mixmask, feature or none")
+    stage = entry.build(m, MaskContext(patch, cfg.data.resolution, num_samples))
+    return [] if stage is None else [stage]
 
 
 def build_loader(
@@ -274,33 +233,6 @@ def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
         )
 
 
-def _siamese(cfg: TrainConfig, backbone: nn.Module) -> Siamese:
-    o = cfg.objective
-    if not cfg.data.views:
-        raise ValueError(f"objective {o.name!r} needs two views: set data.views to a Views preset (mocov2, byol, ...)")
-    base = o.name.removeprefix("mixmask_")
-    options = {
-        "hidden": o.proj_hidden,
-        "dim": o.proj_dim,
-        "pred_hidden": o.pred_hidden,
-        "momentum": o.momentum,
-        "momentum_final": o.momentum_final,
-        "symmetric": o.symmetric,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
-    return SIAMESE[o.name](backbone, base, queue_size=o.queue_size, temperature=o.temperature, **options)
-
-
-def _maskdeep(cfg: TrainConfig, backbone: nn.Module) -> MaskDeep:
-    o, m = cfg.objective, cfg.mask
-    if not cfg.data.views:
-        raise ValueError("objective 'maskdeep' needs two views: set data.views to a Views preset (byol, ...)")
-    options = {"hidden": o.proj_hidden, "dim": o.proj_dim, "pred_hidden": o.pred_hidden}
-    options.update(momentum=o.momentum, momentum_final=o.momentum_final)
-    options = {k: v for k, v in options.items() if v is not None}
-    return MaskDeep(backbone, tuple(m.strides), m.ratio, m.groups, o.targets, **options)
-
-
 def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "backbone.model.") -> None:
     """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh."""
     from .checkpoint import checkpoint_backbone, fit_weights, load_checkpoint
@@ -319,22 +251,15 @@ def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "ba
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The trainable module: an objective holding its backbone (pretrain) or a classifier."""
     if cfg.task == "pretrain":
+        entry = OBJECTIVES[cfg.objective.name]
         backbone = build_encoder(cfg)
-        family = backbone_family(backbone)
-        check_compatible(cfg.objective.name, family=family, mask=None if cfg.mask.name == "none" else cfg.mask.name)
-        if cfg.objective.name in SIAMESE:
-            return _siamese(cfg, backbone)
-        if cfg.objective.name == "maskdeep":
-            return _maskdeep(cfg, backbone)
-        o = cfg.objective
-        teacher = {"teacher_decay": o.teacher_decay, "teacher_final_decay": o.teacher_final_decay}
-        if cfg.mask.name == "ehm" and o.teacher_decay is None:
-            raise ValueError("mask 'ehm' reads an EMA teacher's affinity: set objective.teacher_decay (e.g. 0.996)")
-        if o.name == "mae":
-            return MAE(backbone, o.decoder_dim, o.decoder_depth, norm_pix=o.norm_pix, **teacher)
-        if o.name == "simmim":
-            return SimMIM(backbone, **teacher)
-        raise ValueError(f"unknown objective {cfg.objective.name!r}; known: {sorted(OBJECTIVES)}")
+        check_compatible(entry.name, family=backbone_family(backbone), mask=cfg.mask.name)
+        if entry.views > 1 and not cfg.data.views:
+            views = {2: "two"}.get(entry.views, entry.views)
+            raise ValueError(
+                f"objective {entry.name!r} needs {views} views: set data.views to a Views preset (mocov2, byol, ...)"
+            )
+        return entry.build(backbone, cfg.objective, cfg.mask)
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
         with _timm_errors(cfg):

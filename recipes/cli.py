@@ -84,10 +84,13 @@ def recipes_table() -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from masklab.objectives import compatibility_table
+    from masklab.objectives import compatibility_table, mask_table
 
-    print("Supported (objective x backbone family x mask stage), as declared in masklab.objectives.COMPATIBILITY:\n")
+    print("Supported (objective x backbone family x mask stage), derived from the registries")
+    print("(masklab.objectives.OBJECTIVES, masklab.transforms.MASKS):\n")
     print(compatibility_table())
+    print("\nMask stages (mask.name) and their options (mask.*):\n")
+    print(mask_table())
     print("\nRecipes (masklab train NAME):\n")
     print(recipes_table())
     return 0

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from masklab.objectives import OBJECTIVES, ObjectiveOptions, SupervisedOptions
+from masklab.transforms import MASKS, MaskOptions
 
 __all__ = [
     "CONFIG_DIR",
     "DataConfig",
     "EvalConfig",
-    "MaskConfig",
     "ModelConfig",
-    "ObjectiveConfig",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
@@ -29,6 +32,9 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("pretrain", "supervised", "finetune", "linear", "knn")
+DEFAULT_MASK, DEFAULT_OBJECTIVE = "random", "mae"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,50 +64,6 @@ class ModelConfig:
     init: str | None = None  # a masklab checkpoint whose backbone initialises this one (finetune, linear)
     small_stem: bool = False  # ResNets: 3x3 stride-1 stem without max-pool, for 32 px images
     sync_bn: bool = True  # convert batch norm to SyncBatchNorm when training on several GPUs
-
-
-@dataclass
-class MaskConfig:
-    """The mask stage of the loader (``none`` for supervised runs without one)."""
-
-    name: str = "random"  # random | block | simmim | amt | ehm | mixmask | feature | none
-    ratio: float = 0.75
-    throw_ratio: float = 0.0
-    mask_patch_size: int = 8  # simmim's coarse cell, in pixels
-    refresh_start: float = 0.1  # amt: first saliency refresh, as a fraction of the epochs
-    refresh_every: float = 0.1  # amt: refresh period, as a fraction of the epochs
-    schedule: str = "sqrt"  # ehm: how training progress moves the tree level (sqrt | linear | cosine | constant)
-    start_regions: float = 0.5  # ehm: regions at the start, as a fraction of the grid's cells
-    end_regions: float = 0.05  # ehm: regions at the end, as a fraction of the grid's cells
-    strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # feature (maskdeep): the masked stages
-    groups: int = 4  # feature (maskdeep): masks per image
-    grid: int = 4  # mixmask: cells per side of the mixing layout (4 at 32 px, 8 at 224 px)
-    partner: str = "reverse"  # mixmask: reverse | permute
-    per_sample: bool = True  # mixmask: one mask per sample (ours), else one per batch (the authors')
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = "mae"  # mae | simmim | moco | byol | simsiam | mixmask_moco | mixmask_byol | mixmask_simsiam
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    norm_pix: bool = True
-    teacher_decay: float | None = None  # mae/simmim: an EMA teacher of the backbone (ehm's affinity), e.g. 0.996
-    teacher_final_decay: float = 1.0  # the teacher's decay at the end (cosine schedule)
-    mixmask: bool = False  # supervised: MixMask as a CutMix-like regulariser
-    mixmask_grid: int = 4
-    erase_ratio: float = 0.0  # supervised: block patch erasing
-    label_smoothing: float = 0.0
-    # siamese objectives (moco, byol, simsiam and their mixmask_ forms); None: the base's default
-    proj_hidden: int | None = None
-    proj_dim: int | None = None
-    pred_hidden: int | None = None
-    queue_size: int = 65536  # moco
-    temperature: float = 0.2  # moco
-    momentum: float | None = None  # target EMA decay at the start (moco 0.999, byol 0.99)
-    momentum_final: float | None = None  # at the end (moco: constant; byol 1.0)
-    symmetric: bool | None = None
-    targets: str = "multi"  # maskdeep: multi (global and per-stage targets) | global
 
 
 @dataclass
@@ -147,13 +109,19 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole run. Unknown or mistyped keys are errors that name the key."""
+    """A whole run. Unknown or mistyped keys are errors that name the key.
+
+    ``mask`` and ``objective`` are the options dataclasses of the entries their ``name`` selects
+    (:func:`load_config` picks them), so each section holds that entry's keys only.
+    """
 
     task: str = "pretrain"  # pretrain | supervised | finetune | linear | knn
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # The mask stage's and the objective's options, by their names (masklab.transforms.MASKS,
+    # masklab.objectives.OBJECTIVES); tasks that train a classifier read SupervisedOptions.
+    mask: MaskOptions = field(default_factory=lambda: MASKS[DEFAULT_MASK].section())
+    objective: ObjectiveOptions = field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].section())
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -176,7 +144,6 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     Raises:
         ValueError: an unknown key (named, with its place), a value of the wrong type, or a bad task.
     """
-    config = OmegaConf.structured(TrainConfig)
     layers = []
     if source is not None:
         layers.append(OmegaConf.load(_resolve(source)))
@@ -184,6 +151,7 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     if bad:
         raise ValueError(f"overrides must look like key=value, got {bad}")
     layers.append(_from_dotlist(list(overrides)))
+    config = OmegaConf.structured(_schema(layers))
     try:
         for layer in layers:
             config = OmegaConf.merge(config, layer)
@@ -197,6 +165,60 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     result: TrainConfig = OmegaConf.to_object(config)
     check_config(result)
     return result
+
+
+def _chosen(layers: list[DictConfig], key: str, default: str) -> Any:
+    """The last value the layers give ``key`` (dotted), or ``default``."""
+    value = default
+    for layer in layers:
+        value = OmegaConf.select(layer, key, default=value, throw_on_missing=False)
+    return value
+
+
+def _entry(registry, layers: list[DictConfig], key: str, default: str):
+    try:
+        return registry[str(_chosen(layers, key, default))]
+    except ValueError as error:
+        raise ValueError(f"bad value for config key {key!r}: {error}") from None
+
+
+def _schema(layers: list[DictConfig]) -> TrainConfig:
+    """The defaults, with the ``mask`` and ``objective`` sections of the entries the layers name.
+
+    Keys of a section that another entry of the same kind takes are dropped from the layers (a
+    recipe's ``objective.decoder_dim`` means nothing once ``objective.name=simmim``); a key no entry
+    takes is an error naming it and the close ones.
+    """
+    mask = _entry(MASKS, layers, "mask.name", DEFAULT_MASK).section()
+    if _chosen(layers, "task", "pretrain") == "pretrain":
+        objective = _entry(OBJECTIVES, layers, "objective.name", DEFAULT_OBJECTIVE).section()
+    else:
+        objective = SupervisedOptions()
+    _fit_section(layers, "mask", mask, [entry.options for entry in MASKS])
+    _fit_section(layers, "objective", objective, [entry.options for entry in OBJECTIVES] + [SupervisedOptions])
+    return TrainConfig(mask=mask, objective=objective)
+
+
+def _fit_section(layers: list[DictConfig], section: str, chosen: Any, every: list[type]) -> None:
+    keep = {f.name for f in fields(chosen)}
+    elsewhere = {f.name for options in every for f in fields(options)} - keep
+    for layer in layers:
+        node = layer.get(section) if isinstance(layer, DictConfig) else None
+        if not isinstance(node, DictConfig):
+            continue
+        for key in [str(k) for k in node.keys()]:
+            if key in keep:
+                continue
+            if key in elsewhere:
+                logger.info("%s.%s is not an option of the %r %s: ignored", section, key, chosen.name, section)
+                del node[key]
+                continue
+            close = difflib.get_close_matches(key, sorted(keep | elsewhere), n=3)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"unknown config key '{section}.{key}': the {chosen.name!r} {section} takes "
+                f"{', '.join(sorted(keep))}, and no other {section} takes it.{hint}"
+            )
 
 
 def _from_dotlist(overrides: list[str]):
@@ -252,11 +274,11 @@ def check_config(config: TrainConfig) -> None:
         value = _value(config, key)
         if value is not None and value < 1:
             raise ValueError(f"{key} must be at least 1, got {value}")
-    mask = config.mask
-    if config.task == "pretrain" and mask.name != "none" and not 0 < mask.ratio < 1:
+    mask, ratio = config.mask, getattr(config.mask, "ratio", None)
+    if config.task == "pretrain" and ratio is not None and not 0 < ratio < 1:
         raise ValueError(
-            f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={mask.ratio}"
-            + (" (it would mask nothing)" if mask.ratio == 0 else "")
+            f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={ratio}"
+            + (" (it would mask nothing)" if ratio == 0 else "")
         )
     _check_model_kwargs(config.model.kwargs)
 

@@ -2,53 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from masklab.pipeline import Batch, DatasetLoader, Loader, Shapes
-from masklab.transforms import (
-    MASKED,
-    THROWN,
-    AttentionMask,
-    BlockMask,
-    FeatureMask,
-    HierarchicalMask,
-    MixMask,
-    PatchMask,
-    RandomMask,
-    SimMIMMask,
-)
+from masklab.transforms import MASKED, MASKS, THROWN, MaskContext, PatchMask
 
 __all__ = ["MASK_PICTURES", "build_mask_stage", "draw_mask_picture", "load_images", "overlay", "show_masks"]
 
 MASK_COLOURS = {MASKED: (0.85, 0.1, 0.1), THROWN: (0.1, 0.3, 0.9)}
 """Masked cells red, thrown cells blue; visible cells keep their pixels."""
 
-MASK_PICTURES = ("random", "block", "simmim", "mixmask", "feature", "amt", "ehm")
+MASK_PICTURES = tuple(entry.name for entry in MASKS if entry.stage is not None)
+"""The mask stages ``show-masks`` draws: every registered one (``none`` draws nothing)."""
 
 
-def build_mask_stage(name: str, patch_size: int = 8, ratio: float | None = None, image_size: int = 64):
-    """The stage ``show-masks --mask NAME`` draws, with defaults that suit small images."""
-    if name == "random":
-        return RandomMask(0.75 if ratio is None else ratio, patch_size)
-    if name == "block":
-        return BlockMask(0.4 if ratio is None else ratio, patch_size)
-    if name == "simmim":
-        return SimMIMMask(0.6 if ratio is None else ratio, mask_patch_size=2 * patch_size, patch_size=patch_size)
-    if name == "mixmask":
-        return MixMask(grid=max(1, image_size // (2 * patch_size)), ratio=0.5 if ratio is None else ratio)
-    if name == "amt":
-        return AttentionMask(
-            num_samples=1, ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
-        )
-    if name == "ehm":
-        return HierarchicalMask(0.75 if ratio is None else ratio, patch_size)
-    if name == "feature":
-        return FeatureMask(
-            strides=(patch_size, 2 * patch_size, 4 * patch_size), ratio=0.5 if ratio is None else ratio, groups=2
-        )
-    raise ValueError(f"unknown mask {name!r}; choose one of {list(MASK_PICTURES)}")
+def build_mask_stage(
+    name: str, patch_size: int = 8, ratio: float | None = None, image_size: int = 64, num_samples: int = 1
+):
+    """The stage ``show-masks --mask NAME`` draws: the registry's small-image options, ``ratio`` if given."""
+    entry = MASKS[name]
+    if entry.stage is None:
+        raise ValueError(f"mask {name!r} has no stage to draw; choose one of {list(MASK_PICTURES)}")
+    options = entry.small(patch_size, image_size)
+    if ratio is not None:
+        options = replace(options, ratio=ratio)
+    return entry.build(options, MaskContext(patch_size, image_size, num_samples))
 
 
 def load_images(n: int, size: int, data: str | None = None, seed: int = 0) -> torch.Tensor:
@@ -147,14 +128,12 @@ def _guide(images: torch.Tensor, trained, patch_size: int, kind: str):
     return model.guidance(kind), images_in, patch_size_of(cfg, model.backbone.family)
 
 
-def _amt_rows(images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int):
-    """Saliency of a trained model (or a random-init ViT) and the AMT masks it drives."""
+def _saliency_rows(mask: str, images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int):
+    """Saliency of a trained model (or a random-init ViT) and the masks it drives (AMT's cache, refreshed)."""
     size = images.shape[-1]
     guide, images_in, patch_size = _guide(images, trained, patch_size, "saliency")
     grid = (size // patch_size, size // patch_size)
-    stage = AttentionMask(
-        num_samples=len(images), ratio=0.45 if ratio is None else ratio, throw_ratio=0.40, patch_size=patch_size
-    )
+    stage = build_mask_stage(mask, patch_size, ratio, size, num_samples=len(images))
     stage.bind(guide)
     index = torch.arange(len(images))
     stage.refresh([Batch(images=images_in, index=index)], grid)
@@ -178,7 +157,8 @@ def region_colours(regions: torch.Tensor, size: int, seed: int = 0) -> torch.Ten
     return colours.repeat_interleave(size // regions.shape[1], 2).repeat_interleave(size // regions.shape[2], 3)
 
 
-def _ehm_rows(
+def _affinity_rows(
+    mask: str,
     images: torch.Tensor,
     trained,
     patch_size: int,
@@ -186,10 +166,10 @@ def _ehm_rows(
     seed: int,
     progress: tuple[float, ...],
 ):
-    """EHM's regions (from a model's affinity) and masks at several points of training."""
+    """Regions of a model's affinity tree (EHM) and the masks at several points of training."""
     size = images.shape[-1]
     guide, images_in, patch_size = _guide(images, trained, patch_size, "affinity")
-    stage = HierarchicalMask(0.75 if ratio is None else ratio, patch_size)
+    stage = build_mask_stage(mask, patch_size, ratio, size)
     stage.bind(guide)
     rows = [("image", images)]
     for t in progress:
@@ -217,10 +197,11 @@ def show_masks(
 ) -> Path:
     """Draw ``mask`` over ``n`` images and save the picture to ``out``.
 
-    For ``amt`` the masks follow the saliency of ``checkpoint``'s model (a
-    random-init ViT without one), drawn as a heat map too. For ``ehm`` the
-    regions of the model's affinity tree and the masks are drawn at each
-    training ``progress`` (the checkpoint's EMA teacher, or a random-init ViT).
+    For a stage guided by saliency (``amt``) the masks follow the saliency of
+    ``checkpoint``'s model (a random-init ViT without one), drawn as a heat
+    map too. For one guided by affinity (``ehm``) the regions of the model's
+    affinity tree and the masks are drawn at each training ``progress`` (the
+    checkpoint's EMA teacher, or a random-init ViT).
     The checkpoint's weights and config are read without unpickling anything
     unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`).
     """
@@ -229,29 +210,29 @@ def show_masks(
     if n < 1:
         raise ValueError(f"-n (images to draw) must be at least 1, got {n}")
     stage = build_mask_stage(mask, patch_size, ratio, size)
+    kind = MASKS[mask].guide
     images = load_images(n, size, data, seed)
-    trained = load_trained(checkpoint, trust=trust_checkpoint) if checkpoint and mask in ("amt", "ehm") else None
+    trained = load_trained(checkpoint, trust=trust_checkpoint) if checkpoint and kind else None
     if trained is not None and not hasattr(trained[1], "guidance"):
-        from masklab.objectives import OBJECTIVES
+        from masklab.objectives import compatibility
 
         cfg, model = trained
-        kind = "saliency" if mask == "amt" else "affinity"
-        guided = [name for name, make in OBJECTIVES.items() if hasattr(getattr(make, "func", make), "guidance")]
+        guided = [name for name, support in compatibility().items() if mask in support.masks]
         raise ValueError(
             f"--mask {mask} needs a model's {kind} guidance, and checkpoint {checkpoint} holds a "
             f"{type(model).__name__} model (task {cfg.task!r}) that offers none; give a pretraining checkpoint "
             f"(objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
         )
-    if mask == "amt":
-        rows = _amt_rows(images, trained, patch_size, ratio, seed)
-        title = f"amt: ratio={0.45 if ratio is None else ratio}, throw_ratio=0.4, " + (
+    if kind == "saliency":
+        rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed)
+        title = f"{mask}: ratio={stage.ratio}, throw_ratio={stage.throw_ratio}, " + (
             "trained saliency" if trained else "random-init saliency"
         )
-    elif mask == "ehm":
+    elif kind == "affinity":
         if not progress or not all(0 <= t <= 1 for t in progress):
             raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
-        rows = _ehm_rows(images, trained, patch_size, ratio, seed, tuple(progress))
-        title = f"ehm: ratio={stage.ratio}, " + (
+        rows = _affinity_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress))
+        title = f"{mask}: ratio={stage.ratio}, " + (
             "the checkpoint's affinity (its EMA teacher's, if any)" if trained else "random-init affinity"
         )
     else:

@@ -91,7 +91,7 @@ def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str
     due = [s for s in stages if isinstance(s, RefreshesCache) and s.refresh_due(epoch, cfg.run.epochs)]
     if not due:
         return 0
-    from masklab.transforms._sampling import patch_grid
+    from masklab.transforms import patch_grid
 
     from .build import patch_size_of
 
@@ -115,7 +115,7 @@ def set_progress(stages, progress: float) -> None:
     """Tell each :class:`~masklab.transforms.protocols.ProgressAware` stage where training is, in [0, 1]."""
     for stage in stages:
         if isinstance(stage, ProgressAware):
-            stage.set_progress(min(max(progress, 0.0), 1.0))
+            stage.set_progress(progress)  # each stage clamps to [0, 1] (pipeline.clamp_progress)
 
 
 def step_teachers(objective, progress: float) -> int:

@@ -3,15 +3,28 @@
 Every stage is an ``nn.Module`` on a :class:`~masklab.pipeline.Batch` with a
 plain functional form on tensors; random draws (``make_params``) are apart
 from their application (``apply``), on the batch's device.
+
+Every mask stage registers itself in :data:`MASKS` where it is defined, with
+its options (a dataclass that is also the config's ``mask`` section), what it
+emits, the guidance it needs and a small-image factory (:mod:`.registry`).
 """
 
 from ._mask_stage import PatchMaskStage, erase_patches
-from .attention_mask import AttentionMask, align_maps, amt_refresh_epochs, attention_patch_mask
-from .block_mask import BlockDraw, BlockMask, block_cells, block_patch_mask
-from .feature_mask import FeatureMask, FeatureMasks, feature_masks
+from ._sampling import check_ratio, mask_count, patch_grid
+from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
+from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
+from .feature_mask import (
+    FeatureMask,
+    FeatureMaskOptions,
+    FeatureMasks,
+    check_groups,
+    feature_masks,
+    feature_strides,
+)
 from .hierarchical_mask import (
     SCHEDULES,
     HierarchicalMask,
+    HierarchicalMaskOptions,
     HierarchyDraw,
     RegionTree,
     grid_edges,
@@ -19,46 +32,65 @@ from .hierarchical_mask import (
     region_tree,
     regions_at,
 )
-from .mix_mask import MixMask, MixParams, mix_images, mix_targets, mixmask_params
+from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
-from .random_mask import RandomMask, mask_from_scores, random_patch_mask
-from .simmim_mask import SimMIMMask, simmim_patch_mask
+from .protocols import Guide, GuidedStage, ProgressAware, RefreshesCache
+from .random_mask import RandomMask, RandomMaskOptions, mask_from_scores, random_patch_mask
+from .registry import (
+    MASKS,
+    MaskContext,
+    MaskEntry,
+    MaskOptions,
+    Registry,
+    import_modules,
+    option_names,
+    register_mask,
+)
+from .simmim_mask import SimMIMMask, SimMIMMaskOptions, simmim_patch_mask
 from .views import PRESETS, ViewParams, ViewRecipe, Views, apply_view, draw_view_params
 
-MASK_STAGES = {
-    "random": RandomMask,
-    "block": BlockMask,
-    "simmim": SimMIMMask,
-    "mixmask": MixMask,
-    "feature": FeatureMask,
-}
-"""The model-free mask stages by name; ``AttentionMask`` (AMT) and ``HierarchicalMask`` (EHM) also need a guide."""
+import_modules(__name__, __path__)  # a stage module not named above registers too
 
 __all__ = [
+    "Guide",
+    "GuidedStage",
+    "ProgressAware",
+    "RefreshesCache",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MASKED",
-    "MASK_STAGES",
+    "MASKS",
     "PRESETS",
     "SCHEDULES",
     "THROWN",
     "VISIBLE",
     "AttentionMask",
+    "AttentionMaskOptions",
     "BlockDraw",
     "BlockMask",
+    "BlockMaskOptions",
     "FeatureMask",
+    "FeatureMaskOptions",
     "FeatureMasks",
     "HierarchicalMask",
+    "HierarchicalMaskOptions",
     "HierarchyDraw",
+    "MaskContext",
+    "MaskEntry",
+    "MaskOptions",
     "MixMask",
+    "MixMaskOptions",
     "MixParams",
     "Normalize",
     "PatchMask",
     "PatchMaskStage",
     "RandomMask",
+    "RandomMaskOptions",
     "RegionTree",
+    "Registry",
     "SimMIMMask",
+    "SimMIMMaskOptions",
     "ViewParams",
     "ViewRecipe",
     "Views",
@@ -68,18 +100,26 @@ __all__ = [
     "attention_patch_mask",
     "block_cells",
     "block_patch_mask",
+    "check_groups",
+    "check_ratio",
     "draw_view_params",
     "erase_patches",
     "feature_masks",
+    "feature_strides",
     "grid_edges",
     "hierarchical_patch_mask",
+    "import_modules",
+    "mask_count",
     "mask_from_scores",
     "mix_images",
     "mix_targets",
     "mixmask_params",
     "normalize",
+    "option_names",
+    "patch_grid",
     "random_patch_mask",
     "region_tree",
     "regions_at",
+    "register_mask",
     "simmim_patch_mask",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +13,11 @@ from masklab.pipeline import Batch
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, mask_count, patch_grid
 from .patch_mask import PatchMask
+from .protocols import Guide
 from .random_mask import mask_from_scores, random_patch_mask
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["AttentionMask", "align_maps", "amt_refresh_epochs", "attention_patch_mask"]
-
-Guide = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+__all__ = ["AttentionMask", "AttentionMaskOptions", "align_maps", "amt_refresh_epochs", "attention_patch_mask"]
 
 
 def amt_refresh_epochs(epochs: int, start: float = 0.1, every: float = 0.1) -> list[int]:
@@ -117,6 +118,23 @@ def attention_patch_mask(
     return mask_from_scores(scores, (gh, gw), masked, thrown)
 
 
+@dataclass
+class AttentionMaskOptions(MaskOptions):
+    """``mask.name: amt``: the fractions masked and thrown, and the saliency refreshes (first, period)
+    as fractions of the run's epochs."""
+
+    ratio: float = 0.75
+    throw_ratio: float = 0.0
+    refresh_start: float = 0.1
+    refresh_every: float = 0.1
+
+
+@register_mask(
+    "amt",
+    options=AttentionMaskOptions,
+    emits="patch",
+    small=lambda patch_size, image_size: AttentionMaskOptions(ratio=0.45, throw_ratio=0.40),
+)
 class AttentionMask(PatchMaskStage):
     """AMT's masking and throwing as a loader stage (Liu et al., "Improving Masked
     Autoencoders by Learning Where to Mask", AMT, 2023).
@@ -170,6 +188,19 @@ class AttentionMask(PatchMaskStage):
         # A Python int (saved as the module's extra state), so checking it never syncs a device.
         self.refreshes = 0
         self.guide: Guide | None = None
+
+    @classmethod
+    def from_options(cls, options: AttentionMaskOptions, context: MaskContext) -> AttentionMask:
+        """A cache row per dataset image, on the training grid."""
+        return cls(
+            context.num_samples,
+            options.ratio,
+            options.throw_ratio,
+            context.patch_size,
+            grid=context.grid,
+            refresh_start=options.refresh_start,
+            refresh_every=options.refresh_every,
+        )
 
     def get_extra_state(self) -> dict[str, int]:
         return {"refreshes": self.refreshes}

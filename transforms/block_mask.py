@@ -10,8 +10,9 @@ import torch
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, cumulative_or, mask_count, patch_grid, top_cells
 from .patch_mask import PatchMask
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["BlockMask", "BlockDraw", "block_cells", "block_patch_mask"]
+__all__ = ["BlockMask", "BlockDraw", "BlockMaskOptions", "block_cells", "block_patch_mask"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,16 @@ def block_patch_mask(
     return PatchMask.from_masked(draw.cells, count)
 
 
+@dataclass
+class BlockMaskOptions(MaskOptions):
+    """``mask.name: block``: the fraction of patches masked, in blocks."""
+
+    ratio: float = 0.75
+
+
+@register_mask(
+    "block", options=BlockMaskOptions, emits="patch", small=lambda patch_size, image_size: BlockMaskOptions(ratio=0.4)
+)
 class BlockMask(PatchMaskStage):
     """BEiT-style block masking as a loader stage, exact count in every sample.
 
@@ -212,6 +223,10 @@ class BlockMask(PatchMaskStage):
         self.ratio = check_ratio("ratio", ratio)
         check_block_args(min_cells, aspect, rounds)
         self.min_cells, self.aspect, self.rounds = int(min_cells), tuple(aspect), int(rounds)
+
+    @classmethod
+    def from_options(cls, options: BlockMaskOptions, context: MaskContext) -> BlockMask:
+        return cls(options.ratio, context.patch_size)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)

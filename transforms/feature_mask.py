@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import repeat
@@ -11,8 +11,9 @@ from einops import repeat
 from masklab.pipeline import Batch, Stage
 
 from ._sampling import check_ratio, mask_count, patch_grid, top_cells
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["FeatureMask", "FeatureMasks", "feature_masks"]
+__all__ = ["FeatureMask", "FeatureMaskOptions", "FeatureMasks", "check_groups", "feature_masks", "feature_strides"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,24 @@ class FeatureMasks:
 
     def to(self, device: torch.device | str) -> FeatureMasks:
         return FeatureMasks(self.strides, tuple(m.to(device) for m in self.masks))
+
+
+def feature_strides(strides: Sequence[int]) -> tuple[int, ...]:
+    """``strides`` sorted, finest first; raises unless they are positive and each divides the next."""
+    ordered = tuple(sorted(int(s) for s in strides))
+    if not ordered or ordered[0] < 1:
+        raise ValueError(f"strides must be positive, got {tuple(strides)}")
+    for fine, coarse in zip(ordered, ordered[1:], strict=False):
+        if coarse % fine:
+            raise ValueError(f"each stride must divide the next, got {ordered}")
+    return ordered
+
+
+def check_groups(groups: int) -> int:
+    """``groups`` if it is at least 1, else a ``ValueError``."""
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    return int(groups)
 
 
 def feature_masks(
@@ -64,15 +83,9 @@ def feature_masks(
         generator: a ``torch.Generator`` on ``device``.
         device: where to draw.
     """
-    strides = tuple(sorted(int(s) for s in strides))
-    if not strides or strides[0] < 1:
-        raise ValueError(f"strides must be positive, got {strides}")
-    for fine, coarse in zip(strides, strides[1:], strict=False):
-        if coarse % fine:
-            raise ValueError(f"each stride must divide the next, got {strides}")
+    strides = feature_strides(strides)
     check_ratio("ratio", ratio)
-    if groups < 1:
-        raise ValueError(f"groups must be positive, got {groups}")
+    check_groups(groups)
     gh, gw = patch_grid(*image_size, strides[-1], what="the largest stride")
     count = mask_count(gh * gw, ratio)
     scores = torch.rand((batch_size * groups, gh * gw), generator=generator, device=device)
@@ -81,6 +94,22 @@ def feature_masks(
     return FeatureMasks(strides, masks)
 
 
+@dataclass
+class FeatureMaskOptions(MaskOptions):
+    """``mask.name: feature`` (MaskDeep): the fraction of cells masked, the masked stages' strides in
+    pixels, and the masks per image."""
+
+    ratio: float = 0.75
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])
+    groups: int = 4
+
+
+def _small_feature_options(patch_size: int, image_size: int) -> FeatureMaskOptions:
+    coarse = max(4, image_size // 2)  # a 2x2 grid on the coarsest stage
+    return FeatureMaskOptions(ratio=0.5, strides=[coarse // 4, coarse // 2, coarse], groups=2)
+
+
+@register_mask("feature", options=FeatureMaskOptions, emits="feature", small=_small_feature_options)
 class FeatureMask(Stage):
     """Nested feature-map masks for MaskDeep, put in ``batch.extras["feature_masks"]``.
 
@@ -108,13 +137,13 @@ class FeatureMask(Stage):
 
     def __init__(self, strides: Sequence[int] = (8, 16, 32), ratio: float = 0.5, groups: int = 4) -> None:
         super().__init__()
-        self.strides = tuple(sorted(int(s) for s in strides))
-        if not self.strides or self.strides[0] < 1:
-            raise ValueError(f"strides must be positive, got {tuple(strides)}")
+        self.strides = feature_strides(strides)
         self.ratio = check_ratio("ratio", ratio)
-        if groups < 1:
-            raise ValueError(f"groups must be positive, got {groups}")
-        self.groups = int(groups)
+        self.groups = check_groups(groups)
+
+    @classmethod
+    def from_options(cls, options: FeatureMaskOptions, context: MaskContext) -> FeatureMask:
+        return cls(options.strides, options.ratio, options.groups)
 
     def make_params(
         self, batch: Batch, generator: torch.Generator | None

@@ -13,10 +13,13 @@ from masklab.pipeline import Batch, clamp_progress
 from ._mask_stage import PatchMaskStage, erase_patches
 from ._sampling import check_ratio, mask_count, top_cells
 from .patch_mask import PatchMask
+from .protocols import Guide
+from .registry import MaskContext, MaskOptions, register_mask
 
 __all__ = [
     "SCHEDULES",
     "HierarchicalMask",
+    "HierarchicalMaskOptions",
     "HierarchyDraw",
     "RegionTree",
     "grid_edges",
@@ -25,7 +28,6 @@ __all__ = [
     "regions_at",
 ]
 
-Guide = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     "sqrt": math.sqrt,
@@ -266,6 +268,23 @@ class HierarchyDraw:
     regions: torch.Tensor
 
 
+@dataclass
+class HierarchicalMaskOptions(MaskOptions):
+    """``mask.name: ehm``: the fraction of cells masked, how training progress moves the tree level
+    (one of :data:`SCHEDULES`), and the regions at the start and the end as fractions of the cells."""
+
+    ratio: float = 0.75
+    schedule: str = "sqrt"
+    start_regions: float = 0.5
+    end_regions: float = 0.05
+
+
+@register_mask(
+    "ehm",
+    options=HierarchicalMaskOptions,
+    emits="patch",
+    small=lambda patch_size, image_size: HierarchicalMaskOptions(ratio=0.75),
+)
 class HierarchicalMask(PatchMaskStage):
     """Evolved hierarchical masking as a loader stage (Feng et al., "Evolved
     Hierarchical Masking for Self-Supervised Learning", 2025), our reading.
@@ -328,6 +347,10 @@ class HierarchicalMask(PatchMaskStage):
         self.tie_break = float(tie_break)
         self.progress = 0.0  # a Python float, set by the loop, so reading it never syncs a device
         self.guide: Guide | None = None
+
+    @classmethod
+    def from_options(cls, options: HierarchicalMaskOptions, context: MaskContext) -> HierarchicalMask:
+        return cls(options.ratio, context.patch_size, options.schedule, options.start_regions, options.end_regions)
 
     def bind(self, guide: Guide) -> None:
         """The affinity function ``guide(images, grid) -> (B, N, N)`` (the EMA teacher's)."""

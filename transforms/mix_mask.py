@@ -11,8 +11,9 @@ from masklab.pipeline import Batch, Stage
 
 from ._sampling import check_ratio, mask_count
 from .block_mask import block_cells
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["MixMask", "MixParams", "mix_images", "mix_targets", "mixmask_params"]
+__all__ = ["MixMask", "MixMaskOptions", "MixParams", "mix_images", "mix_targets", "mixmask_params"]
 
 _PARTNERS = ("reverse", "permute")
 
@@ -107,6 +108,23 @@ def mix_targets(targets: torch.Tensor, params: MixParams, num_classes: int | Non
     return lam * targets + (1 - lam) * targets[params.partner]
 
 
+@dataclass
+class MixMaskOptions(MaskOptions):
+    """``mask.name: mixmask``: the mixing layout's cells per side (4 at 32 px, 8 at 224 px), the fraction
+    of cells filled from the partner, how partners pair, and one mask per sample (ours) or per batch."""
+
+    ratio: float = 0.75
+    grid: int = 4
+    partner: str = "reverse"
+    per_sample: bool = True
+
+
+@register_mask(
+    "mixmask",
+    options=MixMaskOptions,
+    emits="mix",
+    small=lambda patch_size, image_size: MixMaskOptions(ratio=0.5, grid=4),
+)
 class MixMask(Stage):
     """MixMask as a loader stage: mixes the query view, leaves the key view clean.
 
@@ -141,6 +159,11 @@ class MixMask(Stage):
         self.grid = int(grid)
         self.ratio = check_ratio("ratio", ratio, allow_zero=False)
         self.partner, self.per_sample, self.view = partner, bool(per_sample), int(view)
+
+    @classmethod
+    def from_options(cls, options: MixMaskOptions, context: MaskContext) -> MixMask:
+        """The query is the first view."""
+        return cls(options.grid, options.ratio, options.partner, options.per_sample, view=0)
 
     def _query(self, batch: Batch) -> torch.Tensor:
         if batch.views:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, mask_count, patch_grid, top_cells
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["RandomMask", "mask_from_scores", "random_patch_mask"]
+__all__ = ["RandomMask", "RandomMaskOptions", "mask_from_scores", "random_patch_mask"]
 
 
 def mask_from_scores(scores: torch.Tensor, grid: tuple[int, int], num_masked: int, num_thrown: int = 0) -> PatchMask:
@@ -75,6 +78,17 @@ def random_patch_mask(
     return mask_from_scores(scores, grid, count, thrown)
 
 
+@dataclass
+class RandomMaskOptions(MaskOptions):
+    """``mask.name: random``: the fraction of patches masked, and of those thrown."""
+
+    ratio: float = 0.75
+    throw_ratio: float = 0.0
+
+
+@register_mask(
+    "random", options=RandomMaskOptions, emits="patch", small=lambda patch_size, image_size: RandomMaskOptions()
+)
 class RandomMask(PatchMaskStage):
     """MAE's random patch masking as a loader stage: puts a :class:`PatchMask` in ``batch.mask``.
 
@@ -96,6 +110,10 @@ class RandomMask(PatchMaskStage):
         self.ratio = check_ratio("ratio", ratio)
         self.throw_ratio = check_ratio("throw_ratio", throw_ratio)
         check_ratio("ratio + throw_ratio", self.ratio + self.throw_ratio)
+
+    @classmethod
+    def from_options(cls, options: RandomMaskOptions, context: MaskContext) -> RandomMask:
+        return cls(options.ratio, context.patch_size, options.throw_ratio)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._mask_stage import PatchMaskStage
 from ._sampling import check_ratio, patch_grid
 from .patch_mask import PatchMask
 from .random_mask import random_patch_mask
+from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["SimMIMMask", "simmim_patch_mask"]
+__all__ = ["SimMIMMask", "SimMIMMaskOptions", "simmim_patch_mask"]
 
 
 def simmim_patch_mask(
@@ -47,6 +50,21 @@ def simmim_patch_mask(
     return random_patch_mask(batch_size, coarse, ratio, generator, device).regrid(*fine)
 
 
+@dataclass
+class SimMIMMaskOptions(MaskOptions):
+    """``mask.name: simmim``: the fraction of coarse cells masked, and their side in pixels."""
+
+    ratio: float = 0.75
+    mask_patch_size: int = 8
+
+
+@register_mask(
+    "simmim",
+    options=SimMIMMaskOptions,
+    emits="patch",
+    small=lambda patch_size, image_size: SimMIMMaskOptions(ratio=0.6, mask_patch_size=2 * patch_size),
+    coarse_cell="mask_patch_size",
+)
 class SimMIMMask(PatchMaskStage):
     """SimMIM's coarse random masking as a loader stage.
 
@@ -71,6 +89,10 @@ class SimMIMMask(PatchMaskStage):
                 f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}"
             )
         self.mask_patch_size = int(mask_patch_size)
+
+    @classmethod
+    def from_options(cls, options: SimMIMMaskOptions, context: MaskContext) -> SimMIMMask:
+        return cls(options.ratio, options.mask_patch_size, context.patch_size)
 
     def sample(self, batch_size, image_size, generator, device) -> PatchMask:
         return simmim_patch_mask(

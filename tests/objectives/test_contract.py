@@ -1,11 +1,11 @@
-"""One contract over every declared (backbone x mask stage x objective) triple."""
+"""One contract over every (backbone x mask stage x objective) triple the registries declare compatible."""
 
 import pytest
 import torch
 
-from masklab.objectives import OBJECTIVES, build_backbone, supported_triples
+from masklab.objectives import OBJECTIVES, build_backbone, compatibility, supported_triples
 from masklab.pipeline import Batch
-from masklab.transforms import AttentionMask, BlockMask, HierarchicalMask, MixMask, RandomMask, SimMIMMask, Views
+from masklab.transforms import MASKS, MaskContext, Views
 
 BACKBONES = {
     "vit_tiny_patch16_224": "vit",
@@ -16,55 +16,41 @@ BACKBONES = {
 SIZE = 32
 
 
-def masked_batch(name: str, patch: int, model, images: torch.Tensor) -> Batch:
+def masked_batch(mask: str, objective: str, patch: int, model, images: torch.Tensor) -> Batch:
+    """``images`` through the views the objective needs and the mask stage (its small-image options)."""
+    entry = MASKS[mask]
     batch = Batch(images=images, index=torch.arange(len(images)), seed=0)
-    if name == "amt":
-        # AMT masks and throws by the model's own saliency, refreshed once.
-        stage = AttentionMask(len(images), ratio=0.45, throw_ratio=0.40, patch_size=patch)
-        stage.bind(model.guidance("saliency"))
-        stage.refresh([batch], (SIZE // patch, SIZE // patch))
-        out = stage(batch)
-        assert out.mask.num_thrown > 0
-        return out
-    if name == "ehm":
-        # EHM masks whole regions of the model's affinity tree, halfway through its schedule.
-        stage = HierarchicalMask(0.75, patch)
-        stage.bind(model.guidance("affinity"))
+    if OBJECTIVES[objective].views:
+        batch = Views(OBJECTIVES[objective].views, "byol")(batch)
+    context = MaskContext(patch, SIZE, num_samples=len(images))
+    stage = entry.build(entry.small(patch, SIZE), context)
+    if stage is None:
+        return batch
+    if entry.guide is not None:
+        stage.bind(model.guidance(entry.guide))
+    if hasattr(stage, "refresh"):  # AMT masks and throws by the model's own saliency, refreshed once
+        stage.refresh([batch], context.grid)
+    if hasattr(stage, "set_progress"):  # EHM: halfway through its schedule
         stage.set_progress(0.5)
-        out = stage(batch)
-        assert out.extras["regions"].shape == (len(images), SIZE // patch, SIZE // patch)
-        return out
-    if name == "feature":
-        # MaskDeep: two views, nested feature masks for each.
-        return model.mask_stage()(Views(2, "byol")(batch))
-    if name in ("none", "mixmask"):
-        # Siamese objectives: two views, and for MixMask the query view mixed.
-        batch = Views(2, "byol")(batch)
-        return MixMask(grid=4, partner="permute", view=0)(batch) if name == "mixmask" else batch
-    stage = {
-        "random": lambda: RandomMask(0.75, patch),
-        "block": lambda: BlockMask(0.4, patch),
-        "simmim": lambda: SimMIMMask(0.6, mask_patch_size=2 * patch, patch_size=patch),
-    }[name]()
-    return stage(batch)
+    out = stage(batch)
+    if hasattr(stage, "refresh"):
+        assert out.mask.num_thrown > 0
+    return out
 
 
 TRIPLES = supported_triples(BACKBONES)
-# Small heads and queue keep the siamese rows quick.
-OPTIONS = {"hidden": 64, "dim": 32, "pred_hidden": 64, "queue_size": 256}
 
 
-def options(objective: str) -> dict:
-    if objective == "maskdeep":
-        heads = {k: OPTIONS[k] for k in ("hidden", "dim", "pred_hidden")}
-        return {**heads, "strides": (4, 8, 16), "groups": 2}  # 2x2 cells on the coarsest stage at 32 px
-    return OPTIONS if objective.removeprefix("mixmask_") in ("moco", "byol", "simsiam") else {}
-
-
-def test_the_matrix_covers_every_family_and_mask():
-    # mae, simmim (5 masks each); three siamese bases with and without MixMask; maskdeep
-    assert len(TRIPLES) == 30 + 4 * 6 + 4
+def test_the_matrix_covers_every_family_stage_and_objective():
     assert {b for b, _, _ in TRIPLES} == set(BACKBONES)
+    assert {m for _, m, _ in TRIPLES} == set(MASKS.names())
+    assert {o for _, _, o in TRIPLES} == set(OBJECTIVES.names())
+    # Each objective with each of its masks, once per backbone of a family it supports.
+    expected = sum(
+        len(support.masks) * sum(family in support.families for family in BACKBONES.values())
+        for support in compatibility().values()
+    )
+    assert len(TRIPLES) == expected
 
 
 @pytest.mark.slow
@@ -72,8 +58,10 @@ def test_the_matrix_covers_every_family_and_mask():
 def test_contract(backbone, mask, objective):
     torch.manual_seed(0)
     patch = 4 if BACKBONES[backbone] == "vit" else 8
-    model = OBJECTIVES[objective](build_backbone(backbone, img_size=SIZE, patch_size=patch), **options(objective))
-    batch = masked_batch(mask, patch, model, torch.rand(8, 3, SIZE, SIZE))
+    entry = OBJECTIVES[objective]
+    backbone_module = build_backbone(backbone, img_size=SIZE, patch_size=patch)
+    model = entry.build(backbone_module, entry.small(), MASKS[mask].small(patch, SIZE))
+    batch = masked_batch(mask, objective, patch, model, torch.rand(8, 3, SIZE, SIZE))
 
     out = model(batch)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)

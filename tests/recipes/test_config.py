@@ -1,6 +1,8 @@
 import pytest
 
+from masklab.objectives import MAEOptions, SimMIMOptions, SupervisedOptions
 from masklab.recipes.config import CONFIG_DIR, TrainConfig, load_config, save_config
+from masklab.transforms import AttentionMaskOptions, BlockMaskOptions, FeatureMaskOptions, MaskOptions
 
 
 def test_every_recipe_loads():
@@ -69,7 +71,42 @@ def test_values_that_cannot_run_are_refused_at_load_naming_key_and_value(overrid
 
 def test_null_settings_that_mean_off_stay_allowed():
     cfg = load_config("supervised", ["run.max_steps=null", "mask.ratio=0"])  # no mask stage in a supervised run
-    assert cfg.run.max_steps is None and cfg.mask.ratio == 0
+    assert cfg.run.max_steps is None and cfg.mask == MaskOptions(name="none")  # ratio: another stage's option
+
+
+def test_each_section_holds_the_options_of_the_entry_its_name_selects():
+    cfg = load_config("mae_amt")
+    assert cfg.mask == AttentionMaskOptions(name="amt", ratio=0.45, throw_ratio=0.40)
+    assert cfg.objective == MAEOptions(name="mae", decoder_dim=128, decoder_depth=2, norm_pix=True)
+    # The recipe's keys that another entry takes are dropped when the name changes; the new entry's defaults fill in.
+    switched = load_config("mae_amt", ["mask.name=block", "objective.name=simmim"])
+    assert switched.mask == BlockMaskOptions(name="block", ratio=0.45)
+    assert switched.objective == SimMIMOptions(name="simmim")
+    assert load_config("supervised").objective == SupervisedOptions(mixmask=True, mixmask_grid=4, erase_ratio=0.25)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("mask.ratoi=0.5", "unknown config key 'mask.ratoi': the 'random' mask takes name, ratio, throw_ratio"),
+        ("mask.ratoi=0.5", "Did you mean 'ratio'"),
+        ("objective.decoder_dimm=8", "unknown config key 'objective.decoder_dimm'"),
+        ("objective.decoder_dimm=8", "Did you mean 'decoder_dim'"),
+        ("mask.name=blok", "bad value for config key 'mask.name': unknown mask 'blok'; did you mean 'block'"),
+        ("objective.name=moco2", "bad value for config key 'objective.name': unknown objective 'moco2'"),
+    ],
+)
+def test_unknown_keys_and_names_of_a_registry_section_are_named_with_close_matches(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config("mae", [override])
+    assert message in str(error.value)
+
+
+def test_a_saved_section_reads_back_as_its_options_dataclass(tmp_path):
+    cfg = load_config("maskdeep", ["mask.groups=2"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg and isinstance(again.mask, FeatureMaskOptions) and again.mask.strides == [2, 4, 8]
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,6 @@ def test_guided_masks_refuse_a_checkpoint_whose_model_offers_no_guidance(
     assert (
         f"error: --mask {mask} needs a model's {kind} guidance, and checkpoint {supervised_checkpoint} holds a "
         "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives mae, "
-        "simmim," in err
+        "simmim)" in err
     )
     assert "Traceback" not in err
