@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from masklab.objectives.protocols import HasTeachers, OffersGuidance
-from masklab.pipeline import replace_atomically
+from masklab.pipeline import clamp_progress, replace_atomically
 from masklab.transforms.protocols import GuidedStage, ProgressAware, RefreshesCache
 
 from .accelerator import agree, make_accelerator
@@ -115,7 +115,7 @@ def set_progress(stages, progress: float) -> None:
     """Tell each :class:`~masklab.transforms.protocols.ProgressAware` stage where training is, in [0, 1]."""
     for stage in stages:
         if isinstance(stage, ProgressAware):
-            stage.set_progress(progress)  # each stage clamps to [0, 1] (pipeline.clamp_progress)
+            stage.set_progress(clamp_progress(progress))
 
 
 def step_teachers(objective, progress: float) -> int:
