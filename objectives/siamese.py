@@ -57,12 +57,42 @@ class BaseSpec:
 
 BASES: dict[str, BaseSpec] = {
     # MoCo v2 (Chen et al., 2020): MLP head 2048-2048-128 without BN, momentum 0.999, asymmetric.
-    "moco": BaseSpec(2048, 128, 2, False, False, None, (0.999, 0.999), False, True),
+    "moco": BaseSpec(
+        hidden=2048,
+        dim=128,
+        layers=2,
+        bn=False,
+        last_bn=False,
+        pred_hidden=None,
+        momentum=(0.999, 0.999),
+        symmetric=False,
+        contrastive=True,
+    ),
     # BYOL (Grill et al., 2020): projector 4096-256 with BN, predictor 4096, EMA 0.99 -> 1 (cosine;
     # the paper starts at 0.996 for ImageNet, 0.99 is our choice for short runs on small data).
-    "byol": BaseSpec(4096, 256, 2, True, False, 4096, (0.99, 1.0), True, False),
+    "byol": BaseSpec(
+        hidden=4096,
+        dim=256,
+        layers=2,
+        bn=True,
+        last_bn=False,
+        pred_hidden=4096,
+        momentum=(0.99, 1.0),
+        symmetric=True,
+        contrastive=False,
+    ),
     # SimSiam (Chen & He, 2021): 3-layer projector with BN on the output, predictor bottleneck 512.
-    "simsiam": BaseSpec(2048, 2048, 3, True, True, 512, None, True, False),
+    "simsiam": BaseSpec(
+        hidden=2048,
+        dim=2048,
+        layers=3,
+        bn=True,
+        last_bn=True,
+        pred_hidden=512,
+        momentum=None,
+        symmetric=True,
+        contrastive=False,
+    ),
 }
 
 

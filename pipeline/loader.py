@@ -62,12 +62,34 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_SHARED_ARGS = (
+    "stages",
+    "batch_size",
+    "resolution",
+    "device",
+    "seed",
+    "order",
+    "drop_last",
+    "distributed",
+    "scale",
+    "ratio",
+    "flip_p",
+)
+"""The constructor arguments every loader hands to :class:`_BatchLoader`, by name."""
+
+
+def _shared_args(scope: dict[str, Any]) -> dict[str, Any]:
+    """:data:`_SHARED_ARGS` taken from a loader constructor's ``locals()``."""
+    return {name: scope[name] for name in _SHARED_ARGS}
+
+
 class _BatchLoader:
     """Epochs, ordering, crop draws, seeding, resume and the stage chain; subclasses read."""
 
     def __init__(
         self,
         num_samples: int,
+        *,
         stages: Sequence[StageLike],
         batch_size: int,
         resolution: int,
@@ -398,20 +420,7 @@ class Loader(_BatchLoader):
             )
         image = reader.metadata[f"f{list(reader.handlers).index('image')}"]
         self._sizes = torch.from_numpy(np.stack([image["height"], image["width"]], axis=1).astype(np.int64))
-        super().__init__(
-            reader.num_samples,
-            stages,
-            batch_size,
-            resolution,
-            device,
-            seed,
-            order,
-            drop_last,
-            distributed,
-            scale,
-            ratio,
-            flip_p,
-        )
+        super().__init__(reader.num_samples, **_shared_args(locals()))
         self._epochs: weakref.WeakSet[_Epoch] = weakref.WeakSet()
         # Read by the compiled decoder through its address: fill in place, never reassign.
         self._crop_table = np.zeros((self.num_samples, TABLE_COLUMNS), dtype=np.int64)
@@ -483,7 +492,12 @@ class Loader(_BatchLoader):
 
 
 def _square_uint8(image: Any, size: int | None) -> torch.Tensor:
-    """``(3, S, S)`` uint8: centre square of the image, resized to ``size``."""
+    """``(3, S, S)`` uint8: centre square of the image, resized to ``size``.
+
+    Not torchvision's ``center_crop`` + ``resize``: its crop offset rounds half
+    to even where ours floors, and its uint8 antialiased resize rounds
+    differently, so the pixels (and every figure made from them) would change.
+    """
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
         tensor = image
     else:
@@ -574,20 +588,7 @@ class DatasetLoader(_BatchLoader):
     ) -> None:
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be map-style (__getitem__ and __len__), got {type(dataset).__name__}")
-        super().__init__(
-            len(dataset),
-            stages,
-            batch_size,
-            resolution,
-            device,
-            seed,
-            order,
-            drop_last,
-            distributed,
-            scale,
-            ratio,
-            flip_p,
-        )
+        super().__init__(len(dataset), **_shared_args(locals()))
         self.dataset = dataset
         self.decode_size = decode_size
         self.num_workers = num_workers

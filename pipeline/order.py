@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
+from torch.utils.data import DistributedSampler
 
 from .stage import derive_seed
 
@@ -22,9 +22,10 @@ def epoch_order(
     """The dataset indices rank ``rank`` reads in ``epoch``.
 
     The permutation depends only on ``(seed, epoch)``, so every rank computes
-    the same one and takes its own slice, with the rule of PyTorch's
-    ``DistributedSampler``: pad to a multiple of ``world_size`` by repeating
-    the head of the order, then rank ``r`` takes positions ``r, r + W, ...``.
+    the same one and takes its own slice: PyTorch's ``DistributedSampler``
+    (seeded with ``derive_seed(seed, epoch)`` at its epoch 0) pads to a
+    multiple of ``world_size`` by repeating the head of the order, then rank
+    ``r`` takes positions ``r, r + W, ...``.
     Ranks are disjoint except for at most ``world_size - 1`` padding repeats.
 
     Args:
@@ -47,12 +48,7 @@ def epoch_order(
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    if shuffle:
-        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
-        order = torch.randperm(num_samples, generator=generator).numpy()
-    else:
-        order = np.arange(num_samples, dtype=np.int64)
-    total = -(-num_samples // world_size) * world_size
-    if total > num_samples:
-        order = np.concatenate([order, np.resize(order, total - num_samples)])
-    return order[rank:total:world_size].astype(np.int64)
+    sampler = DistributedSampler(
+        range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=derive_seed(seed, epoch)
+    )
+    return np.fromiter(sampler, dtype=np.int64, count=len(sampler))

@@ -33,3 +33,28 @@ def test_sequential_is_the_identity():
 def test_bad_rank_is_an_error():
     with pytest.raises(ValueError, match="rank=2, world_size=2"):
         epoch_order(5, seed=0, epoch=0, rank=2, world_size=2)
+
+
+def _hand_rule(n, seed, epoch, shuffle, rank, world):
+    """The rule epoch_order wrote by hand before it used DistributedSampler."""
+    import torch
+
+    from masklab.pipeline import derive_seed
+
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).numpy()
+    else:
+        order = np.arange(n, dtype=np.int64)
+    total = -(-n // world) * world
+    if total > n:
+        order = np.concatenate([order, np.resize(order, total - n)])
+    return order[rank:total:world]
+
+
+@pytest.mark.parametrize("n,world", [(203, 2), (10, 3), (8, 4), (1, 2), (2, 5), (1000, 8)])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_order_is_distributed_samplers_and_the_one_written_by_hand_before(n, world, shuffle):
+    for rank in range(world):
+        got = epoch_order(n, seed=7, epoch=3, shuffle=shuffle, rank=rank, world_size=world)
+        assert got.dtype == np.int64
+        assert got.tolist() == _hand_rule(n, 7, 3, shuffle, rank, world).tolist()
