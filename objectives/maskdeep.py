@@ -83,7 +83,7 @@ class MaskDeepOptions(HeadOptions):
     small=lambda: MaskDeepOptions(proj_hidden=64, proj_dim=32, pred_hidden=64),
 )
 class MaskDeep(GuidanceMixin, nn.Module):
-    """MaskDeep (Bao et al., "Masking Hierarchical Features...", 2023), our reading of the abstract.
+    """MaskDeep (Liu et al., "Mask Hierarchical Features For Self-Supervised Learning", arXiv 2304.00218), our reading of the abstract.
 
     Each view runs through the encoder **once**; the :class:`FeatureMask`
     stage's nested masks hide cells of the chosen stages' feature maps, and

@@ -1,4 +1,4 @@
-"""MixMask's lambda-weighted asymmetric loss on a siamese base (Vu et al., 2023)."""
+"""MixMask's lambda-weighted asymmetric loss on a siamese base (Vishniakov, Xing and Shen, arXiv 2210.11456)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def mixmask_loss(
 
 
 class MixMaskSiamese(Siamese):
-    """MixMask (Vu et al., "MixMask: Revisiting Masking Strategy for Siamese ConvNets", 2023) on a siamese base.
+    """MixMask (Vishniakov, Xing and Shen, "MixMask: Revisiting Masking Strategy for Siamese ConvNets", 2023) on a siamese base.
 
     Reads ``batch.views[0]`` (query), ``batch.views[1]`` (key) and the
     :class:`~masklab.transforms.MixMask` stage's ``batch.mix`` (the query view

@@ -136,8 +136,13 @@ class AttentionMaskOptions(MaskOptions):
     small=lambda patch_size, image_size: AttentionMaskOptions(ratio=0.45, throw_ratio=0.40),
 )
 class AttentionMask(PatchMaskStage):
-    """AMT's masking and throwing as a loader stage (Liu et al., "Improving Masked
-    Autoencoders by Learning Where to Mask", AMT, 2023).
+    """AMT's masking and throwing as a loader stage (Liu, Gui et al., "Good helper is around you:
+    Attention-driven Masked Image Modeling", arXiv 2211.15362).
+
+    What it does with attention: the draw orders cells by saliency, so the
+    most-attended cells tend to be MASKED, the middle ones THROWN and the
+    least-attended ones kept VISIBLE (as the authors' code, which takes
+    masked, then thrown, then kept from one ``torch.multinomial`` draw).
 
     Keeps a saliency cache ``(num_samples, Gh, Gw)`` indexed by dataset index,
     initialised uniform. Until the first refresh it masks at random at

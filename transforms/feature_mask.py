@@ -69,7 +69,7 @@ def feature_masks(
 ) -> FeatureMasks:
     """Draw ``groups`` nested random masks per image over the stages' feature grids.
 
-    Our reading of MaskDeep (Bao et al., 2023, abstract only): random masks on
+    Our reading of MaskDeep (Liu et al., arXiv 2304.00218, abstract only): random masks on
     the coarsest stage's grid, exactly ``round(n * ratio)`` cells per group,
     repeated down to every finer stage, so a masked coarse cell masks its
     ``(s / s')^2`` children and every stage masks the same image regions.

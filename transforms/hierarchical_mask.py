@@ -286,7 +286,7 @@ class HierarchicalMaskOptions(MaskOptions):
     small=lambda patch_size, image_size: HierarchicalMaskOptions(ratio=0.75),
 )
 class HierarchicalMask(PatchMaskStage):
-    """Evolved hierarchical masking as a loader stage (Feng et al., "Evolved
+    """Evolved hierarchical masking as a loader stage (Feng and Zhang, "Evolved
     Hierarchical Masking for Self-Supervised Learning", 2025), our reading.
 
     For every batch, the bound guide (the recipe binds the objective's EMA

@@ -47,8 +47,8 @@ def mixmask_params(
 ) -> MixParams:
     """Draw MixMask's block masks and partners.
 
-    Vu et al., "MixMask: Revisiting Masking Strategy for Siamese ConvNets",
-    2023: a block mask on a coarse ``grid x grid`` layout marks the cells
+    Vishniakov, Xing and Shen, "MixMask: Revisiting Masking Strategy for Siamese ConvNets",
+    arXiv 2210.11456, 2022: a block mask on a coarse ``grid x grid`` layout marks the cells
     filled from another image; the rest (``M = 1``) is the image's own.
     The authors share one mask per batch; our default draws one per sample
     (``per_sample=False`` gives theirs). Blocks come from masklab's exact

@@ -23,7 +23,7 @@ def test_uniform_saliency_masks_uniformly():
     assert (masked - 29 / 64).abs().max() < 0.04 and (thrown - 25 / 64).abs().max() < 0.04
 
 
-def test_low_saliency_cells_tend_to_be_thrown_high_ones_masked():
+def test_high_saliency_cells_tend_to_be_masked_the_middle_thrown_the_lowest_kept_visible():
     weights = torch.linspace(0, 1, 64).expand(3000, 64).reshape(3000, 8, 8)
     m = attention_patch_mask(weights, 0.3, 0.3, torch.Generator().manual_seed(2))
     order = torch.arange(64)
