@@ -9,7 +9,15 @@ which masks and backbone families it takes is derived from that (:mod:`.compat`)
 from masklab.transforms import import_modules
 
 from ._common import ObjectiveOutput, TeacherOptions, concat_all_gather, patchify, unpatchify
-from .backbones import CNNBackbone, ViTBackbone, backbone_family, build_backbone, create_timm, minmax
+from .backbones import (
+    CNNBackbone,
+    ViTBackbone,
+    backbone_family,
+    build_backbone,
+    create_timm,
+    minmax,
+    sincos_pos_embed,
+)
 from .compat import Support, check_compatible, compatibility, compatibility_table, mask_table, supported_triples
 from .ema import EMATeacher, cosine_decay
 from .heads import HeadOptions, predictor_mlp, projection_mlp
@@ -68,6 +76,7 @@ __all__ = [
     "mae_loss",
     "mask_table",
     "minmax",
+    "sincos_pos_embed",
     "mixmask_loss",
     "mixmask_terms",
     "negative_cosine",

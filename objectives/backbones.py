@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 from masklab.transforms import MASKED, THROWN, PatchMask, patch_grid
@@ -31,6 +32,7 @@ __all__ = [
     "build_backbone",
     "create_timm",
     "minmax",
+    "sincos_pos_embed",
     "small_image_stem",
 ]
 
@@ -56,6 +58,46 @@ def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     low = x.amin(dim=dims, keepdim=True)
     high = x.amax(dim=dims, keepdim=True)
     return (x - low) / (high - low).clamp(min=1e-12)
+
+
+def sincos_pos_embed(
+    grid: tuple[int, int],
+    dim: int,
+    num_prefix: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine position table: ``(num_prefix + Gh * Gw, dim)``.
+
+    The cells come row-major; cell ``(i, j)`` (row ``i``, column ``j``) gets
+    ``[sin(j w), cos(j w), sin(i w), cos(i w)]``, each a block over the
+    ``dim / 4`` frequencies ``w_k = 10000 ** (-k / (dim / 4))``: the column first, as
+    MAE's ``get_2d_sincos_pos_embed`` lays it out (its ``np.meshgrid`` puts the
+    width coordinate in the half it names ``emb_h``). timm's
+    ``build_sincos2d_pos_embed`` gives the same values with the row first; this
+    swaps the halves so the table equals MAE's. The prefix (class) tokens get
+    zeros, as MAE's class-token position. Rectangular grids are our
+    generalisation (MAE builds square ones).
+
+    Args:
+        grid: ``(Gh, Gw)``.
+        dim: the embedding width, divisible by 4.
+        num_prefix: zero rows put in front, one per prefix token.
+        device: where to build it.
+        dtype: its dtype.
+
+    Examples:
+        >>> table = sincos_pos_embed((2, 3), 8, num_prefix=1)
+        >>> tuple(table.shape), table[0].abs().sum().item()
+        ((7, 8), 0.0)
+        >>> [round(v, 3) for v in table[1 + 1].tolist()]  # cell (0, 1): sin(1 w), cos(1 w), sin(0 w), cos(0 w)
+        [0.841, 0.01, 0.54, 1.0, 0.0, 0.0, 1.0, 1.0]
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine position embedding needs a width divisible by 4, got {dim}")
+    rows_first = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True, device=device, dtype=dtype)
+    table = torch.cat([rows_first[:, dim // 2 :], rows_first[:, : dim // 2]], dim=1)
+    return torch.cat([table.new_zeros(num_prefix, dim), table])
 
 
 @contextlib.contextmanager
@@ -128,6 +170,33 @@ class ViTBackbone(nn.Module):
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
+
+    def fix_pos_embed(self) -> None:
+        """Make the model's position embedding MAE's fixed sine-cosine table, frozen (``requires_grad=False``).
+
+        The table is :func:`sincos_pos_embed` on :attr:`grid_size`, with zero
+        rows for the prefix tokens the model gives positions to (timm's
+        ``no_embed_class`` models give them none). It stays the model's
+        ``pos_embed`` parameter, so it is saved and loaded with the weights, an
+        optimizer built from ``requires_grad`` parameters leaves it out, and the
+        encoder evaluated or exported keeps it.
+        """
+        pos = getattr(self.model, "pos_embed", None)
+        if not isinstance(pos, nn.Parameter):
+            raise ValueError(
+                f"{type(self.model).__name__} has no pos_embed parameter to fix (built with pos_embed='none'?)"
+            )
+        gh, gw = self.grid_size
+        prefix = pos.shape[1] - gh * gw
+        if prefix not in (0, self.num_prefix):
+            raise ValueError(
+                f"pos_embed has {pos.shape[1]} positions; expected the {gh * gw} cells, "
+                f"plus the {self.num_prefix} prefix tokens or none"
+            )
+        table = sincos_pos_embed((gh, gw), pos.shape[-1], prefix, device=pos.device, dtype=pos.dtype)
+        with torch.no_grad():
+            pos.copy_(table.unsqueeze(0))
+        pos.requires_grad_(False)
 
     def embed(
         self, images: torch.Tensor, replace: torch.Tensor | None = None, token: torch.Tensor | None = None

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -13,7 +13,7 @@ from masklab.pipeline import Batch
 from masklab.transforms import MaskOptions, PatchMask
 
 from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify
-from .backbones import ViTBackbone
+from .backbones import ViTBackbone, sincos_pos_embed
 from .compat import check_family
 from .registry import register_objective
 
@@ -38,13 +38,26 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, ep
     return (pred - target).pow(2).mean(dim=-1).mean()
 
 
+def _init_decoder(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linear weights with zero biases, LayerNorm weight 1 and bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 @dataclass
 class MAEOptions(TeacherOptions):
-    """``objective.name: mae``: the decoder's width and depth, per-patch normalised targets, a teacher."""
+    """``objective.name: mae``: the decoder's width and depth, per-patch normalised targets, the encoder's
+    positions, a teacher."""
 
     decoder_dim: int = 128
     decoder_depth: int = 2
     norm_pix: bool = True
+    fixed_pos_embed: bool = True  # the encoder's positions: MAE's frozen sine-cosine table; false: the backbone's own
 
 
 @register_objective(
@@ -58,12 +71,24 @@ class MAE(GuidanceMixin, nn.Module):
     THROWN cells appear nowhere: not in the encoder, not in the decoder, not
     in the loss. The loss is :func:`mae_loss` over MASKED patches.
 
+    As in MAE's ``models_mae.py``: the encoder's positions are the fixed
+    sine-cosine table (:meth:`ViTBackbone.fix_pos_embed`, done here to the
+    backbone given); the decoder's blocks have ``qkv_bias=True`` and
+    LayerNorms with ``eps=1e-6``; its linear layers start xavier-uniform with
+    zero biases, its LayerNorms at weight 1 and bias 0, the mask token
+    ``normal(std=0.02)``. MAE also gives its own encoder that initialisation;
+    here the encoder is timm's, with timm's initialisation. MAE's decoder
+    width and depth (512, 8) are for ImageNet; the defaults here are sized for
+    32 px images and short runs.
+
     Args:
         backbone: a :class:`ViTBackbone`.
         decoder_dim: decoder width (divisible by 4 and by ``decoder_heads``).
         decoder_depth: decoder blocks.
         decoder_heads: decoder attention heads.
         norm_pix: per-patch normalised targets.
+        fixed_pos_embed: give the backbone MAE's frozen sine-cosine positions; ``False`` keeps its own
+            (timm's are learned).
         teacher_decay: keep an EMA teacher of the backbone with this starting
             decay (cosine to ``teacher_final_decay``); it guides EHM's
             affinity. ``None``: no teacher.
@@ -81,6 +106,7 @@ class MAE(GuidanceMixin, nn.Module):
         norm_pix: bool = True,
         teacher_decay: float | None = None,
         teacher_final_decay: float = 1.0,
+        fixed_pos_embed: bool = True,
     ) -> None:
         super().__init__()
         check_family(self.name, backbone)
@@ -88,31 +114,43 @@ class MAE(GuidanceMixin, nn.Module):
             raise ValueError(f"decoder_dim={decoder_dim} must be divisible by 4 and by decoder_heads={decoder_heads}")
         if decoder_depth < 1:
             raise ValueError(f"decoder_depth must be at least 1, got {decoder_depth}")
+        if fixed_pos_embed:
+            backbone.fix_pos_embed()  # before the teacher copies the backbone
         self.backbone = backbone
         self.norm_pix = norm_pix
         patch = backbone.patch_size
+        norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder = nn.Sequential(
+            *[
+                Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
-        trunc_normal_(self.mask_token, std=0.02)
+        for part in (self.decoder_embed, self.decoder, self.decoder_norm, self.decoder_pred):
+            part.apply(_init_decoder)
+        nn.init.normal_(self.mask_token, std=0.02)
         self.add_teacher(teacher_decay, teacher_final_decay)
 
     @classmethod
     def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions) -> MAE:
         return cls(
-            backbone, options.decoder_dim, options.decoder_depth, norm_pix=options.norm_pix, **options.teacher(mask)
+            backbone,
+            options.decoder_dim,
+            options.decoder_depth,
+            norm_pix=options.norm_pix,
+            fixed_pos_embed=options.fixed_pos_embed,
+            **options.teacher(mask),
         )
 
     def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
         """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
         latent = self.decoder_embed(self.backbone.encode_visible(images, mask))
         p = self.backbone.num_prefix
-        # Fixed 2-D sine-cosine positions, (Gh * Gw, D): [sin y, cos y, sin x, cos x] per cell, row-major.
-        pos = build_sincos2d_pos_embed(
-            list(mask.grid), latent.shape[-1], interleave_sin_cos=True, device=images.device, dtype=latent.dtype
-        )
+        pos = sincos_pos_embed(mask.grid, latent.shape[-1], device=images.device, dtype=latent.dtype)  # (Gh * Gw, D)
         visible = latent[:, p:] + pos[mask.ids_keep]
         masked = self.mask_token.to(latent.dtype) + pos[mask.ids_masked]
         # A transformer is order-free given positions: no un-shuffling needed, and THROWN cells never enter.

@@ -10,6 +10,7 @@ from masklab.objectives import (
     build_backbone,
     check_compatible,
     cosine_decay,
+    sincos_pos_embed,
 )
 
 
@@ -137,3 +138,23 @@ def test_small_image_stem_keeps_32_px_maps_until_the_first_downsampling_stage():
         build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, small_stem=True)
     with pytest.raises(ValueError, match="ResNet-style model with a single conv1"):
         build_backbone("convnext_atto", small_stem=True)
+
+
+def test_fix_pos_embed_gives_no_prefix_row_to_a_model_whose_class_token_has_no_position():
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=1, no_embed_class=True)
+    vit.fix_pos_embed()
+    assert vit.model.pos_embed.shape == (1, 4, 192) and not vit.model.pos_embed.requires_grad
+    torch.testing.assert_close(vit.model.pos_embed[0], sincos_pos_embed((2, 2), 192))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"pos_embed": "none"}, "VisionTransformer has no pos_embed parameter to fix"),
+        ({"embed_dim": 66, "num_heads": 3}, "a width divisible by 4, got 66"),
+    ],
+)
+def test_fix_pos_embed_names_what_it_cannot_fix(kwargs, message):
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=1, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        vit.fix_pos_embed()

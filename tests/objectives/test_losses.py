@@ -73,7 +73,15 @@ def test_simmim_ignores_thrown_cells(name, size):
     assert changed.item() == pytest.approx(base.item(), rel=1e-5)
 
 
-def test_mae_decoder_positions_are_sine_cosine_of_the_row_then_the_column():
+def mae_table(gh, gw, dim):
+    """MAE's ``get_2d_sincos_pos_embed`` by hand: per cell, sin and cos of the column, then of the row."""
+    rows, cols = torch.arange(gh * gw, dtype=torch.float64).div(gw, rounding_mode="floor"), torch.arange(gh * gw) % gw
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = rows[:, None] * omega, cols[:, None].double() * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
+def test_mae_decoder_positions_are_maes_sine_cosine_table_column_then_row():
     # A 2 x 3 grid: rows and columns differ, so swapped axes would show.
     torch.manual_seed(0)
     vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=(8, 12), patch_size=4, depth=1)
@@ -86,10 +94,50 @@ def test_mae_decoder_positions_are_sine_cosine_of_the_row_then_the_column():
     model.decoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     mask = PatchMask(torch.tensor([[[0, 1, 2], [1, 0, 0]]]))
     model.predict(torch.rand(1, 3, 8, 12), mask)
-    rows, cols = torch.arange(6.0).div(3, rounding_mode="floor"), torch.arange(6.0) % 3
-    omega = 1.0 / 10000 ** (torch.arange(2.0) / 2)  # decoder_dim / 4 frequencies
-    y, x = rows[:, None] * omega, cols[:, None] * omega
-    table = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (6 cells, 8)
+    table = mae_table(2, 3, 8)  # (6 cells, 8)
     order = torch.cat([mask.ids_keep[0], mask.ids_masked[0]])  # the thrown cell 2 is in neither
     assert order.tolist() == [0, 4, 5, 1, 3]
     torch.testing.assert_close(seen[0][0, vit.num_prefix :], table[order])
+
+
+def test_mae_encoder_positions_are_maes_fixed_table_with_a_zero_class_position():
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=(8, 12), patch_size=4, depth=1)
+    MAE(vit, decoder_dim=8, decoder_depth=1)
+    pos = vit.model.pos_embed
+    assert not pos.requires_grad
+    assert pos.shape == (1, 1 + 6, 192)
+    torch.testing.assert_close(pos[0, 0], torch.zeros(192))  # the class token's position
+    torch.testing.assert_close(pos[0, 1:], mae_table(2, 3, 192))
+
+
+def test_mae_can_keep_the_backbones_learned_positions():
+    torch.manual_seed(0)
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=1)
+    before = vit.model.pos_embed.detach().clone()
+    MAE(vit, decoder_dim=8, decoder_depth=1, fixed_pos_embed=False)
+    assert vit.model.pos_embed.requires_grad
+    assert torch.equal(vit.model.pos_embed, before)
+
+
+def test_mae_decoder_is_built_and_initialised_as_maes():
+    torch.manual_seed(0)
+    model = MAE(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1), decoder_dim=64)
+    for block in model.decoder:
+        assert block.attn.qkv.bias is not None  # qkv_bias=True
+    linears = [m for part in (model.decoder_embed, model.decoder, model.decoder_pred) for m in part.modules()]
+    linears = [m for m in linears if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 + 4 * 2  # embed, pred, and per block qkv, proj, fc1, fc2
+    for linear in linears:
+        fan_out, fan_in = linear.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier-uniform; PyTorch's default is 1 / sqrt(fan_in)
+        assert linear.weight.abs().max() <= bound
+        assert linear.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+        assert torch.equal(linear.bias, torch.zeros_like(linear.bias))
+    norms = [m for part in (model.decoder, model.decoder_norm) for m in part.modules()]
+    norms = [m for m in norms if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1  # two per block and the decoder's final norm
+    for norm in norms:
+        assert norm.eps == 1e-6
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    assert model.mask_token.std().item() == pytest.approx(0.02, rel=0.25)

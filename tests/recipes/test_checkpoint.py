@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from masklab.objectives import sincos_pos_embed
 from masklab.recipes import checkpoint as checkpoint_module
 from masklab.recipes.checkpoint import CheckpointError, load_checkpoint
 from masklab.recipes.cli import main
@@ -238,3 +239,14 @@ def test_a_full_disk_while_checkpointing_keeps_the_older_checkpoints(tmp_path, m
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
     assert load_checkpoint(out / "checkpoints" / "ckpt-00000002").update == 2
     assert not (out / "masklab.lock").exists()  # the failed run let go of its folder
+
+
+def test_maes_fixed_positions_stay_fixed_through_training_saving_and_loading(trained):
+    table = sincos_pos_embed((4, 4), 32, num_prefix=1).unsqueeze(0)  # 16 px, patch 4, embed_dim 32 (TINY)
+    assert torch.equal(trained.model.backbone.model.pos_embed, table)  # after two updates
+    with safe_open(trained.checkpoint / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("backbone.model.pos_embed"), table)
+    # load_trained rebuilds the model from the recorded config and loads the weights: the table, frozen.
+    _, model = load_trained(trained.checkpoint)
+    pos = model.backbone.model.pos_embed
+    assert torch.equal(pos, table) and not pos.requires_grad
