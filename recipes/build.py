@@ -40,6 +40,7 @@ __all__ = [
     "family_of",
     "num_classes_of",
     "patch_size_of",
+    "peak_lr",
     "sync_batchnorm",
 ]
 
@@ -290,15 +291,49 @@ def sync_batchnorm(cfg: TrainConfig, model: nn.Module, device: torch.device, pro
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """A timm optimizer; layer-wise lr decay groups the timm model's blocks (fine-tuning)."""
-    from timm.optim import create_optimizer_v2
+def peak_lr(cfg: TrainConfig, processes: int = 1) -> float:
+    """The schedule's peak learning rate: ``optim.lr``, or MAE's rule ``optim.blr * global batch / 256``.
+
+    The global batch is ``data.batch_size`` (per process) times ``optim.grad_accum`` times ``processes``,
+    as MAE's ``main_pretrain.py`` counts it.
+    """
+    o = cfg.optim
+    if o.blr is None:
+        return float(o.lr)
+    return o.blr * cfg.data.batch_size * o.grad_accum * processes / 256
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, processes: int = 1) -> torch.optim.Optimizer:
+    """A timm optimizer at :func:`peak_lr` over the parameters that require gradients.
+
+    Biases and norm weights (all 1-D parameters) get no weight decay unless
+    ``optim.decay_bias_and_norm`` (timm's ``filter_bias_and_bn``); layer-wise
+    lr decay groups the timm model's blocks (fine-tuning). Frozen parameters
+    (MAE's fixed position table, EMA teachers) are in no group.
+
+    Args:
+        cfg: the run's config (``optim`` and, for ``optim.blr``, ``data.batch_size``).
+        model: what :func:`build_model` returned.
+        processes: the number of training processes (for ``optim.blr``).
+    """
+    from timm.optim import create_optimizer_v2, get_optimizer_info
 
     o = cfg.optim
     target = model.model if isinstance(model, Supervised) else model
-    kwargs = {"momentum": o.momentum} if o.name.lower() in ("sgd", "momentum", "lars", "nesterov") else {}
+    info = get_optimizer_info(o.name.lower().split("_")[-1])
+    kwargs = {}
+    if info.has_momentum:
+        kwargs["momentum"] = o.momentum
+    if o.betas is not None:
+        kwargs["betas"] = tuple(o.betas)
     return create_optimizer_v2(
-        target, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay, **kwargs
+        target,
+        opt=o.name,
+        lr=peak_lr(cfg, processes),
+        weight_decay=o.weight_decay,
+        filter_bias_and_bn=not o.decay_bias_and_norm,
+        layer_decay=o.layer_decay,
+        **kwargs,
     )
 
 

@@ -68,10 +68,24 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # any timm optimizer: adamw, sgd, lars, lamb, ...
-    lr: float = 1.5e-3
+    """The optimizer (any of timm's, by name) and its learning-rate schedule.
+
+    ``lr`` and ``blr`` are two ways to give the peak learning rate; a layer (the recipe, then the
+    overrides) that sets one clears the other, so ``optim.blr=1.5e-4`` on the command line replaces
+    the recipe's ``lr``.
+    """
+
+    # timm's names: adamw, momentum (SGD with classical momentum), sgd (timm: SGD with *Nesterov* momentum),
+    # lars, lamb, ...
+    name: str = "adamw"
+    lr: float | None = 1.5e-3  # the peak learning rate
+    blr: float | None = (
+        None  # or MAE's base rate: peak lr = blr * global batch / 256 (global: over ranks and accumulation)
+    )
     min_lr: float = 1e-5
     weight_decay: float = 0.05
+    decay_bias_and_norm: bool = False  # weight decay on biases and norm weights too (all 1-D parameters), as MoCo
+    betas: list[float] | None = None  # Adam-family / LAMB betas, e.g. [0.9, 0.95]; null: the optimizer's default
     momentum: float = 0.9
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     warmup_epochs: float = 1.0
@@ -151,6 +165,7 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     if bad:
         raise ValueError(f"overrides must look like key=value, got {bad}")
     layers.append(_from_dotlist(list(overrides)))
+    _one_peak_lr(layers)
     config = OmegaConf.structured(_schema(layers))
     try:
         for layer in layers:
@@ -165,6 +180,23 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     result: TrainConfig = OmegaConf.to_object(config)
     check_config(result)
     return result
+
+
+def _one_peak_lr(layers: list[DictConfig]) -> None:
+    """A layer that sets ``optim.lr`` clears ``optim.blr`` and the other way round; one that sets both is an error."""
+    for layer in layers:
+        optim = layer.get("optim") if isinstance(layer, DictConfig) else None
+        if not isinstance(optim, DictConfig):
+            continue
+        lr, blr = optim.get("lr"), optim.get("blr")
+        if lr is not None and blr is not None:
+            raise ValueError(
+                f"optim.lr={lr} and optim.blr={blr} are exclusive: give the peak lr or the base lr, not both"
+            )
+        if lr is not None:
+            optim.blr = None
+        elif blr is not None:
+            optim.lr = None
 
 
 def _chosen(layers: list[DictConfig], key: str, default: str) -> Any:
@@ -281,6 +313,40 @@ def check_config(config: TrainConfig) -> None:
             + (" (it would mask nothing)" if ratio == 0 else "")
         )
     _check_model_kwargs(config.model.kwargs)
+    _check_optim(config.optim)
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    if (optim.lr is None) == (optim.blr is None):
+        given = "both" if optim.lr is not None else "neither"
+        raise ValueError(
+            f"give exactly one of optim.lr (the peak lr) and optim.blr (the base lr, scaled by global batch / 256); "
+            f"got {given}: optim.lr={optim.lr}, optim.blr={optim.blr}"
+        )
+    for key in ("lr", "blr"):
+        value = getattr(optim, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"optim.{key} must be positive, got {value}")
+    name = optim.name.lower().split("_")[-1]  # timm reads "lookahead_adamw" as adamw in a Lookahead
+    known = list_optimizers()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = (
+            f"; did you mean {' or '.join(map(repr, close))}?" if close else "; timm.optim.list_optimizers() lists them"
+        )
+        raise ValueError(f"optim.name {optim.name!r} is not a timm optimizer{hint}")
+    if optim.betas is None:
+        return
+    info = get_optimizer_info(name)
+    if not info.has_betas:
+        raise ValueError(
+            f"optim.betas={list(optim.betas)} is for optimizers with betas (adamw, lamb, ...); "
+            f"{optim.name!r} takes none: set optim.betas=null"
+        )
+    if len(optim.betas) != info.num_betas or not all(0 <= b < 1 for b in optim.betas):
+        raise ValueError(f"optim.betas must be {info.num_betas} numbers in [0, 1), got {list(optim.betas)}")
 
 
 SET_BY_MASKLAB = {

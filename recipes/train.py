@@ -25,7 +25,16 @@ from masklab.pipeline import clamp_progress, replace_atomically
 from masklab.transforms.protocols import GuidedStage, ProgressAware, RefreshesCache
 
 from .accelerator import agree, make_accelerator
-from .build import build_loader, build_model, build_optimizer, checkpoint_dir, encoder_of, family_of, sync_batchnorm
+from .build import (
+    build_loader,
+    build_model,
+    build_optimizer,
+    checkpoint_dir,
+    encoder_of,
+    family_of,
+    peak_lr,
+    sync_batchnorm,
+)
 from .checkpoint import Checkpoint, Checkpointer, check_resumable
 from .config import TrainConfig, save_config, to_dict
 from .metrics import RunLog, plot_losses
@@ -168,7 +177,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         lock.release()
 
 
-def _schedule(cfg: TrainConfig, optimizer, batches_per_epoch: int):
+def _schedule(cfg: TrainConfig, optimizer, batches_per_epoch: int, processes: int = 1):
     """``(scheduler, total)``: timm's cosine schedule with warm-up, stepped per update, and the run's updates."""
     from timm.scheduler import CosineLRScheduler
 
@@ -182,10 +191,18 @@ def _schedule(cfg: TrainConfig, optimizer, batches_per_epoch: int):
         t_initial=max(1, total),
         lr_min=cfg.optim.min_lr,
         warmup_t=min(warmup, max(0, total - 1)),
-        warmup_lr_init=cfg.optim.lr * 0.01,
+        warmup_lr_init=peak_lr(cfg, processes) * 0.01,
         t_in_epochs=False,
     )
     return scheduler, total
+
+
+def _lr_source(cfg: TrainConfig, accelerator) -> str:
+    o = cfg.optim
+    if o.blr is None:
+        return "optim.lr"
+    batch = cfg.data.batch_size * o.grad_accum * accelerator.num_processes
+    return f"optim.blr={o.blr:g} x global batch {batch} / 256"
 
 
 def _step(cfg: TrainConfig, accelerator, model, optimizer, batch):
@@ -208,8 +225,9 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     model = sync_batchnorm(cfg, build_model(cfg), accelerator.device, accelerator.num_processes)
     family = family_of(model)
     loader = build_loader(cfg, "train", accelerator.device, family, distributed=accelerator.num_processes > 1)
-    optimizer = build_optimizer(cfg, model)
-    scheduler, total = _schedule(cfg, optimizer, len(loader))
+    optimizer = build_optimizer(cfg, model, accelerator.num_processes)
+    logger.info("peak lr %.4g (%s)", peak_lr(cfg, accelerator.num_processes), _lr_source(cfg, accelerator))
+    scheduler, total = _schedule(cfg, optimizer, len(loader), accelerator.num_processes)
     stop_at = total if cfg.run.stop_at is None else min(total, cfg.run.stop_at)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.prepare_scheduler(scheduler)  # so save_state / load_state carry it; the loop steps it by update

@@ -1,9 +1,13 @@
 import pytest
 import torch
+from timm.optim import Lars
+from torch import nn
 
-from masklab.recipes.build import build_loader, build_model, sync_batchnorm
+from masklab.objectives import sincos_pos_embed
+from masklab.pipeline import Batch
+from masklab.recipes.build import build_loader, build_model, build_optimizer, peak_lr, sync_batchnorm
 from masklab.recipes.config import load_config
-from masklab.transforms import MixMask, Normalize, Views
+from masklab.transforms import MixMask, Normalize, Views, random_patch_mask
 
 SMALL = ["data.length=32", "data.batch_size=8", "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"]
 
@@ -83,3 +87,69 @@ def test_a_mask_grid_that_cannot_work_fails_before_the_loader_starts(overrides, 
     with pytest.raises(ValueError) as error:
         build_loader(cfg, "train", torch.device("cpu"), "vit")
     assert message in str(error.value)
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def decay_of(optimizer):
+    """``{parameter shape: weight decay}`` over the optimizer's groups."""
+    return {tuple(p.shape): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_mae_trains_adamw_with_maes_betas_and_never_its_fixed_positions():
+    cfg = load_config("mae", ["model.kwargs={depth: 1}", "data.resolution=16", "objective.decoder_dim=32"])
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["betas"] == (0.9, 0.95)
+    pos = model.backbone.model.pos_embed
+    assert all(p is not pos for group in optimizer.param_groups for p in group["params"])
+    trained = {p for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {p for p in model.parameters() if p.requires_grad}
+    images = torch.rand(4, 3, 16, 16)
+    batch = Batch(images=images, mask=random_patch_mask(4, (4, 4), 0.75))
+    decoder_before = model.decoder_pred.weight.detach().clone()
+    model(batch).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.decoder_pred.weight, decoder_before)  # the step did train
+    torch.testing.assert_close(pos[0], sincos_pos_embed((4, 4), 192, num_prefix=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["moco", "mixmask_moco", "byol", "mixmask_byol", "maskdeep"])
+def test_siamese_recipes_use_classical_momentum_not_nesterov(recipe):
+    optimizer = build_optimizer(load_config(recipe), small_net())
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["nesterov"] is False and optimizer.defaults["momentum"] == 0.9
+
+
+def test_timms_sgd_is_nesterov():
+    optimizer = build_optimizer(load_config("moco", ["optim.name=sgd"]), small_net())
+    assert optimizer.defaults["nesterov"] is True
+
+
+def test_moco_decays_biases_and_norm_weights_and_byol_does_not():
+    moco = decay_of(build_optimizer(load_config("moco"), small_net()))
+    assert moco == {(8, 4): 5e-4, (8,): 5e-4, (2, 8): 5e-4, (2,): 5e-4}
+    byol = decay_of(build_optimizer(load_config("byol"), small_net()))
+    assert byol == {(8, 4): 5e-4, (8,): 0.0, (2, 8): 5e-4, (2,): 0.0}
+
+
+def test_lars_from_the_byol_recipe_builds_and_steps():
+    cfg = load_config("byol", ["optim.name=lars", "optim.blr=0.2", "optim.weight_decay=1.5e-6"])
+    net = small_net()
+    optimizer = build_optimizer(cfg, net)
+    assert type(optimizer) is Lars and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["lr"] == pytest.approx(0.2 * 128 / 256)
+    before = net[0].weight.detach().clone()
+    net(torch.rand(8, 4)).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(net[0].weight, before)
+
+
+def test_blr_scales_by_the_global_batch():
+    cfg = load_config("mae", ["optim.blr=1.5e-4", "data.batch_size=128", "optim.grad_accum=2"])
+    assert peak_lr(cfg, processes=4) == pytest.approx(1.5e-4 * 128 * 2 * 4 / 256)
+    assert build_optimizer(cfg, small_net(), processes=4).defaults["lr"] == pytest.approx(6e-4)
+    assert peak_lr(load_config("mae", ["optim.lr=0.01"]), processes=4) == 0.01

@@ -143,3 +143,42 @@ def test_an_override_that_is_not_yaml_is_named_with_the_spaced_form():
         "override 'model.kwargs={channels:[8,16]}' is not valid YAML (found unexpected ':'); "
         'YAML needs a space after each colon: model.kwargs="{channels: [8,16]}"'
     )
+
+
+def test_optimizer_options_from_dotted_overrides():
+    cfg = load_config("moco", ["optim.name=adamw", "optim.betas=[0.9,0.95]", "optim.decay_bias_and_norm=false"])
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.decay_bias_and_norm is False
+    assert load_config("mae").optim.betas == [0.9, 0.95]  # MAE's betas in its recipe
+    assert load_config("moco").optim.decay_bias_and_norm is True  # MoCo decays every parameter
+
+
+def test_blr_given_later_replaces_the_recipes_lr_and_the_other_way_round(tmp_path):
+    cfg = load_config("mae", ["optim.blr=1.5e-4"])
+    assert (cfg.optim.lr, cfg.optim.blr) == (None, 1.5e-4)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    again = load_config(tmp_path / "c.yaml", ["optim.lr=0.01"])
+    assert (again.optim.lr, again.optim.blr) == (0.01, None)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.betas=[0.9]"], r"optim.betas must be 2 numbers in \[0, 1\), got \[0.9\]"),
+        (["optim.betas=[0.9,1.0]"], r"optim.betas must be 2 numbers in \[0, 1\), got \[0.9, 1.0\]"),
+        (["optim.betas=[-0.1,0.9]"], r"optim.betas must be 2 numbers in \[0, 1\), got \[-0.1, 0.9\]"),
+        (["optim.betas=abc"], r"bad value for config key 'optim.betas'"),
+        (
+            ["optim.name=momentum", "optim.betas=[0.9,0.95]"],
+            r"optim.betas=\[0.9, 0.95\] is for .* 'momentum' takes none",
+        ),
+        (["optim.name=adamww"], r"optim.name 'adamww' is not a timm optimizer; did you mean 'adamw'"),
+        (["optim.lr=0.1", "optim.blr=1e-4"], r"optim.lr=0.1 and optim.blr=0.0001 are exclusive"),
+        (["optim.lr=null"], r"give exactly one of optim.lr .* and optim.blr .*got neither"),
+        (["optim.blr=-1e-4"], r"optim.blr must be positive, got -0.0001"),
+        (["optim.decay_bias_and_norm=maybe"], r"bad value for config key 'optim.decay_bias_and_norm'"),
+    ],
+)
+def test_bad_optimizer_options_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("mae", overrides)
