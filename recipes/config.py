@@ -46,7 +46,8 @@ class DataConfig:
     resolution: int = 32
     batch_size: int = 128
     num_workers: int = 2
-    scale: list[float] | None = field(default_factory=lambda: [0.35, 1.0])  # crop area range; null: centred square
+    # The crop's area range (null: a centred square); MAE's is [0.2, 1.0], ours is narrower for 32 px images.
+    scale: list[float] | None = field(default_factory=lambda: [0.35, 1.0])
     flip_p: float = 0.5
     length: int = 4000  # images of builtin:shapes (train); the test split has a quarter
     views: str | None = None  # a Views preset (mocov2, byol, ...): two augmented views for siamese objectives
@@ -90,7 +91,7 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     warmup_epochs: float = 1.0
     grad_accum: int = 1
-    clip_grad: float | None = 3.0
+    clip_grad: float | None = 3.0  # gradient-norm clip (null: none); MAE and MoCo clip none, SimMIM at 5.0
     mixed_precision: str = "auto"  # auto (bf16 where the device supports it) | no | bf16 | fp16
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from masklab.objectives import MAEOptions, SimMIMOptions, SupervisedOptions
+from masklab.recipes.cli import main
 from masklab.recipes.config import CONFIG_DIR, TrainConfig, load_config, save_config
 from masklab.transforms import AttentionMaskOptions, BlockMaskOptions, FeatureMaskOptions, MaskOptions
 
@@ -182,3 +183,9 @@ def test_blr_given_later_replaces_the_recipes_lr_and_the_other_way_round(tmp_pat
 def test_bad_optimizer_options_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("mae", overrides)
+
+
+def test_the_command_line_names_bad_betas_before_training(tmp_path, capsys):
+    assert main(["train", "mae", "optim.betas=[0.9]", f"run.out={tmp_path}"]) == 2
+    assert "optim.betas must be 2 numbers in [0, 1), got [0.9]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
