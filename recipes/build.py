@@ -292,15 +292,15 @@ def sync_batchnorm(cfg: TrainConfig, model: nn.Module, device: torch.device, pro
 
 
 def peak_lr(cfg: TrainConfig, processes: int = 1) -> float:
-    """The schedule's peak learning rate: ``optim.lr``, or MAE's rule ``optim.blr * global batch / 256``.
+    """The schedule's peak learning rate: ``optim.lr``, or MAE's rule ``optim.base_lr * global batch / 256``.
 
     The global batch is ``data.batch_size`` (per process) times ``optim.grad_accum`` times ``processes``,
     as MAE's ``main_pretrain.py`` counts it.
     """
     o = cfg.optim
-    if o.blr is None:
+    if o.base_lr is None:
         return float(o.lr)
-    return o.blr * cfg.data.batch_size * o.grad_accum * processes / 256
+    return o.base_lr * cfg.data.batch_size * o.grad_accum * processes / 256
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, processes: int = 1) -> torch.optim.Optimizer:
@@ -312,9 +312,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, processes: int = 1) -> t
     (MAE's fixed position table, EMA teachers) are in no group.
 
     Args:
-        cfg: the run's config (``optim`` and, for ``optim.blr``, ``data.batch_size``).
+        cfg: the run's config (``optim`` and, for ``optim.base_lr``, ``data.batch_size``).
         model: what :func:`build_model` returned.
-        processes: the number of training processes (for ``optim.blr``).
+        processes: the number of training processes (for ``optim.base_lr``).
     """
     from timm.optim import create_optimizer_v2, get_optimizer_info
 

@@ -71,8 +71,8 @@ class ModelConfig:
 class OptimConfig:
     """The optimizer (any of timm's, by name) and its learning-rate schedule.
 
-    ``lr`` and ``blr`` are two ways to give the peak learning rate; a layer (the recipe, then the
-    overrides) that sets one clears the other, so ``optim.blr=1.5e-4`` on the command line replaces
+    ``lr`` and ``base_lr`` are two ways to give the peak learning rate; a layer (the recipe, then the
+    overrides) that sets one clears the other, so ``optim.base_lr=1.5e-4`` on the command line replaces
     the recipe's ``lr``.
     """
 
@@ -80,8 +80,8 @@ class OptimConfig:
     # lars, lamb, ...
     name: str = "adamw"
     lr: float | None = 1.5e-3  # the peak learning rate
-    blr: float | None = (
-        None  # or MAE's base rate: peak lr = blr * global batch / 256 (global: over ranks and accumulation)
+    base_lr: float | None = (
+        None  # or MAE's base rate: peak lr = base_lr * global batch / 256 (global: over ranks and accumulation)
     )
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -184,19 +184,19 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
 
 
 def _one_peak_lr(layers: list[DictConfig]) -> None:
-    """A layer that sets ``optim.lr`` clears ``optim.blr`` and the other way round; one that sets both is an error."""
+    """A layer that sets ``optim.lr`` clears ``optim.base_lr`` and the other way round; one that sets both is an error."""
     for layer in layers:
         optim = layer.get("optim") if isinstance(layer, DictConfig) else None
         if not isinstance(optim, DictConfig):
             continue
-        lr, blr = optim.get("lr"), optim.get("blr")
-        if lr is not None and blr is not None:
+        lr, base_lr = optim.get("lr"), optim.get("base_lr")
+        if lr is not None and base_lr is not None:
             raise ValueError(
-                f"optim.lr={lr} and optim.blr={blr} are exclusive: give the peak lr or the base lr, not both"
+                f"optim.lr={lr} and optim.base_lr={base_lr} are exclusive: give the peak lr or the base lr, not both"
             )
         if lr is not None:
-            optim.blr = None
-        elif blr is not None:
+            optim.base_lr = None
+        elif base_lr is not None:
             optim.lr = None
 
 
@@ -320,13 +320,13 @@ def check_config(config: TrainConfig) -> None:
 def _check_optim(optim: OptimConfig) -> None:
     from timm.optim import get_optimizer_info, list_optimizers
 
-    if (optim.lr is None) == (optim.blr is None):
+    if (optim.lr is None) == (optim.base_lr is None):
         given = "both" if optim.lr is not None else "neither"
         raise ValueError(
-            f"give exactly one of optim.lr (the peak lr) and optim.blr (the base lr, scaled by global batch / 256); "
-            f"got {given}: optim.lr={optim.lr}, optim.blr={optim.blr}"
+            f"give exactly one of optim.lr (the peak lr) and optim.base_lr (the base lr, scaled by global batch / 256); "
+            f"got {given}: optim.lr={optim.lr}, optim.base_lr={optim.base_lr}"
         )
-    for key in ("lr", "blr"):
+    for key in ("lr", "base_lr"):
         value = getattr(optim, key)
         if value is not None and value <= 0:
             raise ValueError(f"optim.{key} must be positive, got {value}")

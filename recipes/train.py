@@ -199,10 +199,10 @@ def _schedule(cfg: TrainConfig, optimizer, batches_per_epoch: int, processes: in
 
 def _lr_source(cfg: TrainConfig, accelerator) -> str:
     o = cfg.optim
-    if o.blr is None:
+    if o.base_lr is None:
         return "optim.lr"
     batch = cfg.data.batch_size * o.grad_accum * accelerator.num_processes
-    return f"optim.blr={o.blr:g} x global batch {batch} / 256"
+    return f"optim.base_lr={o.base_lr:g} x global batch {batch} / 256"
 
 
 def _step(cfg: TrainConfig, accelerator, model, optimizer, batch):

@@ -137,7 +137,7 @@ def test_moco_decays_biases_and_norm_weights_and_byol_does_not():
 
 
 def test_lars_from_the_byol_recipe_builds_and_steps():
-    cfg = load_config("byol", ["optim.name=lars", "optim.blr=0.2", "optim.weight_decay=1.5e-6"])
+    cfg = load_config("byol", ["optim.name=lars", "optim.base_lr=0.2", "optim.weight_decay=1.5e-6"])
     net = small_net()
     optimizer = build_optimizer(cfg, net)
     assert type(optimizer) is Lars and optimizer.defaults["momentum"] == 0.9
@@ -148,8 +148,8 @@ def test_lars_from_the_byol_recipe_builds_and_steps():
     assert not torch.equal(net[0].weight, before)
 
 
-def test_blr_scales_by_the_global_batch():
-    cfg = load_config("mae", ["optim.blr=1.5e-4", "data.batch_size=128", "optim.grad_accum=2"])
+def test_base_lr_scales_by_the_global_batch():
+    cfg = load_config("mae", ["optim.base_lr=1.5e-4", "data.batch_size=128", "optim.grad_accum=2"])
     assert peak_lr(cfg, processes=4) == pytest.approx(1.5e-4 * 128 * 2 * 4 / 256)
     assert build_optimizer(cfg, small_net(), processes=4).defaults["lr"] == pytest.approx(6e-4)
     assert peak_lr(load_config("mae", ["optim.lr=0.01"]), processes=4) == 0.01

@@ -153,13 +153,13 @@ def test_optimizer_options_from_dotted_overrides():
     assert load_config("moco").optim.decay_bias_and_norm is True  # MoCo decays every parameter
 
 
-def test_blr_given_later_replaces_the_recipes_lr_and_the_other_way_round(tmp_path):
-    cfg = load_config("mae", ["optim.blr=1.5e-4"])
-    assert (cfg.optim.lr, cfg.optim.blr) == (None, 1.5e-4)
+def test_base_lr_given_later_replaces_the_recipes_lr_and_the_other_way_round(tmp_path):
+    cfg = load_config("mae", ["optim.base_lr=1.5e-4"])
+    assert (cfg.optim.lr, cfg.optim.base_lr) == (None, 1.5e-4)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     again = load_config(tmp_path / "c.yaml", ["optim.lr=0.01"])
-    assert (again.optim.lr, again.optim.blr) == (0.01, None)
+    assert (again.optim.lr, again.optim.base_lr) == (0.01, None)
 
 
 @pytest.mark.parametrize(
@@ -174,9 +174,9 @@ def test_blr_given_later_replaces_the_recipes_lr_and_the_other_way_round(tmp_pat
             r"optim.betas=\[0.9, 0.95\] is for .* 'momentum' takes none",
         ),
         (["optim.name=adamww"], r"optim.name 'adamww' is not a timm optimizer; did you mean 'adamw'"),
-        (["optim.lr=0.1", "optim.blr=1e-4"], r"optim.lr=0.1 and optim.blr=0.0001 are exclusive"),
-        (["optim.lr=null"], r"give exactly one of optim.lr .* and optim.blr .*got neither"),
-        (["optim.blr=-1e-4"], r"optim.blr must be positive, got -0.0001"),
+        (["optim.lr=0.1", "optim.base_lr=1e-4"], r"optim.lr=0.1 and optim.base_lr=0.0001 are exclusive"),
+        (["optim.lr=null"], r"give exactly one of optim.lr .* and optim.base_lr .*got neither"),
+        (["optim.base_lr=-1e-4"], r"optim.base_lr must be positive, got -0.0001"),
         (["optim.decay_bias_and_norm=maybe"], r"bad value for config key 'optim.decay_bias_and_norm'"),
     ],
 )
