@@ -32,7 +32,7 @@ from .hierarchical_mask import (
     region_tree,
     regions_at,
 )
-from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params
+from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params, own_cell_count
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
 from .protocols import Guide, GuidedStage, ProgressAware, RefreshesCache
@@ -117,6 +117,7 @@ __all__ = [
     "mixmask_params",
     "normalize",
     "option_names",
+    "own_cell_count",
     "patch_grid",
     "random_patch_mask",
     "region_tree",
