@@ -182,6 +182,7 @@ class AttentionMaskOptions(MaskOptions):
     "amt",
     options=AttentionMaskOptions,
     emits="patch",
+    # Small images (tests, show-masks) get SimMIM-AMT on the cells SimMIM's small options use.
     small=lambda patch_size, image_size: AttentionMaskOptions(
         ratio=0.44, throw_ratio=0.26, mask_patch_size=2 * patch_size, warmup_ratio=0.44
     ),
@@ -208,8 +209,9 @@ class AttentionMask(PatchMaskStage):
     Two settings, as the authors' two codes:
 
     - MAE-AMT (``mask_patch_size=None``): single patches, 0.45 masked and
-      0.40 thrown (our ``round`` counts, see :func:`amt_counts`), random at
-      0.75 before the first refresh.
+      0.40 thrown (our ``round`` counts, see :func:`amt_counts`: 88 and 79 of
+      196, where the authors' MAE code floors to 88 and 78), random at 0.75
+      before the first refresh.
     - SimMIM-AMT (``mask_patch_size``, SimMIM's 32 px cells): the ratios
       count cells of ``(mask_patch_size / patch_size)^2`` patches, with the
       authors' counts ``ceil(n * ratio)`` masked and ``ceil(n * throw_ratio)``
