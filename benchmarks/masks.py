@@ -4,7 +4,7 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
 
 - ``RandomMask`` (0.75) and ``SimMIMMask`` (0.6, 32 px cells) against a
   SimMIM-style generator: per sample, a NumPy permutation of the cells, the
-  first ``round(n * ratio)`` masked, upsampled to the patch grid;
+  first ``ceil(n * ratio)`` masked, upsampled to the patch grid;
 - ``BlockMask`` (0.4, BEiT) against a BEiT-style generator: per sample, a
   Python loop placing random rectangles (10 attempts each) until the count;
 - ``MixMask`` (8x8 layout, 0.5; the draw of masks and partners) against the

@@ -84,8 +84,8 @@ def check_mask_grid(cfg: TrainConfig, family: str) -> None:
     vit = f"model.patch_size={patch}"
     cells = {vit if family == "vit" else f"the CNN mask cell {patch} (data.resolution // 8)": patch}
     masking = cfg.task == "pretrain" and entry.emits == "patch"  # stages that cut the image into the patch grid
-    if masking and entry.coarse_cell:
-        coarse = getattr(m, entry.coarse_cell)
+    coarse = getattr(m, entry.coarse_cell) if masking and entry.coarse_cell else None
+    if coarse is not None:  # None: the stage counts single patches (AMT on MAE)
         cells[f"mask.{entry.coarse_cell}={coarse}"] = coarse
     for what, cell in cells.items():
         if size % cell:

@@ -10,7 +10,7 @@ emits, the guidance it needs and a small-image factory (:mod:`.registry`).
 """
 
 from ._mask_stage import PatchMaskStage, erase_patches
-from ._sampling import check_ratio, mask_count, patch_grid
+from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
 from .feature_mask import (
@@ -32,7 +32,7 @@ from .hierarchical_mask import (
     region_tree,
     regions_at,
 )
-from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params
+from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params, own_cell_count
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
 from .protocols import Guide, GuidedStage, ProgressAware, RefreshesCache
@@ -100,6 +100,7 @@ __all__ = [
     "attention_patch_mask",
     "block_cells",
     "block_patch_mask",
+    "ceil_count",
     "check_groups",
     "check_ratio",
     "draw_view_params",
@@ -116,6 +117,7 @@ __all__ = [
     "mixmask_params",
     "normalize",
     "option_names",
+    "own_cell_count",
     "patch_grid",
     "random_patch_mask",
     "region_tree",

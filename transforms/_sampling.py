@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["check_ratio", "cumulative_or", "mask_count", "patch_grid", "top_cells"]
+__all__ = ["ceil_count", "check_ratio", "cumulative_or", "mask_count", "patch_grid", "top_cells"]
 
 
 def check_ratio(name: str, ratio: float, allow_zero: bool = True) -> float:
@@ -20,6 +22,20 @@ def check_ratio(name: str, ratio: float, allow_zero: bool = True) -> float:
 def mask_count(num_cells: int, ratio: float) -> int:
     """``round(num_cells * ratio)``: the exact number of cells a ratio asks for."""
     return int(round(num_cells * ratio))
+
+
+def ceil_count(num_cells: int, ratio: float) -> int:
+    """``ceil(num_cells * ratio)``: SimMIM's count of masked cells (its reference code's ``np.ceil``).
+
+    Our choice beyond the reference: a product that floating point puts a hair
+    above an integer (``100 * 0.07 = 7.000000000000001``) counts as that
+    integer (7, where ``np.ceil`` gives 8).
+
+    Examples:
+        >>> ceil_count(49, 0.6), ceil_count(49, 0.44), ceil_count(49, 0.26), ceil_count(100, 0.07)
+        (30, 22, 13, 7)
+    """
+    return int(math.ceil(num_cells * ratio - 1e-9))
 
 
 def patch_grid(height: int, width: int, patch_size: int, what: str = "patch_size") -> tuple[int, int]:

@@ -13,7 +13,7 @@ from ._sampling import check_ratio, mask_count
 from .block_mask import block_cells
 from .registry import MaskContext, MaskOptions, register_mask
 
-__all__ = ["MixMask", "MixMaskOptions", "MixParams", "mix_images", "mix_targets", "mixmask_params"]
+__all__ = ["MixMask", "MixMaskOptions", "MixParams", "mix_images", "mix_targets", "mixmask_params", "own_cell_count"]
 
 _PARTNERS = ("reverse", "permute")
 
@@ -35,6 +35,39 @@ class MixParams:
     inverse: torch.Tensor
 
 
+def own_cell_count(grid: int, ratio: float, min_cells: int = 4) -> int:
+    """Cells of a ``grid x grid`` layout an image keeps: ``grid^2 - round(grid^2 * ratio)``.
+
+    Raises:
+        ValueError: when that leaves no own cell, fills none, or is fewer than ``min_cells``
+            (the own region could not be drawn as blocks of ``min_cells``).
+
+    Examples:
+        >>> own_cell_count(8, 0.5), own_cell_count(4, 0.5), own_cell_count(4, 0.75)
+        (32, 8, 4)
+    """
+    check_ratio("ratio", ratio, allow_zero=False)
+    if grid < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    if min_cells < 1:
+        raise ValueError(f"min_cells must be at least 1, got {min_cells}")
+    cells = grid * grid
+    filled = mask_count(cells, ratio)
+    own = cells - filled
+    if filled == 0 or own == 0:
+        raise ValueError(
+            f"ratio={ratio} fills {filled} of the {cells} cells of a {grid}x{grid} mix grid, leaving {own} own: "
+            "nothing would be mixed; choose a ratio that fills some cells and keeps some"
+        )
+    if own < min_cells:
+        raise ValueError(
+            f"ratio={ratio} leaves {own} own cells of the {cells} of a {grid}x{grid} mix grid, fewer than "
+            f"min_cells={min_cells}: the own region cannot be drawn as blocks; lower ratio or min_cells, or "
+            "use a finer grid"
+        )
+    return own
+
+
 def mixmask_params(
     batch_size: int,
     image_size: tuple[int, int],
@@ -44,16 +77,21 @@ def mixmask_params(
     per_sample: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    min_cells: int = 4,
 ) -> MixParams:
     """Draw MixMask's block masks and partners.
 
     Vishniakov, Xing and Shen, "MixMask: Revisiting Masking Strategy for Siamese ConvNets",
-    arXiv 2210.11456, 2022: a block mask on a coarse ``grid x grid`` layout marks the cells
-    filled from another image; the rest (``M = 1``) is the image's own.
+    arXiv 2210.11456, 2022: a BEiT-style block mask on a coarse ``grid x grid``
+    layout marks each image's *own* region (``M = 1``, as the authors' code,
+    whose block generator's blocks are what the image keeps); the partner
+    fills the rest. The own region is drawn by :func:`~masklab.transforms.block_cells`
+    with blocks of at least ``min_cells`` cells (BEiT's generator's 4).
     The authors share one mask per batch; our default draws one per sample
-    (``per_sample=False`` gives theirs). Blocks come from masklab's exact
-    block sampler, so ``round(grid^2 * ratio)`` cells are filled in every
-    sample and ``lam = 1 - that / grid^2``.
+    (``per_sample=False`` gives theirs). Our exact block sampler keeps
+    ``grid^2 - round(grid^2 * ratio)`` own cells in every sample, so
+    ``lam = 1 - round(grid^2 * ratio) / grid^2`` exactly (the authors'
+    generator can stop short of its count; their ``lam`` is the mask's mean).
 
     Args:
         batch_size: ``B``.
@@ -64,18 +102,28 @@ def mixmask_params(
         per_sample: one mask per sample, else one for the batch.
         generator: a ``torch.Generator`` on ``device``.
         device: where to draw.
+        min_cells: smallest block of the own region, in cells (BEiT's and the authors': 4).
+
+    Raises:
+        ValueError: a ratio that leaves no own or no filled cell, or fewer own cells than
+            ``min_cells`` (see :func:`own_cell_count`).
+
+    Examples:
+        >>> p = mixmask_params(2, (32, 32), grid=4, ratio=0.5, generator=torch.Generator().manual_seed(0))
+        >>> p.lam.tolist(), p.own.shape, p.partner.tolist()
+        ([0.5, 0.5], torch.Size([2, 1, 32, 32]), [1, 0])
     """
     if partner not in _PARTNERS:
         raise ValueError(f"partner must be one of {_PARTNERS}, got {partner!r}")
-    check_ratio("ratio", ratio, allow_zero=False)
+    own_count = own_cell_count(grid, ratio, min_cells)
     height, width = image_size
-    if grid < 1 or height % grid or width % grid:
+    if height % grid or width % grid:
         raise ValueError(f"image size {height}x{width} is not divisible by the {grid}x{grid} mix grid")
     cell_h, cell_w = height // grid, width // grid
-    count = mask_count(grid * grid, ratio)
     draws = batch_size if per_sample else 1
-    filled = block_cells(draws, (grid, grid), count, min_cells=1, generator=generator, device=device).cells
-    own = repeat((~filled).float(), "b h w -> b 1 (h p) (w q)", p=cell_h, q=cell_w).expand(batch_size, -1, -1, -1)
+    own_cells = block_cells(draws, (grid, grid), own_count, min_cells=min_cells, generator=generator, device=device)
+    own = repeat(own_cells.cells.float(), "b h w -> b 1 (h p) (w q)", p=cell_h, q=cell_w)
+    own = own.expand(batch_size, -1, -1, -1)
     lam = own.mean(dim=(1, 2, 3))
     if partner == "reverse":
         order = torch.arange(batch_size - 1, -1, -1, device=device)
@@ -111,12 +159,14 @@ def mix_targets(targets: torch.Tensor, params: MixParams, num_classes: int | Non
 @dataclass
 class MixMaskOptions(MaskOptions):
     """``mask.name: mixmask``: the mixing layout's cells per side (4 at 32 px, 8 at 224 px), the fraction
-    of cells filled from the partner, how partners pair, and one mask per sample (ours) or per batch."""
+    of cells filled from the partner, how partners pair, one mask per sample (ours) or per batch, and the
+    smallest block of the own region in cells."""
 
     ratio: float = 0.75
     grid: int = 4
     partner: str = "reverse"
     per_sample: bool = True
+    min_cells: int = 4
 
 
 @register_mask(
@@ -133,12 +183,16 @@ class MixMask(Stage):
     ``{"images", "own", "lam", "partner", "inverse"}`` in ``batch.mix``.
     In a supervised loop, :meth:`mix` mixes images and targets (CutMix-like).
 
+    The own region (``own``, 1 where the image keeps its pixels) is a union of
+    blocks of at least ``min_cells`` cells; see :func:`mixmask_params`.
+
     Args:
         grid: cells per side of the coarse layout (8 at 224 px; 4 at 32 px).
         ratio: fraction of cells filled from the partner.
         partner: ``"reverse"`` or ``"permute"``.
         per_sample: one mask per sample (our default) or one per batch (the authors').
         view: which view is the query.
+        min_cells: smallest block of the own region, in cells (BEiT's and the authors': 4).
 
     Examples:
         >>> import torch
@@ -149,21 +203,28 @@ class MixMask(Stage):
     """
 
     def __init__(
-        self, grid: int = 8, ratio: float = 0.5, partner: str = "reverse", per_sample: bool = True, view: int = 0
+        self,
+        grid: int = 8,
+        ratio: float = 0.5,
+        partner: str = "reverse",
+        per_sample: bool = True,
+        view: int = 0,
+        min_cells: int = 4,
     ) -> None:
         super().__init__()
-        if grid < 1:
-            raise ValueError(f"grid must be positive, got {grid}")
         if partner not in _PARTNERS:
             raise ValueError(f"partner must be one of {_PARTNERS}, got {partner!r}")
-        self.grid = int(grid)
+        own_cell_count(grid, ratio, min_cells)
+        self.grid, self.min_cells = int(grid), int(min_cells)
         self.ratio = check_ratio("ratio", ratio, allow_zero=False)
         self.partner, self.per_sample, self.view = partner, bool(per_sample), int(view)
 
     @classmethod
     def from_options(cls, options: MixMaskOptions, context: MaskContext) -> MixMask:
         """The query is the first view."""
-        return cls(options.grid, options.ratio, options.partner, options.per_sample, view=0)
+        return cls(
+            options.grid, options.ratio, options.partner, options.per_sample, view=0, min_cells=options.min_cells
+        )
 
     def _query(self, batch: Batch) -> torch.Tensor:
         if batch.views:
@@ -183,6 +244,7 @@ class MixMask(Stage):
             self.per_sample,
             generator,
             images.device,
+            self.min_cells,
         )
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> MixParams:
@@ -212,4 +274,7 @@ class MixMask(Stage):
         return mix_images(images, params), mix_targets(targets, params, num_classes)
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, ratio={self.ratio}, partner={self.partner!r}, per_sample={self.per_sample}"
+        return (
+            f"grid={self.grid}, ratio={self.ratio}, partner={self.partner!r}, per_sample={self.per_sample}, "
+            f"min_cells={self.min_cells}"
+        )

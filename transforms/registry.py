@@ -79,7 +79,8 @@ class MaskEntry:
         families: the backbone families the stage works with.
         guide: the model guidance the stage needs (``"saliency"``, ``"affinity"``), or ``None``.
         coarse_cell: an option holding a cell side in pixels coarser than the patch, which the
-            image must tile and whose cells the ratio counts (SimMIM's ``mask_patch_size``).
+            image must tile and whose cells the ratio counts (SimMIM's and AMT's ``mask_patch_size``;
+            ``None`` in the options: single patches).
         stage: the stage class (``None`` for no stage).
     """
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ._mask_stage import PatchMaskStage
-from ._sampling import check_ratio, patch_grid
+from ._sampling import ceil_count, check_ratio, patch_grid
 from .patch_mask import PatchMask
-from .random_mask import random_patch_mask
+from .random_mask import mask_from_scores
 from .registry import MaskContext, MaskOptions, register_mask
 
 __all__ = ["SimMIMMask", "SimMIMMaskOptions", "simmim_patch_mask"]
@@ -24,11 +24,13 @@ def simmim_patch_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> PatchMask:
-    """Mask ``round(n * ratio)`` of the ``n`` coarse ``mask_patch_size`` cells, on the model's patch grid.
+    """Mask ``ceil(n * ratio)`` of the ``n`` coarse ``mask_patch_size`` cells, on the model's patch grid.
 
     Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", 2022:
     uniformly random cells of a coarse grid (32 px), each covering
-    ``(mask_patch_size / patch_size)^2`` model patches.
+    ``(mask_patch_size / patch_size)^2`` model patches. The count is the
+    reference code's ``ceil`` (224 px at 0.6: 30 of 49 cells), not the
+    ``round`` of masklab's other stages (see :func:`ceil_count`).
 
     Args:
         batch_size: ``B``.
@@ -41,13 +43,20 @@ def simmim_patch_mask(
 
     Returns:
         A :class:`PatchMask` on the ``(H / patch_size, W / patch_size)`` grid.
+
+    Examples:
+        >>> m = simmim_patch_mask(2, (224, 224), 0.6, 32, 16, torch.Generator().manual_seed(0))
+        >>> m.grid, m.counts, m.regrid(7, 7).counts
+        ((14, 14), (76, 120, 0), (19, 30, 0))
     """
     check_ratio("ratio", ratio)
     if patch_size < 1 or mask_patch_size % patch_size:
         raise ValueError(f"mask_patch_size={mask_patch_size} must be a multiple of patch_size={patch_size}")
     coarse = patch_grid(*image_size, mask_patch_size, what="mask_patch_size")
     fine = patch_grid(*image_size, patch_size)
-    return random_patch_mask(batch_size, coarse, ratio, generator, device).regrid(*fine)
+    count = ceil_count(coarse[0] * coarse[1], ratio)
+    scores = torch.rand((batch_size, coarse[0] * coarse[1]), generator=generator, device=device)
+    return mask_from_scores(scores, coarse, count).regrid(*fine)
 
 
 @dataclass
@@ -66,10 +75,10 @@ class SimMIMMaskOptions(MaskOptions):
     coarse_cell="mask_patch_size",
 )
 class SimMIMMask(PatchMaskStage):
-    """SimMIM's coarse random masking as a loader stage.
+    """SimMIM's coarse random masking as a loader stage: ``ceil(n * ratio)`` of ``n`` coarse cells.
 
     Args:
-        ratio: fraction of coarse cells masked (SimMIM: 0.6).
+        ratio: fraction of coarse cells masked, rounded up (SimMIM: 0.6).
         mask_patch_size: coarse cell side in pixels (SimMIM: 32).
         patch_size: the model's patch size in pixels.
 

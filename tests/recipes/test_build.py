@@ -153,3 +153,52 @@ def test_base_lr_scales_by_the_global_batch():
     assert peak_lr(cfg, processes=4) == pytest.approx(1.5e-4 * 128 * 2 * 4 / 256)
     assert build_optimizer(cfg, small_net(), processes=4).defaults["lr"] == pytest.approx(6e-4)
     assert peak_lr(load_config("mae", ["optim.lr=0.01"]), processes=4) == 0.01
+
+
+def amt_and_simmim_stages(overrides=()):
+    """The mask stages the CLI builds for the simmim_amt and simmim recipes (``masklab train NAME``)."""
+    from masklab.recipes.build import mask_stages
+
+    def stage(recipe):
+        (built,) = mask_stages(load_config(recipe, list(overrides)), "vit", num_samples=8)
+        return built
+
+    return stage("simmim_amt"), stage("simmim")
+
+
+def test_simmim_amt_masks_and_throws_the_cells_simmim_masks():
+    amt, simmim = amt_and_simmim_stages()
+    assert (amt.mask_patch_size, amt.patch_size) == (simmim.mask_patch_size, simmim.patch_size) == (8, 4)
+    # At SimMIM's own scale (224 px, 16 px patches, 32 px cells), after a refresh, with crops and flips:
+    # 22 masked and 13 thrown of the 49 cells, every cell's 4 patches in one state.
+    from masklab.pipeline import Batch, RandomResizedCrop
+    from masklab.transforms import MASKED, THROWN
+
+    amt, simmim = amt_and_simmim_stages(["data.resolution=224", "model.patch_size=16", "mask.mask_patch_size=32"])
+    assert (amt.mask_patch_size, amt.patch_size) == (simmim.mask_patch_size, simmim.patch_size) == (32, 16)
+    amt.bind(lambda images, grid: torch.rand(len(images), *grid, generator=torch.Generator().manual_seed(1)))
+    images = torch.rand(8, 3, 256, 256)
+    amt.refresh([Batch(images=images, index=torch.arange(8))], (14, 14))
+    batch = RandomResizedCrop(224, flip_p=0.5)(Batch(images=images, index=torch.arange(8), seed=0))
+    mask = amt(batch).mask
+    blocks = mask.states.view(8, 7, 2, 7, 2)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+    cells = blocks[:, :, 0, :, 0].flatten(1)
+    assert (cells == MASKED).sum(1).tolist() == [22] * 8 and (cells == THROWN).sum(1).tolist() == [13] * 8
+    # SimMIM itself masks ceil(49 * 0.6) = 30 of those cells.
+    assert simmim(Batch(images=torch.zeros(2, 3, 224, 224), seed=0)).mask.regrid(7, 7).counts == (19, 30, 0)
+
+
+def test_simmim_amt_warms_up_at_0_44_on_cells_and_refreshes_every_fifth_of_the_run():
+    from masklab.pipeline import Batch
+    from masklab.recipes.build import mask_stages
+
+    amt, _ = amt_and_simmim_stages()
+    (mae_amt,) = mask_stages(load_config("mae_amt"), "vit", num_samples=8)
+    assert [e for e in range(20) if amt.refresh_due(e, 20)] == [4, 8, 12, 16]  # the authors': 40, 80, 120, 160 of 200
+    assert [e for e in range(20) if mae_amt.refresh_due(e, 20)] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    # Before the first refresh, on a 32 px image: ceil(16 * 0.44) = 8 random cells of the 4x4 cells (8 px),
+    # nothing thrown; MAE-AMT: round(64 * 0.75) = 48 random patches.
+    images = Batch(images=torch.zeros(4, 3, 32, 32), index=torch.arange(4), seed=0)
+    assert amt(images).mask.regrid(4, 4).counts == (8, 8, 0)
+    assert mae_amt(images).mask.counts == (16, 48, 0)

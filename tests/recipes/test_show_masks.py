@@ -104,3 +104,19 @@ def test_guided_masks_refuse_a_checkpoint_whose_model_offers_no_guidance(
         "simmim)" in err
     )
     assert "Traceback" not in err
+
+
+def test_amt_is_drawn_on_the_cells_simmim_is_drawn_on(tmp_path, monkeypatch):
+    from masklab.recipes import show_masks as module
+
+    drawn = []
+    real_overlay = module.overlay
+    monkeypatch.setattr(module, "overlay", lambda images, states: drawn.append(states) or real_overlay(images, states))
+    module.show_masks("amt", tmp_path / "amt.png", n=2, size=64, patch_size=8)
+    module.show_masks("simmim", tmp_path / "simmim.png", n=2, size=64, patch_size=8)
+    amt, simmim = drawn  # (B, 64, 64) pixel states: 4x4 cells of 16 px (2x2 patches of 8 px)
+    for states, masked, thrown in ((amt, 8, 5), (simmim, 10, 0)):  # ceil(16 * .44), ceil(16 * .26); ceil(16 * .6)
+        blocks = states.view(2, 4, 16, 4, 16)
+        assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+        cells = blocks[:, :, 0, :, 0].flatten(1)
+        assert (cells == MASKED).sum(1).tolist() == [masked] * 2 and (cells == THROWN).sum(1).tolist() == [thrown] * 2

@@ -35,6 +35,23 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     assert with_mix ^ without == {"objective.mixmask=true", "objective.mixmask=false"}
 
 
+def test_the_simmim_amt_arm_has_simmims_cells_and_the_authors_refresh_schedule():
+    from masklab.recipes.config import load_config
+
+    by_name = {arm.name: arm for arm in STUDY_ARMS}
+    amt, simmim = (load_config(by_name[n].recipe, list(by_name[n].overrides)) for n in ("simmim_amt", "simmim"))
+    assert amt.mask.mask_patch_size == simmim.mask.mask_patch_size == 8
+    assert (amt.mask.ratio, amt.mask.throw_ratio, amt.mask.warmup_ratio) == (0.44, 0.26, 0.44)
+    assert (amt.mask.refresh_start, amt.mask.refresh_every) == (0.2, 0.2)  # SimMIM-AMT: every 40 of 200 epochs from 40
+    mae_amt = load_config(by_name["mae_amt"].recipe, list(by_name["mae_amt"].overrides)).mask
+    assert (mae_amt.mask_patch_size, mae_amt.warmup_ratio, mae_amt.refresh_start, mae_amt.refresh_every) == (
+        None,
+        0.75,
+        0.1,
+        0.1,
+    )
+
+
 def test_table_means_spreads_and_differences_by_hand():
     result = RunScores(
         runs={

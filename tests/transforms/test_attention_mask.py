@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from masklab.pipeline import Batch, RandomResizedCrop
-from masklab.transforms import AttentionMask, align_maps, amt_refresh_epochs, attention_patch_mask
+from masklab.transforms import MASKED, THROWN, AttentionMask, align_maps, amt_refresh_epochs, attention_patch_mask
+from masklab.transforms.attention_mask import amt_counts
 
 
 def test_concentrated_saliency_is_masked_in_nearly_every_draw():
@@ -84,3 +85,104 @@ def test_refresh_schedule_and_errors():
         stage.refresh([], (2, 2))
     with pytest.raises(ValueError, match=r"ratio \+ throw_ratio must be in \[0, 1\), got 1.1"):
         AttentionMask(4, ratio=0.6, throw_ratio=0.5)
+
+
+def refreshed(stage: AttentionMask, maps: torch.Tensor) -> AttentionMask:
+    """``stage`` with its cache refreshed to ``maps`` ``(N, Gh, Gw)`` on the patch grid."""
+    stage.bind(lambda images, grid: maps[: len(images)])
+    stage.refresh([Batch(images=torch.zeros(len(maps), 3, 1, 1), index=torch.arange(len(maps)))], maps.shape[1:])
+    return stage
+
+
+def cell_states(mask, cells: int) -> torch.Tensor:
+    """``(B, cells, cells)`` states, after checking every cell's patches share one state."""
+    side = mask.grid[0] // cells
+    blocks = mask.states.view(mask.batch_size, cells, side, cells, side)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks)), "a cell mixes states"
+    return blocks[:, :, 0, :, 0]
+
+
+def test_simmim_amt_masks_and_throws_whole_cells_with_the_authors_ceil_counts():
+    # 224 px, 16 px patches, 32 px cells: 49 cells, ceil(49 * .44) = 22 masked, ceil(49 * .26) = 13 thrown.
+    stage = AttentionMask(8, 0.44, 0.26, patch_size=16, grid=(14, 14), warmup_ratio=0.44, mask_patch_size=32)
+    refreshed(stage, torch.rand(8, 14, 14, generator=torch.Generator().manual_seed(0)))
+    mask = stage(Batch(images=torch.zeros(8, 3, 224, 224), index=torch.arange(8), seed=3)).mask
+    assert mask.grid == (14, 14) and mask.counts == (14 * 4, 22 * 4, 13 * 4)
+    states = cell_states(mask, 7).flatten(1)
+    assert (states == MASKED).sum(1).tolist() == [22] * 8 and (states == THROWN).sum(1).tolist() == [13] * 8
+    assert mask.regrid(7, 7).counts == (14, 22, 13)
+
+
+def test_cell_saliency_is_the_sum_of_its_patches():
+    # 2x2 cells of 2x2 patches. Cell (0, 1) has one hot patch (sum 1.0, max 1.0); cell (1, 0) four warm
+    # ones (sum 1.2, max 0.3); the rest nothing. One cell masked: P(cell (1, 0)) = 1.2 / 2.2 by sums
+    # (0.23 by maxima, 0.5 by centre samples).
+    n = 4000
+    maps = torch.zeros(n, 4, 4)
+    maps[:, 0, 2] = 1.0
+    maps[:, 2:, :2] = 0.3
+    stage = AttentionMask(n, 0.25, 0.0, patch_size=4, grid=(4, 4), mask_patch_size=8, epsilon=1e-9)
+    refreshed(stage, maps)
+    mask = stage(Batch(images=torch.zeros(n, 3, 16, 16), index=torch.arange(n), seed=0)).mask
+    cells = cell_states(mask, 2)
+    assert mask.regrid(2, 2).counts == (3, 1, 0)
+    share = (cells[:, 1, 0] == MASKED).float().mean()
+    assert abs(float(share) - 1.2 / 2.2) < 0.03
+    assert bool(((cells[:, 1, 0] == MASKED) | (cells[:, 0, 1] == MASKED)).all())
+
+
+@pytest.mark.parametrize("flip,hot_cols", [(False, [0, 1]), (True, [2, 3])])
+def test_cells_follow_the_crop_and_flip(flip, hot_cols):
+    # A 16x16 map over a 64 px source, hot left of x = 32. The unscaled crop (16, 0, 48, 32) straddles
+    # it: its left half is hot (the right half when flipped), so on its 4x4 cells of 8 px the 8 masked
+    # cells are those two columns.
+    maps = torch.zeros(2, 16, 16)
+    maps[:, :, :8] = 1
+    stage = AttentionMask(2, 0.5, 0.0, patch_size=4, grid=(8, 8), mask_patch_size=8, epsilon=1e-9)
+    refreshed(stage, maps)
+    batch = Batch(
+        images=torch.zeros(2, 3, 32, 32),
+        index=torch.arange(2),
+        crops=torch.tensor([[16.0, 0.0, 48.0, 32.0]] * 2),
+        flips=torch.tensor([flip, flip]),
+        source_sizes=torch.tensor([[64, 64]] * 2),
+        seed=0,
+    )
+    cells = cell_states(stage(batch).mask, 4)
+    expected = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    expected[:, :, hot_cols] = MASKED
+    assert torch.equal(cells, expected)
+
+
+def test_warm_up_is_random_at_the_warm_up_ratio():
+    images = Batch(images=torch.zeros(4000, 3, 8, 8), index=torch.arange(4000), seed=0)
+    # SimMIM-AMT: random cells at 0.44 on 4x4 cells, ceil(16 * .44) = 8, nothing thrown; each cell equally often.
+    cells = AttentionMask(4000, 0.44, 0.26, patch_size=1, warmup_ratio=0.44, mask_patch_size=2)
+    states = cell_states(cells(images).mask, 4)
+    assert (states == MASKED).flatten(1).sum(1).unique().tolist() == [8] and not (states == THROWN).any()
+    assert ((states == MASKED).float().mean(0) - 0.5).abs().max() < 0.04
+    # MAE-AMT: random patches at its default 0.75, round(64 * .75) = 48 of 64.
+    patches = AttentionMask(8, 0.45, 0.40, patch_size=4)
+    assert patches(Batch(images=torch.zeros(8, 3, 32, 32), seed=0)).mask.counts == (16, 48, 0)
+    assert AttentionMask(8, patch_size=4, warmup_ratio=0.3)(Batch(images=torch.zeros(2, 3, 32, 32))).mask.counts == (
+        45,
+        19,
+        0,
+    )
+    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\), got 1.0"):
+        AttentionMask(4, warmup_ratio=1.0)
+
+
+def test_amt_counts_and_cell_errors():
+    assert amt_counts(49, 0.44, 0.26, "ceil") == (22, 13)
+    assert amt_counts(49, 0.44, 0.26) == (22, 12)  # round(49 * .70) - 22
+    assert amt_counts(196, 0.45, 0.40) == (88, 79)
+    with pytest.raises(ValueError, match=r"ask for 25 masked and 25 thrown of 49 cells \(ceil\)"):
+        amt_counts(49, 0.5, 0.49, "ceil")
+    with pytest.raises(ValueError, match=r"counting must be one of \('round', 'ceil'\), got 'floor'"):
+        amt_counts(49, 0.5, 0.2, "floor")
+    with pytest.raises(ValueError, match="mask_patch_size=12 must be a positive multiple of patch_size=8"):
+        AttentionMask(4, patch_size=8, mask_patch_size=12)
+    stage = AttentionMask(4, patch_size=4, mask_patch_size=8)
+    with pytest.raises(ValueError, match="image size 36x36 is not divisible by mask_patch_size=8"):
+        stage(Batch(images=torch.zeros(1, 3, 36, 36)))

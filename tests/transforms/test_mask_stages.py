@@ -13,6 +13,7 @@ from masklab.transforms import (
     SimMIMMask,
     block_cells,
     feature_masks,
+    mix_images,
     mix_targets,
     mixmask_params,
     random_patch_mask,
@@ -39,7 +40,8 @@ def test_exact_counts_in_every_sample(make, patch, cells, ratio):
     mask = out.mask
     assert isinstance(mask, PatchMask)
     per_sample = mask.masked.flatten(1).sum(1)
-    expected = round(16 * ratio) * 4 if isinstance(make(ratio), SimMIMMask) else round(cells * ratio)
+    # SimMIM rounds its 16 coarse cells up (its reference code's ceil), the others round.
+    expected = math.ceil(16 * ratio) * 4 if isinstance(make(ratio), SimMIMMask) else round(cells * ratio)
     assert per_sample.tolist() == [expected] * 16
     assert mask.counts == (cells - expected, expected, 0)
 
@@ -116,6 +118,60 @@ def test_mixmask_lambda_partner_and_inverse(partner, per_sample):
     assert torch.equal(own[:, :, ::8, ::8].repeat_interleave(8, 2).repeat_interleave(8, 3), own)
     if not per_sample:
         assert (own == own[:1]).all()
+
+
+@pytest.mark.parametrize("grid,ratio,own_cells", [(8, 0.5, 32), (8, 0.3, 45), (4, 0.5, 8), (4, 0.75, 4)])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_mixmask_own_region_is_the_block_samplers_draw(grid, ratio, own_cells, per_sample):
+    # The blocks (of at least 4 cells, BEiT's) are the image's own region, as in the authors' code; the
+    # partner fills the rest. Own cells = grid^2 - round(grid^2 * ratio), so lam is exact.
+    n, size = 6, 8 * grid
+    params = mixmask_params(
+        n, (size, size), grid, ratio, per_sample=per_sample, generator=torch.Generator().manual_seed(4)
+    )
+    draws = n if per_sample else 1
+    blocks = block_cells(draws, (grid, grid), own_cells, min_cells=4, generator=torch.Generator().manual_seed(4))
+    own_cells_drawn = params.own[:, 0, ::8, ::8].bool()
+    assert torch.equal(own_cells_drawn, blocks.cells.expand(n, -1, -1))
+    assert torch.equal(params.own, own_cells_drawn.float().repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None])
+    assert params.lam.tolist() == [own_cells / grid**2] * n
+    images = torch.rand(n, 3, size, size)
+    mixed = mix_images(images, params)
+    for i in range(n):
+        j = int(params.partner[i])
+        for r, c in ((0, 0), (grid - 1, grid - 1), (grid // 2, 1)):
+            cell = (slice(None), slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8))
+            source = images[i] if own_cells_drawn[i, r, c] else images[j]
+            assert torch.equal(mixed[i][cell], source[cell])
+
+
+@pytest.mark.parametrize(
+    "grid,ratio,min_cells,match",
+    [
+        (4, 0.9, 4, r"ratio=0.9 leaves 2 own cells of the 16 of a 4x4 mix grid, fewer than min_cells=4"),
+        (2, 0.5, 4, r"ratio=0.5 leaves 2 own cells of the 4 of a 2x2 mix grid, fewer than min_cells=4"),
+        (4, 0.99, 1, r"ratio=0.99 fills 16 of the 16 cells of a 4x4 mix grid, leaving 0 own"),
+        (8, 0.005, 4, r"ratio=0.005 fills 0 of the 64 cells of a 8x8 mix grid, leaving 64 own"),
+        (4, 0.5, 0, r"min_cells must be at least 1, got 0"),
+        (0, 0.5, 4, r"grid must be positive, got 0"),
+    ],
+)
+def test_mixmask_combinations_that_cannot_be_drawn_are_refused(grid, ratio, min_cells, match):
+    with pytest.raises(ValueError, match=match):
+        MixMask(grid=grid, ratio=ratio, min_cells=min_cells)
+    with pytest.raises(ValueError, match=match):
+        mixmask_params(2, (32, 32), grid, ratio, min_cells=min_cells)
+
+
+def test_mixmask_min_cells_is_an_option():
+    from masklab.transforms import MASKS, MaskContext
+
+    entry = MASKS["mixmask"]
+    stage = entry.build(entry.section(ratio=0.5, grid=4, min_cells=2), MaskContext(patch_size=4, image_size=32))
+    assert stage.min_cells == 2 and entry.build(entry.small(4, 32), MaskContext(4, 32)).min_cells == 4
+    params = stage.draw(torch.zeros(3, 3, 32, 32), torch.Generator().manual_seed(1))
+    expected = block_cells(3, (4, 4), 8, min_cells=2, generator=torch.Generator().manual_seed(1)).cells
+    assert torch.equal(params.own[:, 0, ::8, ::8].bool(), expected)
 
 
 def test_mixmask_mixes_the_query_view_and_leaves_the_key_clean():
