@@ -150,10 +150,10 @@ class Siamese(GuidanceMixin, nn.Module):
     ``SplitBatchNorm``). The queries are normalised over the whole batch, like
     one large GPU. The shuffle is drawn from the batch's seed, so a resumed run
     draws the same ones. Under SyncBN each rank's chunk is normalised with the
-    same-numbered chunks of the other ranks: still a random sub-batch. With ``key_bn_splits=1`` a query and its key are
-    normalised with the same batch's statistics while the queue's negatives
-    carry earlier batches': a signature that tells the positive apart (MoCo's
-    "cheating"). The authors' 1-GPU demo measured what that costs on CIFAR-10,
+    same-numbered chunks of the other ranks: still a random sub-batch. With
+    ``key_bn_splits=1`` a query and its key are normalised with the same
+    batch's statistics while the queue's negatives carry earlier batches': a
+    signature that tells the positive apart (MoCo's "cheating"). The authors' 1-GPU demo measured what that costs on CIFAR-10,
     4 points of kNN accuracy at 800 epochs: a weaker encoder, not a collapse.
     BYOL and SimSiam have no shuffle-BN in their papers; BYOL may take
     ``key_bn_splits`` too (our choice), SimSiam cannot (its target is the
