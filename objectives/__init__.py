@@ -28,6 +28,7 @@ from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
 from .protocols import HasTeachers, OffersGuidance
 from .registry import OBJECTIVES, ObjectiveEntry, ObjectiveOptions, register_objective
+from .shuffle_bn import shuffle_bn
 from .siamese import BASES, BaseSpec, Siamese, SiameseOptions
 from .simmim import SimMIM, SimMIMOptions, simmim_loss
 from .supervised import Supervised, SupervisedOptions
@@ -84,6 +85,7 @@ __all__ = [
     "predictor_mlp",
     "projection_mlp",
     "register_objective",
+    "shuffle_bn",
     "simmim_loss",
     "supported_triples",
     "unpatchify",

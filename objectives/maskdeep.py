@@ -93,8 +93,10 @@ class MaskDeep(GuidanceMixin, nn.Module):
     view, unmasked: the fused global embedding, and with ``targets="multi"``
     one embedding per stage too (each stage has its own projector and
     predictor). The loss is :func:`maskdeep_loss`, averaged over the two
-    directions (view 1 predicts view 2's targets and back). Only the light
-    heads scale with ``G``.
+    directions (view 1 predicts view 2's targets and back): the scale of
+    every negative-cosine loss here (SimSiam's, in ``[-1, 1]``; see
+    :mod:`~masklab.objectives.negative_cosine`). Only the light heads scale
+    with ``G``.
 
     Our choices where the abstract is silent: fusion by concatenation of the
     per-stage pooled features; BYOL's heads (projector 4096-256 with BN,

@@ -98,9 +98,11 @@ class MixMaskSiamese(Siamese):
     mixed with its partner's, ``lam``, ``inverse``): put ``Views(2, ...)``,
     ``Normalize`` and ``MixMask(view=0)`` in the loader, in that order. The loss
     per image is the base's plus :func:`mixmask_terms`; the mixed view goes
-    through the online network only, the keys stay clean. Symmetric bases
-    (BYOL, SimSiam) add the swapped plain term, not a swapped mixed one (our
-    choice: only the query view is mixed, as in the paper).
+    through the online network only, the keys stay clean. On the symmetric
+    bases (BYOL, SimSiam) the plain term is the base's symmetric loss, the
+    mean of its two directions (:class:`Siamese`), and the mixed terms are not
+    swapped (our choice: only the query view is mixed, as in the paper); so
+    the mixed terms weigh as much as the plain loss, as on MoCo.
 
     Args:
         backbone: a :class:`ViTBackbone` or :class:`CNNBackbone`.

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from masklab.pipeline import Batch
+from masklab.pipeline import Batch, batch_generator
 from masklab.transforms import MaskOptions
 
 from ._common import GuidanceMixin, ObjectiveOutput, two_views
@@ -20,8 +20,12 @@ from .heads import HeadOptions, predictor_mlp, projection_mlp
 from .infonce import KeyQueue, infonce_loss
 from .negative_cosine import negative_cosine
 from .registry import register_objective
+from .shuffle_bn import shuffle_bn
 
 __all__ = ["BASES", "BaseSpec", "Siamese", "SiameseOptions"]
+
+_KEY_SHUFFLE_SALT = 0x5B0F
+"""Salts the batch's seed for the key shuffle, apart from the loader's stages."""
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``base(q, k) -> (B,)``: one loss per sample for queries ``q`` against their keys ``k``."""
@@ -99,12 +103,14 @@ BASES: dict[str, BaseSpec] = {
 @dataclass
 class SiameseOptions(HeadOptions):
     """``objective.name: moco | byol | simsiam`` (and their ``mixmask_`` forms): the heads and the
-    target (:class:`HeadOptions`; ``None``: the base's default), MoCo's queue and temperature, and
-    whether the loss is symmetrised (``None``: the base's default)."""
+    target (:class:`HeadOptions`; ``None``: the base's default), MoCo's queue and temperature,
+    whether the loss is symmetrised (``None``: the base's default), and the momentum encoder's
+    batch-norm splits (shuffle-BN in one process; 1: none)."""
 
     queue_size: int = 65536
     temperature: float = 0.2
     symmetric: bool | None = None
+    key_bn_splits: int = 1
 
 
 def small_siamese_options() -> SiameseOptions:
@@ -124,12 +130,34 @@ class Siamese(GuidanceMixin, nn.Module):
     with their keys against a :class:`KeyQueue` of past keys (InfoNCE); BYOL
     and SimSiam use :func:`negative_cosine` and are symmetric by default.
 
-    Batch norm and many processes: keys are gathered from every rank before
-    they enter the queue. The recipes convert batch norm to
-    ``torch.nn.SyncBatchNorm`` when they run on several GPUs (``model.sync_bn``;
-    our choice over MoCo's shuffle-BN: simpler, and it is what BYOL and MoCo v3
-    do). In one process, and on CPU ranks (SyncBN needs a GPU), each
-    batch is normalised on its own.
+    A symmetric loss is the mean of its two directions (per sample), for
+    every base: SimSiam's ``D(p1, z2) / 2 + D(p2, z1) / 2`` exactly, in
+    ``[-1, 1]``. BYOL's paper sums ``2 - 2 cos`` over the two directions,
+    which is ``4 + 4`` times ours: the same gradients times 4, which the
+    learning rate absorbs (see :mod:`~masklab.objectives.negative_cosine`).
+    MoCo's authors' demo sums its symmetric InfoNCE directions; we average them
+    too (our choice: one convention; MoCo v2 itself is asymmetric).
+
+    Batch norm. Keys are gathered from every rank before they enter the
+    queue. The recipes convert batch norm to ``torch.nn.SyncBatchNorm`` when
+    they run on several GPUs (``model.sync_bn``; our choice over MoCo's
+    shuffle-BN across GPUs: simpler, and it is what BYOL and MoCo v3 do). In
+    one process (and on CPU ranks: SyncBN needs a GPU), ``key_bn_splits``
+    stands in for MoCo's shuffle-BN: the key batch is shuffled, the momentum
+    encoder runs on that many chunks, so each batch-norm layer normalises a
+    key with a random sub-batch, and the keys are put back in order
+    (:func:`shuffle_bn`; as the authors' 1-GPU demo does with a
+    ``SplitBatchNorm``). The queries are normalised over the whole batch, like
+    one large GPU. The shuffle is drawn from the batch's seed, so a resumed run
+    draws the same ones. Under SyncBN each rank's chunk is normalised with the
+    same-numbered chunks of the other ranks: still a random sub-batch. With
+    ``key_bn_splits=1`` a query and its key are normalised with the same
+    batch's statistics while the queue's negatives carry earlier batches': a
+    signature that tells the positive apart (MoCo's "cheating"). The authors' 1-GPU demo measured what that costs on CIFAR-10,
+    4 points of kNN accuracy at 800 epochs: a weaker encoder, not a collapse.
+    BYOL and SimSiam have no shuffle-BN in their papers; BYOL may take
+    ``key_bn_splits`` too (our choice), SimSiam cannot (its target is the
+    online network).
 
     Args:
         backbone: a :class:`ViTBackbone` or :class:`CNNBackbone` (its pooled features are used).
@@ -141,7 +169,9 @@ class Siamese(GuidanceMixin, nn.Module):
         temperature: MoCo's InfoNCE temperature.
         momentum: the target's EMA decay at the start (default: the base's).
         momentum_final: the decay at the end, cosine in between (default: the base's; MoCo keeps it constant).
-        symmetric: add the loss with the views swapped (default: the base's).
+        symmetric: add the loss with the views swapped (default: the base's); the two directions are averaged.
+        key_bn_splits: chunks the momentum encoder runs the shuffled key batch in (shuffle-BN in one
+            process; 1: the whole batch at once). Not for SimSiam. Every chunk needs two samples.
 
     Examples:
         >>> import torch
@@ -169,6 +199,7 @@ class Siamese(GuidanceMixin, nn.Module):
         momentum: float | None = None,
         momentum_final: float | None = None,
         symmetric: bool | None = None,
+        key_bn_splits: int = 1,
     ) -> None:
         super().__init__()
         if base not in BASES:
@@ -176,6 +207,14 @@ class Siamese(GuidanceMixin, nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         spec = BASES[base]
+        if isinstance(key_bn_splits, bool) or not isinstance(key_bn_splits, int) or key_bn_splits < 1:
+            raise ValueError(f"key_bn_splits must be a positive integer, got {key_bn_splits!r}")
+        if key_bn_splits > 1 and spec.momentum is None:
+            raise ValueError(
+                f"key_bn_splits={key_bn_splits} shuffles the momentum encoder's batch, but {base!r} has no momentum "
+                "encoder; use 1"
+            )
+        self.key_bn_splits = key_bn_splits
         self.name = f"{self.prefix}{base}"
         check_family(self.name, backbone)
         self.base, self.temperature = base, float(temperature)
@@ -205,6 +244,7 @@ class Siamese(GuidanceMixin, nn.Module):
             options.name.removeprefix(cls.prefix),
             queue_size=options.queue_size,
             temperature=options.temperature,
+            key_bn_splits=options.key_bn_splits,
             **options.heads(),
             **symmetric,
         )
@@ -223,10 +263,24 @@ class Siamese(GuidanceMixin, nn.Module):
         return self.predictor(z), z
 
     @torch.no_grad()
-    def key(self, images: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
-        """The target embedding ``(B, dim)``: the EMA teacher's, or the online ``projection`` stopped."""
+    def key(
+        self,
+        images: torch.Tensor,
+        projection: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        order: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The target embedding ``(B, dim)``: the EMA teacher's, or the online ``projection`` stopped.
+
+        With ``key_bn_splits > 1`` the teacher runs on shuffled chunks (:func:`shuffle_bn`); the
+        shuffle is ``order`` if given, else drawn from ``generator`` on the images' device.
+        """
         if self.momentum is not None:
-            return self.momentum(images)
+            if self.key_bn_splits == 1:
+                return self.momentum(images)
+            if order is None:
+                order = torch.randperm(images.shape[0], generator=generator, device=images.device)
+            return shuffle_bn(self.momentum, images, order, self.key_bn_splits)
         if projection is not None:
             return projection.detach()
         return self.projector(self.backbone(images))
@@ -245,20 +299,21 @@ class Siamese(GuidanceMixin, nn.Module):
     def forward(self, batch: Batch) -> ObjectiveOutput:
         x_q, x_k = two_views(batch, type(self).__name__)  # the query view, the key view
         base = self.pair_loss()
+        shuffle = batch_generator(batch, _KEY_SHUFFLE_SALT) if self.key_bn_splits > 1 else None
         q, z_q = self.online(x_q)
         want_z_k = self.symmetric and self.momentum is None
         q_k, z_k = self.online(x_k) if want_z_k else (None, None)
-        k = self.key(x_k, z_k)
+        k = self.key(x_k, z_k, generator=shuffle)
         plain = base(q, k)
-        logs = {"plain": plain.detach().mean()}
-        per_sample = plain
         keys = [k]
         if self.symmetric:
             if q_k is None:
                 q_k, _ = self.online(x_k)
-            k_q = self.key(x_q, z_q)
-            per_sample = per_sample + base(q_k, k_q)
+            k_q = self.key(x_q, z_q, generator=shuffle)
+            plain = (plain + base(q_k, k_q)) / 2  # the mean of the two directions (see the class docstring)
             keys.append(k_q)
+        logs = {"plain": plain.detach().mean()}
+        per_sample = plain
         extra = self.extra_terms(batch, base, q, k)
         if extra is not None:
             logs["mixed"] = extra.detach().mean()
@@ -271,7 +326,8 @@ class Siamese(GuidanceMixin, nn.Module):
 
     def extra_repr(self) -> str:
         queue = "" if self.queue is None else f", queue_size={self.queue.size}, temperature={self.temperature}"
-        return f"base={self.base!r}, symmetric={self.symmetric}{queue}"
+        splits = "" if self.key_bn_splits == 1 else f", key_bn_splits={self.key_bn_splits}"
+        return f"base={self.base!r}, symmetric={self.symmetric}{queue}{splits}"
 
 
 for _base in BASES:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from masklab.objectives import BASES, Siamese, build_backbone, negative_cosine
+from masklab.objectives import BASES, Siamese, build_backbone, infonce_loss, negative_cosine
 from masklab.pipeline import Batch
 
 
@@ -67,7 +67,7 @@ def test_simsiam_is_symmetric_against_the_stopped_online_projection():
     assert all(p.grad is not None for p in model.predictor.parameters())
     with torch.no_grad():  # batch norm in training mode: the same batch gives the same outputs
         (p1, z1), (p2, z2) = model.online(batch.views[0]), model.online(batch.views[1])
-    want = negative_cosine(p1, z2) + negative_cosine(p2, z1)
+    want = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2  # SimSiam's L: the mean of the directions
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
@@ -82,3 +82,50 @@ def test_a_vit_backbone_works_too():
     out = Siamese(vit, "byol", hidden=16, dim=8, pred_hidden=16)(two_views(2))
     out.loss.backward()
     assert torch.isfinite(out.loss) and vit.model.patch_embed.proj.weight.grad is not None
+
+
+def test_shuffle_bn_keys_depend_on_their_own_chunk_only_in_train_mode():
+    model = tiny("moco", key_bn_splits=2).train()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    order = torch.tensor([6, 1, 3, 0, 2, 7, 5, 4])  # chunks {6, 1, 3, 0} and {2, 7, 5, 4}
+    keys = model.key(x, order=order)
+    other = x.clone()
+    other[[2, 7]] = torch.rand(2, 3, 32, 32)  # samples of the second chunk only
+    changed = model.key(other, order=order)
+    torch.testing.assert_close(changed[[6, 1, 3, 0]], keys[[6, 1, 3, 0]], atol=1e-6, rtol=0)
+    assert not torch.allclose(changed[[5, 4]], keys[[5, 4]], atol=1e-3)  # their chunk-mates' statistics moved
+    # Without splits every key sees every sample's statistics.
+    whole = tiny("moco").train()
+    assert not torch.allclose(whole.key(other)[[6, 1, 3, 0]], whole.key(x)[[6, 1, 3, 0]], atol=1e-3)
+
+
+def test_shuffle_bn_keys_come_back_in_order():
+    model = tiny("moco", key_bn_splits=2).eval()  # running statistics: the chunks no longer matter
+    x = torch.rand(8, 3, 32, 32)
+    order = torch.tensor([6, 1, 3, 0, 2, 7, 5, 4])
+    torch.testing.assert_close(model.key(x, order=order), model.momentum(x), atol=1e-5, rtol=0)
+
+
+def test_one_split_is_the_plain_momentum_encoder_and_the_shuffle_follows_the_batch_seed():
+    import copy
+
+    plain = tiny("moco").train()  # as the training loop runs it: the momentum encoder's BN on batch statistics
+    batch = two_views(8)
+    with torch.no_grad():
+        q, _ = plain.online(batch.views[0])
+        want = infonce_loss(q, plain.momentum(batch.views[1]), plain.queue.keys.clone(), 0.2)
+    assert plain(batch).loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+    split = tiny("moco", key_bn_splits=2).train()
+    copies = [copy.deepcopy(split) for _ in range(3)]
+    seeded = [Batch(images=batch.images, views=batch.views, seed=s) for s in (0, 0, 1)]
+    losses = [m(b).loss.item() for m, b in zip(copies, seeded, strict=True)]
+    assert losses[0] == losses[1] != losses[2]  # drawn from the batch's seed: replayed on resume
+    assert losses[0] != pytest.approx(want.item(), rel=1e-4)  # the chunks' statistics differ from the batch's
+
+
+def test_key_bn_splits_is_checked_at_construction():
+    with pytest.raises(ValueError, match="key_bn_splits must be a positive integer, got 0"):
+        tiny("moco", key_bn_splits=0)
+    with pytest.raises(ValueError, match="key_bn_splits=2 shuffles the momentum encoder's batch, but 'simsiam' has no"):
+        tiny("simsiam", key_bn_splits=2)
