@@ -44,6 +44,9 @@ class EMATeacher(nn.Module):
         self.base, self.final = base, final
         self.ema = ModelEmaV3(model, decay=base, foreach=True)
         self.ema.module.requires_grad_(False)
+        # timm's EMA puts its copy in eval mode; ours follows train()/eval() like any submodule, starting
+        # in the student's mode (BYOL's and MoCo's targets normalise with batch statistics in training).
+        self.ema.module.train(model.training)
 
     @property
     def module(self) -> nn.Module:

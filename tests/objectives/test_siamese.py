@@ -129,3 +129,14 @@ def test_key_bn_splits_is_checked_at_construction():
         tiny("moco", key_bn_splits=0)
     with pytest.raises(ValueError, match="key_bn_splits=2 shuffles the momentum encoder's batch, but 'simsiam' has no"):
         tiny("simsiam", key_bn_splits=2)
+
+
+def test_the_momentum_encoder_starts_in_the_students_mode_and_follows_train_and_eval():
+    from masklab.objectives import EMATeacher
+
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    teacher = EMATeacher(student)
+    assert teacher.module.training and teacher.module[1].training
+    teacher.eval()
+    assert not teacher.module[1].training
+    assert not EMATeacher(student.eval()).module.training
