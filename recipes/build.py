@@ -234,10 +234,22 @@ def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
 
 
 def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "backbone.model.") -> None:
-    """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh."""
-    from .checkpoint import checkpoint_backbone, fit_weights, load_checkpoint
+    """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh.
 
-    checkpoint = load_checkpoint(cfg.model.init, trust=cfg.run.trust_checkpoint, training_state=False)
+    ``cfg.model.init`` is a masklab checkpoint or an exported timm model folder (``masklab export``).
+    """
+    from .checkpoint import MODEL_FILE, Checkpoint, checkpoint_backbone, fit_weights, load_checkpoint
+    from .export import read_export
+
+    exported = read_export(cfg.model.init)
+    if exported is not None:  # a timm model folder (masklab export): plain timm keys, no prefix
+        from safetensors.torch import load_file
+
+        source = {"model": {"backbone": exported["architecture"], "kwargs": exported.get("model_args")}}
+        checkpoint = Checkpoint(Path(cfg.model.init), load_file(str(Path(cfg.model.init) / MODEL_FILE)), source)
+        prefix = ""
+    else:
+        checkpoint = load_checkpoint(cfg.model.init, trust=cfg.run.trust_checkpoint, training_state=False)
     weights = {k[len(prefix) :]: v for k, v in checkpoint.model.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"checkpoint {cfg.model.init} holds no backbone weights (no keys starting with {prefix!r})")

@@ -142,6 +142,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from masklab.recipes.export import export_encoder
+
+    folder = export_encoder(
+        args.checkpoint, args.out_dir, args.include, args.overrides, args.trust_checkpoint, args.overwrite
+    )
+    print(f"wrote the {args.include} as a timm model: {folder} (model.safetensors, config.json, README.md)")
+    print(f'load it without masklab: timm.create_model("local-dir:{folder}", pretrained=True)')
+    return 0
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
@@ -330,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("overrides", nargs="*", help="dotted config overrides")
     evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's encoder as a timm model folder (model.safetensors + config.json)",
+        description="Export the trained encoder alone, in timm's folder layout: plain timm loads it with "
+        "timm.create_model('local-dir:OUT_DIR', pretrained=True), no masklab needed.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint (a ckpt-UPDATE folder)")
+    export.add_argument("out_dir", help="the folder to write")
+    export.add_argument(
+        "--include",
+        choices=["encoder", "teacher"],
+        default="encoder",
+        help="the online encoder (default: what the evaluations measure) or the EMA teacher's copy",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    export.add_argument("overrides", nargs="*", help="dotted config overrides")
+    export.set_defaults(func=_export)
 
     study = sub.add_parser(
         "study",

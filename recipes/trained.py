@@ -89,11 +89,25 @@ def evaluate_checkpoint(
     """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
 
     ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
-    config at random initialisation (the baseline a trained one must beat).
+    config at random initialisation (the baseline a trained one must beat), or a folder written by
+    :func:`~masklab.recipes.export.export_encoder` (a timm model folder: its architecture, then
+    ``overrides``).
     ``trust``: see :func:`load_trained`.
     """
     if kind not in ("knn", "linear"):
         raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
+    from .export import load_export, read_export
+
+    if str(checkpoint) != "random" and read_export(checkpoint) is not None:
+        cfg, net = load_export(checkpoint, overrides)
+        device = resolve_device(cfg.run.device)
+        net.to(device)
+        family = "vit" if hasattr(net, "patch_embed") else "cnn"
+
+        def encoder(images: torch.Tensor) -> torch.Tensor:
+            return net.forward_head(net.forward_features(images), pre_logits=True)
+
+        return evaluate_encoder(cfg, encoder, device, family, (kind,))
     cfg, model = load_trained(checkpoint, overrides, trust)
     device = resolve_device(cfg.run.device)
     model.to(device)
