@@ -182,6 +182,14 @@ def _show_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_recon(args: argparse.Namespace) -> int:
+    from masklab.recipes.show_recon import show_recon
+
+    path = show_recon(args.checkpoint, Path(args.out), args.data, args.n, args.seed, args.trust_checkpoint)
+    print(f"wrote {path}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     study, readme = _tool("study", "study"), _tool("study", "readme")
     out = Path(args.out)
@@ -295,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     show.set_defaults(func=_show_masks)
+
+    recon = sub.add_parser(
+        "show-recon",
+        help="draw a MAE / SimMIM checkpoint's reconstructions to a PNG",
+        description="Draw input, masked input and reconstruction for a few images, with the checkpoint's own mask.",
+    )
+    recon.add_argument("checkpoint", help="a mae or simmim checkpoint (a ckpt-UPDATE folder)")
+    recon.add_argument("--data", default=None, help="draw the first images of this .beton (default: built-in shapes)")
+    recon.add_argument("--out", default="recon.png", help="output PNG (default recon.png)")
+    recon.add_argument("-n", type=int, default=8, help="images to draw (default 8)")
+    recon.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
+    recon.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    recon.set_defaults(func=_show_recon)
 
     demo = sub.add_parser(
         "demo",
