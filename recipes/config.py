@@ -105,6 +105,7 @@ class RunConfig:
     trust_checkpoint: bool = False  # unpickle checkpoints (resume, model.init) that need it: runs any code they carry
     progress: bool = True
     record_indices: bool = False  # keep the dataset indices each rank trained on (debugging, tests)
+    skip_nonfinite: int = 0  # skip up to K updates whose loss is NaN/inf (checked every update); 0: stop at the first
 
 
 @dataclass
@@ -280,6 +281,8 @@ def check_config(config: TrainConfig) -> None:
             f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={ratio}"
             + (" (it would mask nothing)" if ratio == 0 else "")
         )
+    if config.run.skip_nonfinite < 0:
+        raise ValueError(f"run.skip_nonfinite must be 0 or more (updates to skip), got {config.run.skip_nonfinite}")
     _check_model_kwargs(config.model.kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training stopped at a NaN or infinite loss; no checkpoint was written after it."""
+
+
 class RunLog:
     """``metrics.csv``, the trackers and the progress bar of one run.
 
@@ -107,6 +112,8 @@ class RunLog:
         self.csv = Path(out) / "metrics.csv"
         self.losses: list[float] = []  # every update's loss, averaged over ranks
         self.pending: list[dict[str, Any]] = []
+        self.skipped: set[int] = set()
+        self.last_finite: tuple[int, float] | None = None
         self.tick, self.seen = time.perf_counter(), 0
         if self.main:
             if resumed:
@@ -123,8 +130,13 @@ class RunLog:
         """Count ``images`` trained on by this process (for images/s)."""
         self.seen += images
 
-    def record(self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask) -> None:
-        """Keep an update's row; ``loss`` stays on its device until :meth:`flush`."""
+    def record(self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask, skipped: bool = False) -> None:
+        """Keep an update's row; ``loss`` stays on its device until :meth:`flush`.
+
+        ``skipped``: the update's loss was not finite and the loop skipped it (``run.skip_nonfinite``).
+        """
+        if skipped:
+            self.skipped.add(update)
         self.pending.append(
             {
                 "update": update,
@@ -146,6 +158,7 @@ class RunLog:
         self.tick, self.seen = now, 0
         for row, value in zip(self.pending, values, strict=True):
             row.update(loss=value, images_per_s=rate)
+        bad = self._first_bad(values)
         self.losses += values
         if self.main:
             with open(self.csv, "a", newline="") as f:
@@ -155,6 +168,27 @@ class RunLog:
         self.bar.update(len(self.pending))
         self.bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.0f}")
         self.pending = []
+        if bad is not None:
+            update, value = bad
+            last = (
+                "no finite loss before it"
+                if self.last_finite is None
+                else (f"the last finite loss was {self.last_finite[1]:.6g} at update {self.last_finite[0]}")
+            )
+            raise NonFiniteLoss(
+                f"the loss is {value} at update {update}; {last}. No checkpoint was written after it: resume "
+                "from the last one (--resume auto) with a lower optim.lr or optim.clip_grad, or set "
+                "run.skip_nonfinite=K to skip up to K such updates"
+            )
+
+    def _first_bad(self, values: list[float]) -> tuple[int, float] | None:
+        """The first row of ``values`` whose loss is not finite and was not skipped; notes the last finite one."""
+        for row, value in zip(self.pending, values, strict=True):
+            if math.isfinite(value):
+                self.last_finite = (row["update"], value)
+            elif row["update"] not in self.skipped:
+                return row["update"], value
+        return None
 
     def close(self) -> None:
         """Close the bar and plot the losses (``loss.png`` beside the CSV)."""

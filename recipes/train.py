@@ -188,14 +188,28 @@ def _schedule(cfg: TrainConfig, optimizer, batches_per_epoch: int):
     return scheduler, total
 
 
-def _step(cfg: TrainConfig, accelerator, model, optimizer, batch):
-    """Forward, backward and (on the last micro-batch of an update) the optimizer step; the objective's output."""
+def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether every process's ``loss`` is finite (a host sync: only with ``run.skip_nonfinite``)."""
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+
+
+def _step(cfg: TrainConfig, accelerator, model, optimizer, batch, bad: list[bool]):
+    """Forward, backward and (on the last micro-batch of an update) the optimizer step; the objective's output.
+
+    With ``run.skip_nonfinite`` each micro-batch's loss is checked on every process; an update any
+    of whose losses was not finite anywhere is skipped whole (its gradients dropped), and
+    ``bad[0]`` says so until the loop resets it.
+    """
     with accelerator.accumulate(model):
         result = model(batch)
+        if cfg.run.skip_nonfinite and not _finite_everywhere(accelerator, result.loss):
+            bad[0] = True
         accelerator.backward(result.loss)
-        if accelerator.sync_gradients and cfg.optim.clip_grad:
+        if accelerator.sync_gradients and cfg.optim.clip_grad and not bad[0]:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
+        if not (accelerator.sync_gradients and bad[0]):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return result
 
@@ -231,6 +245,7 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     log = RunLog(accelerator, out, to_dict(cfg), total, update, resume is not None, cfg.run.progress)
 
     recorded: list[torch.Tensor] = []
+    bad, skips = [False], 0  # run.skip_nonfinite: this update saw a non-finite loss; updates skipped so far
     last_checkpoint: Path | None = None
     bind_guidance(loader.chain, raw)
     set_progress(loader.chain, update / total)
@@ -240,17 +255,29 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
         if loader.step == 0:
             refresh_caches(cfg, loader.chain, raw, accelerator, family, epoch)
         for batch in loader:
-            result = _step(cfg, accelerator, model, optimizer, batch)
+            result = _step(cfg, accelerator, model, optimizer, batch, bad)
             log.saw(len(batch))
             if cfg.run.record_indices:
                 recorded.append(batch.index.cpu())
             if not accelerator.sync_gradients:
                 continue
             update += 1
+            skipped, bad[0] = bad[0], False
+            if skipped:
+                skips += 1
+                logger.warning(
+                    "skipped update %d: its loss was not finite (%d of run.skip_nonfinite=%d)",
+                    update,
+                    skips,
+                    cfg.run.skip_nonfinite,
+                )
+                if skips > cfg.run.skip_nonfinite:
+                    log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask)
+                    log.flush()  # raises NonFiniteLoss, naming the update
             scheduler.step_update(update)
             step_teachers(raw, update / total)
             set_progress(loader.chain, update / total)
-            log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask)
+            log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask, skipped)
             checkpoint_due = update % cfg.run.ckpt_every == 0 or update >= stop_at
             if len(log.pending) >= cfg.run.log_every or checkpoint_due:
                 log.flush()  # before a checkpoint: a resume keeps the rows up to it
