@@ -87,6 +87,7 @@ class EvalConfig:
     linear_epochs: int = 100
     linear_lr: float = 0.01
     at_end: bool = True  # kNN of the trained encoder after training
+    every_epochs: int = 0  # kNN monitor every N epochs during pretraining (metrics.csv's knn column); 0: off
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RunConfig:
     trust_checkpoint: bool = False  # unpickle checkpoints (resume, model.init) that need it: runs any code they carry
     progress: bool = True
     record_indices: bool = False  # keep the dataset indices each rank trained on (debugging, tests)
+    log_with: list[str] = field(default_factory=lambda: ["auto"])  # Accelerate trackers, all, none, or auto
     skip_nonfinite: int = 0  # skip up to K updates whose loss is NaN/inf (checked every update); 0: stop at the first
 
 
@@ -281,9 +283,28 @@ def check_config(config: TrainConfig) -> None:
             f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={ratio}"
             + (" (it would mask nothing)" if ratio == 0 else "")
         )
+    if config.eval.every_epochs < 0:
+        raise ValueError(f"eval.every_epochs must be 0 (off) or more, got {config.eval.every_epochs}")
+    _check_trackers(list(config.run.log_with))
     if config.run.skip_nonfinite < 0:
         raise ValueError(f"run.skip_nonfinite must be 0 or more (updates to skip), got {config.run.skip_nonfinite}")
     _check_model_kwargs(config.model.kwargs)
+
+
+TRACKER_CHOICES = ("auto", "all", "none")
+"""``run.log_with`` words besides Accelerate's tracker names: ``auto`` (TensorBoard if installed), every
+installed tracker, none (``metrics.csv`` only)."""
+
+
+def _check_trackers(names: list[str]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = (*TRACKER_CHOICES, *LOGGER_TYPE_TO_CLASS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"run.log_with names unknown trackers {unknown}; choose from {list(known)}")
+    if len(names) > 1 and set(names) & set(TRACKER_CHOICES):
+        raise ValueError(f"run.log_with: {list(TRACKER_CHOICES)} stand alone, got {names}")
 
 
 SET_BY_MASKLAB = {

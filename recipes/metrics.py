@@ -14,7 +14,8 @@ from masklab.pipeline import replace_atomically
 
 __all__ = ["CSV_FIELDS", "RunLog", "flat_config", "keep_rows_until", "plot_losses"]
 
-CSV_FIELDS = ("update", "epoch", "loss", "lr", "images_per_s", "masked_fraction", "thrown_fraction")
+CSV_FIELDS = ("update", "epoch", "loss", "lr", "images_per_s", "masked_fraction", "thrown_fraction", "knn")
+"""``metrics.csv``'s columns; ``knn`` is filled at the updates where the kNN monitor ran (``eval.every_epochs``)."""
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
@@ -118,7 +119,7 @@ class RunLog:
         if self.main:
             if resumed:
                 keep_rows_until(self.csv, start)
-            accelerator.init_trackers("masklab", config=flat_config(config))
+            accelerator.init_trackers("masklab", config=flat_config(config), init_kwargs={"wandb": {"dir": str(out)}})
             if not resumed or not self.csv.exists():
                 with open(self.csv, "w", newline="") as f:
                     csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
@@ -147,6 +148,15 @@ class RunLog:
                 "thrown_fraction": mask.num_thrown / mask.num_cells if mask is not None else 0.0,
             }
         )
+
+    def note(self, **scores: float) -> None:
+        """Add ``scores`` (e.g. ``knn``) to the last recorded update's row and log them to the trackers."""
+        if not self.pending:
+            raise RuntimeError("note() follows record() of the update the scores belong to")
+        row = self.pending[-1]
+        row.update(scores)
+        if self.main:
+            self.accelerator.log(dict(scores), step=row["update"])
 
     def flush(self) -> None:
         """Average the kept losses over ranks, write their rows, log the last, advance the bar."""

@@ -33,6 +33,7 @@ from .run_folder import RunLock, check_resumed_config, find_resume, prepare_fres
 from .trained import evaluate_checkpoint, evaluate_encoder, evaluate_knn, load_trained
 
 __all__ = [
+    "KnnMonitor",
     "TrainResult",
     "bind_guidance",
     "evaluate_checkpoint",
@@ -214,6 +215,37 @@ def _step(cfg: TrainConfig, accelerator, model, optimizer, batch, bad: list[bool
     return result
 
 
+class KnnMonitor:
+    """kNN accuracy of the encoder's frozen features, train split against test split, on every process.
+
+    Each process encodes its shard of the evaluation loaders (built once, at the first pass) and the
+    features are gathered, so no process waits while another evaluates alone; every process gets
+    the same score. The first pass's cost is logged once.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, family: str) -> None:
+        self.cfg, self.accelerator, self.family = cfg, accelerator, family
+        self.loaders = None
+        self.timed = False
+
+    def __call__(self, encoder) -> float:
+        distributed = self.accelerator.num_processes > 1
+        if self.loaders is None:
+            self.loaders = tuple(
+                build_loader(self.cfg, split, self.accelerator.device, self.family, distributed, train=False)
+                for split in ("train", "test")
+            )
+        start = time.perf_counter()
+        gather = self.accelerator.gather if distributed else None
+        knn = evaluate_encoder(self.cfg, encoder, self.accelerator.device, self.family, ("knn",), self.loaders, gather)[
+            "knn"
+        ]
+        if not self.timed:
+            self.timed = True
+            logger.info("one kNN monitor pass takes %.1f s", time.perf_counter() - start)
+        return knn
+
+
 def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainResult:
     from accelerate.utils import set_seed
 
@@ -246,6 +278,7 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
 
     recorded: list[torch.Tensor] = []
     bad, skips = [False], 0  # run.skip_nonfinite: this update saw a non-finite loss; updates skipped so far
+    monitor, monitor_due = KnnMonitor(cfg, accelerator, family), False
     last_checkpoint: Path | None = None
     bind_guidance(loader.chain, raw)
     set_progress(loader.chain, update / total)
@@ -256,6 +289,9 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
             refresh_caches(cfg, loader.chain, raw, accelerator, family, epoch)
         for batch in loader:
             result = _step(cfg, accelerator, model, optimizer, batch, bad)
+            every = cfg.eval.every_epochs
+            if every and loader.step == len(loader) and (epoch + 1) % every == 0:
+                monitor_due = True  # at this update, or the first one completed after it (accumulation)
             log.saw(len(batch))
             if cfg.run.record_indices:
                 recorded.append(batch.index.cpu())
@@ -278,6 +314,11 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
             step_teachers(raw, update / total)
             set_progress(loader.chain, update / total)
             log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask, skipped)
+            if monitor_due:
+                monitor_due = False
+                model.eval()
+                log.note(knn=monitor(encoder_of(raw)))
+                model.train()
             checkpoint_due = update % cfg.run.ckpt_every == 0 or update >= stop_at
             if len(log.pending) >= cfg.run.log_every or checkpoint_due:
                 log.flush()  # before a checkpoint: a resume keeps the rows up to it
@@ -290,10 +331,11 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     trained = TrainResult(out, update, raw, log.losses, checkpoint=last_checkpoint, stages=loader.chain)
     if recorded:
         trained.indices = torch.cat(recorded)
-    if cfg.eval.at_end and update >= total and accelerator.is_main_process:
+    if cfg.eval.at_end and update >= total:
         model.eval()
-        trained.knn = evaluate_knn(cfg, encoder_of(raw), accelerator.device, family)
-        (out / "eval.json").write_text(json.dumps({"knn": trained.knn, "updates": update}, indent=1))
+        trained.knn = monitor(encoder_of(raw))  # every process evaluates its shard
+        if accelerator.is_main_process:
+            (out / "eval.json").write_text(json.dumps({"knn": trained.knn, "updates": update}, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return trained

@@ -23,6 +23,7 @@ def evaluate_encoder(
     family: str,
     kinds: tuple[str, ...] = ("knn",),
     loaders: tuple[Any, Any] | None = None,
+    gather=None,
 ) -> dict[str, float]:
     """Accuracy of ``encoder``'s pooled features, train split against test split, for each of ``kinds``.
 
@@ -30,7 +31,9 @@ def evaluate_encoder(
     ``linear`` (a probe of ``cfg.eval.linear_epochs`` epochs at ``linear_lr``);
     the features are extracted once for all of them. ``loaders``: the
     (train, test) evaluation loaders to reuse (an FFCV loader compiles its
-    pipeline once, a few seconds on a CPU); built from ``cfg`` when ``None``.
+    pipeline once, a few seconds on a CPU); built from ``cfg`` when ``None``. ``gather``: the loaders
+    are sharded over processes, and this collects every process's features
+    (see :func:`~masklab.recipes.evaluate.extract_features`); every process gets the same scores.
     """
     if not kinds or any(k not in ("knn", "linear") for k in kinds):
         raise ValueError(f"evaluation must be knn and/or linear, got {list(kinds)}")
@@ -39,7 +42,7 @@ def evaluate_encoder(
         encoder.eval()
     if loaders is None:
         loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("train", "test"))
-    train_set, test_set = (extract_features(encoder, loader) for loader in loaders)
+    train_set, test_set = (extract_features(encoder, loader, gather) for loader in loaders)
     if was_training:
         encoder.train()
     scores = {}
