@@ -260,6 +260,35 @@ def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "ba
     logger.info("initialised the backbone from %s (%d tensors; %s trained afresh)", cfg.model.init, len(weights), heads)
 
 
+def speed_options(cfg: TrainConfig, model: nn.Module, adapter: bool) -> None:
+    """Apply ``model.grad_checkpointing``, ``model.channels_last`` and ``model.compile`` to a timm model, in place.
+
+    ``adapter``: ``model`` is the timm ViT inside a :class:`ViTBackbone`, which runs its blocks itself:
+    checkpointing is honoured by the adapter's block loop and ``compile`` compiles each block
+    (the ViT's own ``forward`` is not what the objectives call). Otherwise ``model`` runs as a whole
+    and is compiled whole. ``nn.Module.compile`` compiles in place, so checkpoints keep their keys.
+
+    Raises:
+        ValueError: ``channels_last`` for a model without convolutions worth it (a ViT), or grad
+            checkpointing on a timm model that does not support it.
+    """
+    m = cfg.model
+    if m.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as error:
+            raise ValueError(
+                f"model.grad_checkpointing: {cfg.model.backbone} does not support it in timm ({error})"
+            ) from None
+    if m.channels_last:
+        if hasattr(model, "patch_embed"):
+            raise ValueError(f"model.channels_last is for CNNs; {cfg.model.backbone} is a ViT")
+        model.to(memory_format=torch.channels_last)
+    if m.compile:
+        for module in model.blocks if adapter else [model]:
+            module.compile()
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The trainable module: an objective holding its backbone (pretrain) or a classifier."""
     if cfg.task == "pretrain":
@@ -271,6 +300,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError(
                 f"objective {entry.name!r} needs {views} views: set data.views to a Views preset (mocov2, byol, ...)"
             )
+        speed_options(cfg, backbone.model, adapter=backbone_family(backbone) == "vit")
         return entry.build(backbone, cfg.objective, cfg.mask)
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
@@ -285,6 +315,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             )
         if cfg.model.init:
             _load_backbone_weights(model, cfg)
+        speed_options(cfg, model, adapter=False)
         return Supervised(model, classes, cfg.objective.label_smoothing)
     raise ValueError(f"task {cfg.task!r} does not train a model")
 

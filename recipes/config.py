@@ -64,6 +64,9 @@ class ModelConfig:
     init: str | None = None  # a masklab checkpoint whose backbone initialises this one (finetune, linear)
     small_stem: bool = False  # ResNets: 3x3 stride-1 stem without max-pool, for 32 px images
     sync_bn: bool = True  # convert batch norm to SyncBatchNorm when training on several GPUs
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory, more time)
+    compile: bool = False  # torch.compile the backbone's blocks (ViT) or the whole network (CNN, classifier)
+    channels_last: bool = False  # CNNs: channels-last weights (faster convolutions on GPUs with tensor cores)
 
 
 @dataclass
@@ -283,6 +286,10 @@ def check_config(config: TrainConfig) -> None:
             f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={ratio}"
             + (" (it would mask nothing)" if ratio == 0 else "")
         )
+    if config.optim.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+        config.optim.mixed_precision = "no"
+    if config.optim.mixed_precision not in PRECISIONS:
+        raise ValueError(f"optim.mixed_precision must be one of {PRECISIONS}, got {config.optim.mixed_precision!r}")
     if config.eval.every_epochs < 0:
         raise ValueError(f"eval.every_epochs must be 0 (off) or more, got {config.eval.every_epochs}")
     _check_trackers(list(config.run.log_with))
@@ -290,6 +297,9 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"run.skip_nonfinite must be 0 or more (updates to skip), got {config.run.skip_nonfinite}")
     _check_model_kwargs(config.model.kwargs)
 
+
+PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
+"""``optim.mixed_precision`` values: ``auto`` (bf16 where the device supports it) or Accelerate's."""
 
 TRACKER_CHOICES = ("auto", "all", "none")
 """``run.log_with`` words besides Accelerate's tracker names: ``auto`` (TensorBoard if installed), every
