@@ -62,7 +62,29 @@ def num_classes_of(spec: str) -> int:
         return {"shapes": 8, "digits": 10}[spec.split(":")[1]]
     from masklab.pipeline import read_info
 
-    return read_info(spec).num_classes
+    info = read_info(spec)
+    if not info.labelled:
+        raise ValueError(f"{spec} has {info.unlabelled} unlabelled images (label -1): a classifier needs labels")
+    return info.num_classes
+
+
+def check_evaluation_labels(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` before training when the evaluation the run asks for has unlabelled images.
+
+    kNN (``eval.at_end``, ``eval.every_epochs``) needs labelled images for its memory bank
+    (``eval.data``, default ``data.train``) and its queries (``data.test``).
+    """
+    if cfg.task != "pretrain" or not (cfg.eval.at_end or cfg.eval.every_epochs):
+        return
+    from masklab.pipeline import read_info
+
+    for key, spec in (("eval.data", cfg.eval.data or cfg.data.train), ("data.test", cfg.data.test)):
+        if spec.endswith(".beton") and Path(spec).exists() and not read_info(spec).labelled:
+            raise ValueError(
+                f"{key}={spec} has unlabelled images, and the kNN evaluation (eval.at_end, eval.every_epochs) "
+                "needs labels: give labelled images as eval.data (the kNN memory bank) and data.test, or set "
+                "eval.at_end=false eval.every_epochs=0"
+            )
 
 
 def patch_size_of(cfg: TrainConfig, family: str) -> int:
@@ -133,7 +155,9 @@ def build_loader(
     train: bool = True,
 ):
     """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
-    spec = cfg.data.train if split == "train" else cfg.data.test
+    if split not in ("train", "test", "eval"):
+        raise ValueError(f"split must be train, test or eval (the kNN memory bank), got {split!r}")
+    spec = {"train": cfg.data.train, "test": cfg.data.test, "eval": cfg.eval.data or cfg.data.train}[split]
     source = spec if spec.endswith(".beton") else _builtin(spec, cfg)
     # Views cut from [0, 1] images, so they come before Normalize (which normalises the views too).
     views = [Views(2, cfg.data.views)] if train and cfg.data.views else []

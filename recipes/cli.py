@@ -34,7 +34,9 @@ def _write_dataset(args: argparse.Namespace) -> int:
     from masklab.pipeline import builtin_dataset, write_dataset
 
     if (args.src is None) == (args.builtin is None):
-        raise SystemExit("write-dataset: give either SRC (an image folder) or --builtin NAME, not both")
+        raise SystemExit(
+            "write-dataset: give either SRC (images: a folder, a list, shards) or --builtin NAME, not both"
+        )
     if args.builtin is not None:
         kwargs = {"size": args.size, "seed": args.seed, "split": args.split}
         if args.builtin == "shapes":
@@ -50,8 +52,12 @@ def _write_dataset(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         strict=args.strict,
         num_workers=args.workers,
+        labels=args.labels,
+        image_column=args.image_column,
+        label_column=None if args.label_column == "none" else args.label_column,
     )
-    print(f"wrote {report.count} images to {report.path} ({len(report.classes)} classes)")
+    kind = f"{len(report.classes)} classes" if report.classes else "unlabelled"
+    print(f"wrote {report.count} images to {report.path} ({kind})")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s):")
         for path, reason in report.skipped:
@@ -134,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.data:
-        overrides.append(f"data.train={args.data}")
+        overrides.append(f"eval.data={args.data}")
     if args.test:
         overrides.append(f"data.test={args.test}")
     for name, value in evaluate_checkpoint(args.checkpoint, args.kind, overrides, args.trust_checkpoint).items():
@@ -249,12 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     write = sub.add_parser(
         "write-dataset",
-        help="write an image folder or a built-in dataset to a .beton file",
-        description="Write images and labels to one FFCV .beton file (fields: image, label, index).",
+        help="write images (a folder, a path list, WebDataset shards, a saved HF dataset, a built-in) to a .beton",
+        description="Write images and labels to one FFCV .beton file (fields: image, label, index). "
+        "Images without labels (a flat folder, a list or shards without labels) get label -1.",
     )
-    write.add_argument("src", nargs="?", help="image folder with one subfolder per class")
+    write.add_argument(
+        "src",
+        nargs="?",
+        help="an image folder (class subfolders, or any images below it), a .txt list of image paths "
+        "(optionally 'path label'), WebDataset shards (a .tar, a glob, or shard-{000..009}.tar), "
+        "or a folder saved by a Hugging Face Dataset's save_to_disk",
+    )
     write.add_argument("out", help="output .beton file")
     write.add_argument("--builtin", choices=["shapes", "digits"], help="write a built-in dataset instead of SRC")
+    write.add_argument(
+        "--labels",
+        choices=["auto", "folders", "none"],
+        default="auto",
+        help="a folder's labels: its class subfolders, none (every image below it, label -1), or auto "
+        "(subfolders when the folder has no image of its own; the default)",
+    )
+    write.add_argument("--image-column", default="image", help="a Hugging Face dataset's image column (default image)")
+    write.add_argument(
+        "--label-column", default="label", help="a Hugging Face dataset's label column, or none (default label)"
+    )
     write.add_argument("--split", default="train", help="built-in split: train or test (digits also: all)")
     write.add_argument("--size", type=int, default=32, help="built-in image side in pixels (default 32)")
     write.add_argument("--length", type=int, default=4000, help="number of shapes images (default 4000)")
@@ -355,7 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "checkpoint", help="a checkpoint (a ckpt-UPDATE folder), or 'random' for the config's encoder at random init"
     )
-    evaluate.add_argument("--data", default=None, help="training images: a .beton or builtin:NAME (default: the run's)")
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="labelled images for the kNN bank and the probe's training: a .beton or builtin:NAME "
+        "(eval.data; default: the run's)",
+    )
     evaluate.add_argument(
         "--test", default=None, help="test images: a .beton or builtin:NAME:test (default: the run's)"
     )

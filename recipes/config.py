@@ -91,6 +91,7 @@ class EvalConfig:
     linear_lr: float = 0.01
     at_end: bool = True  # kNN of the trained encoder after training
     every_epochs: int = 0  # kNN monitor every N epochs during pretraining (metrics.csv's knn column); 0: off
+    data: str | None = None  # labelled images for the kNN bank and the probe's training (default: data.train)
 
 
 @dataclass

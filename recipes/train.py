@@ -25,7 +25,16 @@ from masklab.pipeline import clamp_progress, replace_atomically
 from masklab.transforms.protocols import GuidedStage, ProgressAware, RefreshesCache
 
 from .accelerator import agree, make_accelerator
-from .build import build_loader, build_model, build_optimizer, checkpoint_dir, encoder_of, family_of, sync_batchnorm
+from .build import (
+    build_loader,
+    build_model,
+    build_optimizer,
+    check_evaluation_labels,
+    checkpoint_dir,
+    encoder_of,
+    family_of,
+    sync_batchnorm,
+)
 from .checkpoint import Checkpoint, Checkpointer, check_resumable
 from .config import TrainConfig, save_config, to_dict
 from .metrics import RunLog, plot_losses
@@ -133,6 +142,7 @@ def step_teachers(objective, progress: float) -> int:
 def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | None:
     """Lock the run folder, read the checkpoint to resume and check it against ``cfg``, or clear the
     folder for a fresh run; write ``config.yaml`` only once all of that passed. Returns the checkpoint."""
+    check_evaluation_labels(cfg)
     out = Path(cfg.run.out)
     if cfg.run.resume is not None and cfg.run.overwrite:
         raise ValueError(
@@ -233,7 +243,7 @@ class KnnMonitor:
         if self.loaders is None:
             self.loaders = tuple(
                 build_loader(self.cfg, split, self.accelerator.device, self.family, distributed, train=False)
-                for split in ("train", "test")
+                for split in ("eval", "test")
             )
         start = time.perf_counter()
         gather = self.accelerator.gather if distributed else None

@@ -41,7 +41,7 @@ def evaluate_encoder(
     if hasattr(encoder, "eval"):
         encoder.eval()
     if loaders is None:
-        loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("train", "test"))
+        loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("eval", "test"))
     train_set, test_set = (extract_features(encoder, loader, gather) for loader in loaders)
     if was_training:
         encoder.train()
