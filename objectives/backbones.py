@@ -214,6 +214,11 @@ class ViTBackbone(nn.Module):
         return self.model.norm_pre(x)
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The adapter runs the blocks itself, so it honours timm's set_grad_checkpointing() flag here.
+        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            from timm.models import checkpoint_seq
+
+            return self.model.norm(checkpoint_seq(self.model.blocks, tokens))
         return self.model.norm(self.model.blocks(tokens))
 
     def encode_visible(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from masklab.pipeline import Batch
 from masklab.transforms import MaskOptions, PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify, unpatchify
 from .backbones import ViTBackbone, sincos_pos_embed
 from .compat import check_family
 from .registry import register_objective
@@ -169,3 +169,24 @@ class MAE(GuidanceMixin, nn.Module):
         target = gather_tokens(patches, mask.ids_masked)
         loss = mae_loss(pred, target, self.norm_pix)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """``(B, 3, H, W)`` in the images' (normalised) space: VISIBLE patches as given, MASKED patches
+        predicted, THROWN patches zero (what ``masklab show-recon`` draws).
+
+        With ``norm_pix`` the predictions are per-patch normalised; they are mapped back with each
+        true patch's mean and variance, as MAE's own visualisation does (a picture, not an evaluation).
+        """
+        p = self.backbone.patch_size
+        pred = self.predict(images, mask)
+        patches = patchify(images, p)
+        if self.norm_pix:
+            target = gather_tokens(patches, mask.ids_masked)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        full = torch.zeros_like(patches)
+        full = full.scatter(
+            1, mask.ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), gather_tokens(patches, mask.ids_keep)
+        )
+        full = full.scatter(1, mask.ids_masked.unsqueeze(-1).expand_as(pred), pred.to(full.dtype))
+        return unpatchify(full, p, mask.grid)

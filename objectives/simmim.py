@@ -10,9 +10,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from masklab.pipeline import Batch
-from masklab.transforms import MASKED, MaskOptions, PatchMask
+from masklab.transforms import MASKED, VISIBLE, MaskOptions, PatchMask
 
-from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify
+from ._common import GuidanceMixin, ObjectiveOutput, TeacherOptions, gather_tokens, patchify, unpatchify
 from .backbones import CNNBackbone, ViTBackbone
 from .compat import check_family
 from .registry import register_objective
@@ -84,28 +84,49 @@ class SimMIM(GuidanceMixin, nn.Module):
     def from_options(cls, backbone: ViTBackbone | CNNBackbone, options: SimMIMOptions, mask: MaskOptions) -> SimMIM:
         return cls(backbone, **options.teacher(mask))
 
-    def forward(self, batch: Batch) -> ObjectiveOutput:
-        mask = batch.mask
-        if not isinstance(mask, PatchMask):
-            raise ValueError("SimMIM needs a PatchMask in batch.mask: add a mask stage (SimMIMMask, RandomMask, ...)")
-        images = batch.images
+    def _predict(
+        self, images: torch.Tensor, mask: PatchMask
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(pred, target, weight, ids)``: ViT patches of the kept cells ``ids``, or whole CNN images (``ids`` None)."""
         if isinstance(self.backbone, ViTBackbone):
             out, ids = self.backbone.encode_with_mask_token(images, mask, self.mask_token)
             pred = self.head(out)  # (B, n_kept, p * p * 3)
             patches = patchify(images, self.backbone.patch_size)
             target = gather_tokens(patches, ids)
             weight = (mask.states.flatten(1).gather(1, ids) == MASKED).unsqueeze(-1)
-        else:
-            stride = self.backbone.strides[-1]
-            if images.shape[-1] % stride or images.shape[-2] % stride:
-                raise ValueError(
-                    f"image size {tuple(images.shape[-2:])} is not divisible by the backbone's stride {stride}"
-                )
-            hidden = self.backbone.hide(images, mask, self.mask_token)
-            pred = self.head(self.backbone.features(hidden)[-1])
-            target = images
-            weight = (mask.to_pixels(*images.shape[-2:]) == MASKED).unsqueeze(1)
-            if pred.shape != target.shape:
-                pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            return pred, target, weight, ids
+        stride = self.backbone.strides[-1]
+        if images.shape[-1] % stride or images.shape[-2] % stride:
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} is not divisible by the backbone's stride {stride}"
+            )
+        hidden = self.backbone.hide(images, mask, self.mask_token)
+        pred = self.head(self.backbone.features(hidden)[-1])
+        weight = (mask.to_pixels(*images.shape[-2:]) == MASKED).unsqueeze(1)
+        if pred.shape != images.shape:
+            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return pred, images, weight, None
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """``(B, 3, H, W)`` in the images' (normalised) space: VISIBLE cells as given, MASKED cells
+        predicted, THROWN cells zero (what ``masklab show-recon`` draws)."""
+        pred, _, _, ids = self._predict(images, mask)
+        height, width = images.shape[-2:]
+        if ids is None:
+            states = mask.to_pixels(height, width).unsqueeze(1)
+            return torch.where(states == MASKED, pred, torch.where(states == VISIBLE, images, 0.0))
+        p = self.backbone.patch_size
+        patches = patchify(images, p)
+        predicted = torch.zeros_like(patches).scatter(1, ids.unsqueeze(-1).expand_as(pred), pred.to(patches.dtype))
+        states = mask.states.flatten(1).unsqueeze(-1)
+        full = torch.where(states == MASKED, predicted, torch.where(states == VISIBLE, patches, 0.0))
+        return unpatchify(full, p, mask.grid)
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        mask = batch.mask
+        if not isinstance(mask, PatchMask):
+            raise ValueError("SimMIM needs a PatchMask in batch.mask: add a mask stage (SimMIMMask, RandomMask, ...)")
+        pred, target, weight, _ = self._predict(batch.images, mask)
         loss = simmim_loss(pred, target, weight)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "masked": torch.tensor(float(mask.num_masked))})

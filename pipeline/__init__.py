@@ -19,6 +19,7 @@ from .crop import (
 )
 from .loader import DatasetLoader, Loader
 from .order import epoch_order
+from .sources import UNLABELLED, HFDataset, ImageFolder, PathList, TarShards
 from .stage import Chain, Lambda, Stage, batch_generator, clamp_progress, derive_seed, stage_node
 from .writer import (
     DatasetInfo,
@@ -33,6 +34,11 @@ from .writer import (
 __all__ = [
     "BUILTIN",
     "SHAPE_CLASSES",
+    "UNLABELLED",
+    "HFDataset",
+    "ImageFolder",
+    "PathList",
+    "TarShards",
     "Batch",
     "Chain",
     "CropParams",

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ._ffcv import require_ffcv
+from .sources import IMAGE_EXTENSIONS, HFDataset, ImageFolder, PathList, TarShards, is_hf_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,8 +35,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 @dataclass
@@ -108,33 +107,6 @@ def to_hwc_uint8(image: Any) -> np.ndarray:
             "pass uint8 values, uint16 ones (0..65535) or floats in [0, 1]"
         )
     return np.ascontiguousarray(array.astype(np.uint8))
-
-
-class _Folder:
-    """Images in ``root/<class>/...``; labels follow sorted class names."""
-
-    def __init__(self, root: Path) -> None:
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise ValueError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((root / name).rglob("*"))
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, i: int) -> str:
-        return str(self.samples[i][0])
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[i]
-        with Image.open(path) as image:
-            # A full decode: truncated files pass Image.verify() but fail here.
-            return to_hwc_uint8(image), label
 
 
 class _Arrays:
@@ -222,14 +194,28 @@ class _Indexed:
         return image, label, i
 
 
-def _source(source: Any):
+def _source(source: Any, labels: str = "auto", image_column: str = "image", label_column: str | None = "label"):
     if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if any(ch in text for ch in "*?[") or ("{" in text and ".." in text):
+            return TarShards(text)
         root = Path(source)
         if not root.exists():
             raise FileNotFoundError(f"source path {root} does not exist")
-        if not root.is_dir():
-            raise ValueError(f"source path {root} is not a folder of class subfolders")
-        return _Folder(root)
+        if root.is_dir():
+            if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
+                return HFDataset(_load_from_disk(root), image_column, label_column)
+            return ImageFolder(root, labels)
+        if root.suffix.lower() == ".tar":
+            return TarShards(root)
+        if root.suffix.lower() in (".txt", ".lst", ".list"):
+            return PathList(root)
+        raise ValueError(
+            f"source path {root} is not an image folder, a path list (.txt), WebDataset shards (.tar) "
+            "or a saved Hugging Face dataset (a folder from Dataset.save_to_disk)"
+        )
+    if is_hf_dataset(source):
+        return HFDataset(source, image_column, label_column)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _Arrays(source, None)
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], (np.ndarray, torch.Tensor)):
@@ -237,9 +223,20 @@ def _source(source: Any):
     if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         return _Mapped(source)
     raise TypeError(
-        "source must be an image folder path, an array/tensor of images, an (images, labels) tuple, "
-        f"or a map-style dataset returning (image, label); got {type(source).__name__}"
+        "source must be an image folder, a path list, WebDataset shards, a Hugging Face dataset, an "
+        "array/tensor of images, an (images, labels) tuple, or a map-style dataset returning (image, label); "
+        f"got {type(source).__name__}"
     )
+
+
+def _load_from_disk(root: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{root} is a saved Hugging Face dataset; reading it needs the datasets package: pip install 'masklab[hf]'"
+        ) from None
+    return datasets.load_from_disk(str(root))
 
 
 def replace_atomically(write, path: str | os.PathLike, sidecar=None) -> None:
@@ -294,6 +291,9 @@ def write_dataset(
     num_workers: int = -1,
     progress: bool = True,
     classes: Sequence[str] | None = None,
+    labels: str = "auto",
+    image_column: str = "image",
+    label_column: str | None = "label",
 ) -> WriteReport:
     """Write images and labels to one ``.beton`` file (FFCV).
 
@@ -304,9 +304,14 @@ def write_dataset(
     names and the skipped files.
 
     Args:
-        source: a folder with one subfolder per class; an array or tensor of
-            images (labels 0); an ``(images, labels)`` tuple; or any map-style
-            dataset returning ``(image, label)`` with PIL, array or tensor images.
+        source: an image folder (with one subfolder per class, or without: see ``labels``); a
+            text file listing image paths, optionally each with a label
+            (:class:`~masklab.pipeline.sources.PathList`); WebDataset tar shards (a ``.tar``, a
+            glob or a brace range such as ``shard-{000..009}.tar``); a Hugging Face
+            ``datasets.Dataset``, or a folder written by its ``save_to_disk``; an array or tensor
+            of images (labels 0); an ``(images, labels)`` tuple; or any map-style dataset
+            returning ``(image, label)`` with PIL, array or tensor images. Sources without labels
+            write label -1 (:data:`~masklab.pipeline.sources.UNLABELLED`) and no class names.
         path: the output file.
         max_resolution: longest side kept; larger images are downscaled.
         jpeg_quality: JPEG quality, 1 to 100.
@@ -315,6 +320,9 @@ def write_dataset(
         num_workers: writer processes (-1: all cores).
         progress: show progress bars.
         classes: class names (position = label), overriding what the source says.
+        labels: a folder's labels: ``folders``, ``none`` or ``auto`` (:data:`~masklab.pipeline.sources.LABEL_MODES`).
+        image_column: a Hugging Face dataset's image column.
+        label_column: its label column (``None``: unlabelled).
 
     Returns:
         A :class:`WriteReport` (count, classes, skipped files).
@@ -338,7 +346,7 @@ def write_dataset(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    data = _source(source)
+    data = _source(source, labels, image_column, label_column)
     if len(data) == 0:
         where = f"source {source}" if isinstance(source, (str, os.PathLike)) else "source"
         raise ValueError(f"{where} holds no images")
@@ -417,6 +425,12 @@ class DatasetInfo:
     max_size: tuple[int, int]
     num_classes: int
     classes: list[str]
+    unlabelled: int = 0  # images with label -1 (a source without labels)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every image has a label (kNN and linear evaluation need that)."""
+        return self.unlabelled == 0
 
     def __str__(self) -> str:
         lines = [
@@ -428,6 +442,8 @@ class DatasetInfo:
             + " (HxW)",
             f"classes:    {self.num_classes}" + (f" ({', '.join(self.classes)})" if self.classes else ""),
         ]
+        if self.unlabelled:
+            lines.append(f"unlabelled: {self.unlabelled} images (label -1)")
         return "\n".join(lines)
 
 
@@ -537,6 +553,7 @@ def read_info(path: str | os.PathLike) -> DatasetInfo:
         fields=fields,
         min_size=(int(heights.min()), int(widths.min())),
         max_size=(int(heights.max()), int(widths.max())),
-        num_classes=int(np.unique(labels).size),
+        num_classes=int(np.unique(labels[labels >= 0]).size),
         classes=list(classes),
+        unlabelled=int((labels < 0).sum()),
     )

@@ -37,8 +37,54 @@ def mixed_precision(name: str, device: torch.device) -> str:
     return "no"
 
 
+TRACKER_MODULES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "aim": "aim",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+"""Accelerate's trackers and the package each needs."""
+
+
+def trackers(names: list[str]) -> list[str]:
+    """The Accelerate trackers ``run.log_with`` asks for (``metrics.csv`` is always written).
+
+    ``auto``: TensorBoard if it is installed, else none; ``all``: every installed tracker;
+    ``none``: none; else the named trackers, each of which must be installed.
+
+    Raises:
+        ValueError: a named tracker whose package is not installed (named, with the pip line).
+    """
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        return importlib.util.find_spec(TRACKER_MODULES.get(name, name)) is not None
+
+    if names == ["none"]:
+        return []
+    if names == ["auto"]:
+        if installed("tensorboard"):
+            return ["tensorboard"]
+        logger.info("tensorboard is not installed: metrics go to metrics.csv only")
+        return []
+    if names == ["all"]:
+        return [name for name in TRACKER_MODULES if installed(name)]
+    missing = [name for name in names if not installed(name)]
+    if missing:
+        raise ValueError(
+            f"run.log_with asks for {missing}, not installed: pip install "
+            + " ".join(TRACKER_MODULES.get(m, m) for m in missing)
+        )
+    return list(names)
+
+
 def make_accelerator(cfg: TrainConfig):
-    """The Accelerator of ``cfg``: its device, precision and gradient accumulation, TensorBoard if installed.
+    """The Accelerator of ``cfg``: its device, precision and gradient accumulation, its trackers (:func:`trackers`).
 
     Checkpoint folders are named by the run (``ckpt-UPDATE``), not by
     Accelerate's automatic naming: see :mod:`masklab.recipes.checkpoint`.
@@ -46,13 +92,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     device = resolve_device(cfg.run.device)
-    log_with = []
-    try:
-        import tensorboard  # noqa: F401
-
-        log_with.append("tensorboard")
-    except ImportError:
-        logger.info("tensorboard is not installed: metrics go to the CSV only")
+    log_with = trackers(list(cfg.run.log_with))
     return Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision(cfg.optim.mixed_precision, device),

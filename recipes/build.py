@@ -63,7 +63,29 @@ def num_classes_of(spec: str) -> int:
         return {"shapes": 8, "digits": 10}[spec.split(":")[1]]
     from masklab.pipeline import read_info
 
-    return read_info(spec).num_classes
+    info = read_info(spec)
+    if not info.labelled:
+        raise ValueError(f"{spec} has {info.unlabelled} unlabelled images (label -1): a classifier needs labels")
+    return info.num_classes
+
+
+def check_evaluation_labels(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` before training when the evaluation the run asks for has unlabelled images.
+
+    kNN (``eval.at_end``, ``eval.every_epochs``) needs labelled images for its memory bank
+    (``eval.data``, default ``data.train``) and its queries (``data.test``).
+    """
+    if cfg.task != "pretrain" or not (cfg.eval.at_end or cfg.eval.every_epochs):
+        return
+    from masklab.pipeline import read_info
+
+    for key, spec in (("eval.data", cfg.eval.data or cfg.data.train), ("data.test", cfg.data.test)):
+        if spec.endswith(".beton") and Path(spec).exists() and not read_info(spec).labelled:
+            raise ValueError(
+                f"{key}={spec} has unlabelled images, and the kNN evaluation (eval.at_end, eval.every_epochs) "
+                "needs labels: give labelled images as eval.data (the kNN memory bank) and data.test, or set "
+                "eval.at_end=false eval.every_epochs=0"
+            )
 
 
 def patch_size_of(cfg: TrainConfig, family: str) -> int:
@@ -134,7 +156,9 @@ def build_loader(
     train: bool = True,
 ):
     """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
-    spec = cfg.data.train if split == "train" else cfg.data.test
+    if split not in ("train", "test", "eval"):
+        raise ValueError(f"split must be train, test or eval (the kNN memory bank), got {split!r}")
+    spec = {"train": cfg.data.train, "test": cfg.data.test, "eval": cfg.eval.data or cfg.data.train}[split]
     source = spec if spec.endswith(".beton") else _builtin(spec, cfg)
     # Views cut from [0, 1] images, so they come before Normalize (which normalises the views too).
     views = [Views(2, cfg.data.views)] if train and cfg.data.views else []
@@ -235,10 +259,22 @@ def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
 
 
 def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "backbone.model.") -> None:
-    """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh."""
-    from .checkpoint import checkpoint_backbone, fit_weights, load_checkpoint
+    """Initialise the timm classifier ``model`` from ``cfg.model.init``'s backbone; its classifier starts afresh.
 
-    checkpoint = load_checkpoint(cfg.model.init, trust=cfg.run.trust_checkpoint, training_state=False)
+    ``cfg.model.init`` is a masklab checkpoint or an exported timm model folder (``masklab export``).
+    """
+    from .checkpoint import MODEL_FILE, Checkpoint, checkpoint_backbone, fit_weights, load_checkpoint
+    from .export import read_export
+
+    exported = read_export(cfg.model.init)
+    if exported is not None:  # a timm model folder (masklab export): plain timm keys, no prefix
+        from safetensors.torch import load_file
+
+        source = {"model": {"backbone": exported["architecture"], "kwargs": exported.get("model_args")}}
+        checkpoint = Checkpoint(Path(cfg.model.init), load_file(str(Path(cfg.model.init) / MODEL_FILE)), source)
+        prefix = ""
+    else:
+        checkpoint = load_checkpoint(cfg.model.init, trust=cfg.run.trust_checkpoint, training_state=False)
     weights = {k[len(prefix) :]: v for k, v in checkpoint.model.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"checkpoint {cfg.model.init} holds no backbone weights (no keys starting with {prefix!r})")
@@ -247,6 +283,35 @@ def _load_backbone_weights(model: nn.Module, cfg: TrainConfig, prefix: str = "ba
     requested = checkpoint_backbone({"model": {"backbone": cfg.model.backbone, "kwargs": cfg.model.kwargs}})
     fit_weights(model, weights, cfg.model.init, checkpoint_backbone(checkpoint.config), requested, optional=heads)
     logger.info("initialised the backbone from %s (%d tensors; %s trained afresh)", cfg.model.init, len(weights), heads)
+
+
+def speed_options(cfg: TrainConfig, model: nn.Module, adapter: bool) -> None:
+    """Apply ``model.grad_checkpointing``, ``model.channels_last`` and ``model.compile`` to a timm model, in place.
+
+    ``adapter``: ``model`` is the timm ViT inside a :class:`ViTBackbone`, which runs its blocks itself:
+    checkpointing is honoured by the adapter's block loop and ``compile`` compiles each block
+    (the ViT's own ``forward`` is not what the objectives call). Otherwise ``model`` runs as a whole
+    and is compiled whole. ``nn.Module.compile`` compiles in place, so checkpoints keep their keys.
+
+    Raises:
+        ValueError: ``channels_last`` for a model without convolutions worth it (a ViT), or grad
+            checkpointing on a timm model that does not support it.
+    """
+    m = cfg.model
+    if m.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as error:
+            raise ValueError(
+                f"model.grad_checkpointing: {cfg.model.backbone} does not support it in timm ({error})"
+            ) from None
+    if m.channels_last:
+        if hasattr(model, "patch_embed"):
+            raise ValueError(f"model.channels_last is for CNNs; {cfg.model.backbone} is a ViT")
+        model.to(memory_format=torch.channels_last)
+    if m.compile:
+        for module in model.blocks if adapter else [model]:
+            module.compile()
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -260,6 +325,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError(
                 f"objective {entry.name!r} needs {views} views: set data.views to a Views preset (mocov2, byol, ...)"
             )
+        speed_options(cfg, backbone.model, adapter=backbone_family(backbone) == "vit")
         return entry.build(backbone, cfg.objective, cfg.mask)
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
@@ -274,6 +340,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             )
         if cfg.model.init:
             _load_backbone_weights(model, cfg)
+        speed_options(cfg, model, adapter=False)
         return Supervised(model, classes, cfg.objective.label_smoothing)
     raise ValueError(f"task {cfg.task!r} does not train a model")
 

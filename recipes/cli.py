@@ -34,7 +34,9 @@ def _write_dataset(args: argparse.Namespace) -> int:
     from masklab.pipeline import builtin_dataset, write_dataset
 
     if (args.src is None) == (args.builtin is None):
-        raise SystemExit("write-dataset: give either SRC (an image folder) or --builtin NAME, not both")
+        raise SystemExit(
+            "write-dataset: give either SRC (images: a folder, a list, shards) or --builtin NAME, not both"
+        )
     if args.builtin is not None:
         kwargs = {"size": args.size, "seed": args.seed, "split": args.split}
         if args.builtin == "shapes":
@@ -50,8 +52,12 @@ def _write_dataset(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         strict=args.strict,
         num_workers=args.workers,
+        labels=args.labels,
+        image_column=args.image_column,
+        label_column=None if args.label_column == "none" else args.label_column,
     )
-    print(f"wrote {report.count} images to {report.path} ({len(report.classes)} classes)")
+    kind = f"{len(report.classes)} classes" if report.classes else "unlabelled"
+    print(f"wrote {report.count} images to {report.path} ({kind})")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s):")
         for path, reason in report.skipped:
@@ -134,11 +140,22 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.data:
-        overrides.append(f"data.train={args.data}")
+        overrides.append(f"eval.data={args.data}")
     if args.test:
         overrides.append(f"data.test={args.test}")
     for name, value in evaluate_checkpoint(args.checkpoint, args.kind, overrides, args.trust_checkpoint).items():
         print(f"{name} accuracy: {value:.4f}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from masklab.recipes.export import export_encoder
+
+    folder = export_encoder(
+        args.checkpoint, args.out_dir, args.include, args.overrides, args.trust_checkpoint, args.overwrite
+    )
+    print(f"wrote the {args.include} as a timm model: {folder} (model.safetensors, config.json, README.md)")
+    print(f'load it without masklab: timm.create_model("local-dir:{folder}", pretrained=True)')
     return 0
 
 
@@ -167,6 +184,14 @@ def _show_masks(args: argparse.Namespace) -> int:
         progress=_floats(args.progress, "--progress"),
         trust_checkpoint=args.trust_checkpoint,
     )
+    print(f"wrote {path}")
+    return 0
+
+
+def _show_recon(args: argparse.Namespace) -> int:
+    from masklab.recipes.show_recon import show_recon
+
+    path = show_recon(args.checkpoint, Path(args.out), args.data, args.n, args.seed, args.trust_checkpoint)
     print(f"wrote {path}")
     return 0
 
@@ -230,12 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     write = sub.add_parser(
         "write-dataset",
-        help="write an image folder or a built-in dataset to a .beton file",
-        description="Write images and labels to one FFCV .beton file (fields: image, label, index).",
+        help="write images (a folder, a path list, WebDataset shards, a saved HF dataset, a built-in) to a .beton",
+        description="Write images and labels to one FFCV .beton file (fields: image, label, index). "
+        "Images without labels (a flat folder, a list or shards without labels) get label -1.",
     )
-    write.add_argument("src", nargs="?", help="image folder with one subfolder per class")
+    write.add_argument(
+        "src",
+        nargs="?",
+        help="an image folder (class subfolders, or any images below it), a .txt list of image paths "
+        "(optionally 'path label'), WebDataset shards (a .tar, a glob, or shard-{000..009}.tar), "
+        "or a folder saved by a Hugging Face Dataset's save_to_disk",
+    )
     write.add_argument("out", help="output .beton file")
     write.add_argument("--builtin", choices=["shapes", "digits"], help="write a built-in dataset instead of SRC")
+    write.add_argument(
+        "--labels",
+        choices=["auto", "folders", "none"],
+        default="auto",
+        help="a folder's labels: its class subfolders, none (every image below it, label -1), or auto "
+        "(subfolders when the folder has no image of its own; the default)",
+    )
+    write.add_argument("--image-column", default="image", help="a Hugging Face dataset's image column (default image)")
+    write.add_argument(
+        "--label-column", default="label", help="a Hugging Face dataset's label column, or none (default label)"
+    )
     write.add_argument("--split", default="train", help="built-in split: train or test (digits also: all)")
     write.add_argument("--size", type=int, default=32, help="built-in image side in pixels (default 32)")
     write.add_argument("--length", type=int, default=4000, help="number of shapes images (default 4000)")
@@ -285,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     show.set_defaults(func=_show_masks)
 
+    recon = sub.add_parser(
+        "show-recon",
+        help="draw a MAE / SimMIM checkpoint's reconstructions to a PNG",
+        description="Draw input, masked input and reconstruction for a few images, with the checkpoint's own mask.",
+    )
+    recon.add_argument("checkpoint", help="a mae or simmim checkpoint (a ckpt-UPDATE folder)")
+    recon.add_argument("--data", default=None, help="draw the first images of this .beton (default: built-in shapes)")
+    recon.add_argument("--out", default="recon.png", help="output PNG (default recon.png)")
+    recon.add_argument("-n", type=int, default=8, help="images to draw (default 8)")
+    recon.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
+    recon.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    recon.set_defaults(func=_show_recon)
+
     demo = sub.add_parser(
         "demo",
         help="run the demo on the built-in shapes data",
@@ -323,13 +379,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "checkpoint", help="a checkpoint (a ckpt-UPDATE folder), or 'random' for the config's encoder at random init"
     )
-    evaluate.add_argument("--data", default=None, help="training images: a .beton or builtin:NAME (default: the run's)")
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="labelled images for the kNN bank and the probe's training: a .beton or builtin:NAME "
+        "(eval.data; default: the run's)",
+    )
     evaluate.add_argument(
         "--test", default=None, help="test images: a .beton or builtin:NAME:test (default: the run's)"
     )
     evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("overrides", nargs="*", help="dotted config overrides")
     evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's encoder as a timm model folder (model.safetensors + config.json)",
+        description="Export the trained encoder alone, in timm's folder layout: plain timm loads it with "
+        "timm.create_model('local-dir:OUT_DIR', pretrained=True), no masklab needed.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint (a ckpt-UPDATE folder)")
+    export.add_argument("out_dir", help="the folder to write")
+    export.add_argument(
+        "--include",
+        choices=["encoder", "teacher"],
+        default="encoder",
+        help="the online encoder (default: what the evaluations measure) or the EMA teacher's copy",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    export.add_argument("overrides", nargs="*", help="dotted config overrides")
+    export.set_defaults(func=_export)
 
     study = sub.add_parser(
         "study",

@@ -65,6 +65,9 @@ class ModelConfig:
     init: str | None = None  # a masklab checkpoint whose backbone initialises this one (finetune, linear)
     small_stem: bool = False  # ResNets: 3x3 stride-1 stem without max-pool, for 32 px images
     sync_bn: bool = True  # convert batch norm to SyncBatchNorm when training on several GPUs
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory, more time)
+    compile: bool = False  # torch.compile the backbone's blocks (ViT) or the whole network (CNN, classifier)
+    channels_last: bool = False  # CNNs: channels-last weights (faster convolutions on GPUs with tensor cores)
 
 
 @dataclass
@@ -102,6 +105,8 @@ class EvalConfig:
     linear_epochs: int = 100
     linear_lr: float = 0.01
     at_end: bool = True  # kNN of the trained encoder after training
+    every_epochs: int = 0  # kNN monitor every N epochs during pretraining (metrics.csv's knn column); 0: off
+    data: str | None = None  # labelled images for the kNN bank and the probe's training (default: data.train)
 
 
 @dataclass
@@ -120,6 +125,8 @@ class RunConfig:
     trust_checkpoint: bool = False  # unpickle checkpoints (resume, model.init) that need it: runs any code they carry
     progress: bool = True
     record_indices: bool = False  # keep the dataset indices each rank trained on (debugging, tests)
+    log_with: list[str] = field(default_factory=lambda: ["auto"])  # Accelerate trackers, all, none, or auto
+    skip_nonfinite: int = 0  # skip up to K updates whose loss is NaN/inf (checked every update); 0: stop at the first
 
 
 @dataclass
@@ -313,6 +320,15 @@ def check_config(config: TrainConfig) -> None:
             f"mask.ratio must lie strictly between 0 and 1 for the {mask.name!r} mask, got mask.ratio={ratio}"
             + (" (it would mask nothing)" if ratio == 0 else "")
         )
+    if config.optim.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+        config.optim.mixed_precision = "no"
+    if config.optim.mixed_precision not in PRECISIONS:
+        raise ValueError(f"optim.mixed_precision must be one of {PRECISIONS}, got {config.optim.mixed_precision!r}")
+    if config.eval.every_epochs < 0:
+        raise ValueError(f"eval.every_epochs must be 0 (off) or more, got {config.eval.every_epochs}")
+    _check_trackers(list(config.run.log_with))
+    if config.run.skip_nonfinite < 0:
+        raise ValueError(f"run.skip_nonfinite must be 0 or more (updates to skip), got {config.run.skip_nonfinite}")
     _check_model_kwargs(config.model.kwargs)
     _check_optim(config.optim)
 
@@ -348,6 +364,25 @@ def _check_optim(optim: OptimConfig) -> None:
         )
     if len(optim.betas) != info.num_betas or not all(0 <= b < 1 for b in optim.betas):
         raise ValueError(f"optim.betas must be {info.num_betas} numbers in [0, 1), got {list(optim.betas)}")
+
+
+PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
+"""``optim.mixed_precision`` values: ``auto`` (bf16 where the device supports it) or Accelerate's."""
+
+TRACKER_CHOICES = ("auto", "all", "none")
+"""``run.log_with`` words besides Accelerate's tracker names: ``auto`` (TensorBoard if installed), every
+installed tracker, none (``metrics.csv`` only)."""
+
+
+def _check_trackers(names: list[str]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = (*TRACKER_CHOICES, *LOGGER_TYPE_TO_CLASS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"run.log_with names unknown trackers {unknown}; choose from {list(known)}")
+    if len(names) > 1 and set(names) & set(TRACKER_CHOICES):
+        raise ValueError(f"run.log_with: {list(TRACKER_CHOICES)} stand alone, got {names}")
 
 
 SET_BY_MASKLAB = {

@@ -14,14 +14,39 @@ __all__ = ["extract_features", "knn_accuracy", "knn_predict", "linear_probe_accu
 
 @torch.no_grad()
 def extract_features(
-    encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]
+    encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch], gather: Callable | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features (N, D), labels (N,))`` of every batch, on the CPU, in loader order."""
-    feats, labels = [], []
+    """``(features (N, D), labels (N,))`` of every batch, on the CPU, in loader order.
+
+    ``gather``: each process encodes its shard of a sharded loader and ``gather((features, labels,
+    index))`` collects every process's batch (Accelerate's ``gather``); the result is then every
+    dataset image once, in index order (a shard padded with repeats counts each image once).
+
+    Raises:
+        ValueError: a batch without labels (kNN and the linear probe need a labelled set).
+    """
+    feats, labels, index = [], [], []
     for batch in batches:
-        feats.append(encode(batch.images).float().cpu())
-        labels.append(batch.labels.cpu())
-    return torch.cat(feats), torch.cat(labels)
+        if batch.labels is None or bool((batch.labels < 0).any()):
+            raise ValueError(
+                "kNN and linear evaluation need labelled images, and this data has none (label -1): "
+                "give labelled data for the evaluation (eval --data/--test, or data.train/data.test)"
+            )
+        part = (encode(batch.images).float(), batch.labels, batch.index)
+        if gather is not None:
+            part = gather(part)
+        feats.append(part[0].cpu())
+        labels.append(part[1].cpu())
+        if part[2] is not None:
+            index.append(part[2].cpu())
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if gather is not None and index:
+        index = torch.cat(index)
+        order = torch.argsort(index, stable=True)
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = index[order][1:] != index[order][:-1]
+        feats, labels = feats[order][first], labels[order][first]
+    return feats, labels
 
 
 def knn_predict(

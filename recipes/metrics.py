@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from masklab.pipeline import replace_atomically
 
 __all__ = ["CSV_FIELDS", "RunLog", "flat_config", "keep_rows_until", "plot_losses"]
 
-CSV_FIELDS = ("update", "epoch", "loss", "lr", "images_per_s", "masked_fraction", "thrown_fraction")
+CSV_FIELDS = ("update", "epoch", "loss", "lr", "images_per_s", "masked_fraction", "thrown_fraction", "knn")
+"""``metrics.csv``'s columns; ``knn`` is filled at the updates where the kNN monitor ran (``eval.every_epochs``)."""
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
@@ -73,6 +75,10 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training stopped at a NaN or infinite loss; no checkpoint was written after it."""
+
+
 class RunLog:
     """``metrics.csv``, the trackers and the progress bar of one run.
 
@@ -107,11 +113,13 @@ class RunLog:
         self.csv = Path(out) / "metrics.csv"
         self.losses: list[float] = []  # every update's loss, averaged over ranks
         self.pending: list[dict[str, Any]] = []
+        self.skipped: set[int] = set()
+        self.last_finite: tuple[int, float] | None = None
         self.tick, self.seen = time.perf_counter(), 0
         if self.main:
             if resumed:
                 keep_rows_until(self.csv, start)
-            accelerator.init_trackers("masklab", config=flat_config(config))
+            accelerator.init_trackers("masklab", config=flat_config(config), init_kwargs={"wandb": {"dir": str(out)}})
             if not resumed or not self.csv.exists():
                 with open(self.csv, "w", newline="") as f:
                     csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
@@ -123,8 +131,13 @@ class RunLog:
         """Count ``images`` trained on by this process (for images/s)."""
         self.seen += images
 
-    def record(self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask) -> None:
-        """Keep an update's row; ``loss`` stays on its device until :meth:`flush`."""
+    def record(self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask, skipped: bool = False) -> None:
+        """Keep an update's row; ``loss`` stays on its device until :meth:`flush`.
+
+        ``skipped``: the update's loss was not finite and the loop skipped it (``run.skip_nonfinite``).
+        """
+        if skipped:
+            self.skipped.add(update)
         self.pending.append(
             {
                 "update": update,
@@ -136,6 +149,15 @@ class RunLog:
             }
         )
 
+    def note(self, **scores: float) -> None:
+        """Add ``scores`` (e.g. ``knn``) to the last recorded update's row and log them to the trackers."""
+        if not self.pending:
+            raise RuntimeError("note() follows record() of the update the scores belong to")
+        row = self.pending[-1]
+        row.update(scores)
+        if self.main:
+            self.accelerator.log(dict(scores), step=row["update"])
+
     def flush(self) -> None:
         """Average the kept losses over ranks, write their rows, log the last, advance the bar."""
         if not self.pending:
@@ -146,6 +168,7 @@ class RunLog:
         self.tick, self.seen = now, 0
         for row, value in zip(self.pending, values, strict=True):
             row.update(loss=value, images_per_s=rate)
+        bad = self._first_bad(values)
         self.losses += values
         if self.main:
             with open(self.csv, "a", newline="") as f:
@@ -155,6 +178,27 @@ class RunLog:
         self.bar.update(len(self.pending))
         self.bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.0f}")
         self.pending = []
+        if bad is not None:
+            update, value = bad
+            last = (
+                "no finite loss before it"
+                if self.last_finite is None
+                else (f"the last finite loss was {self.last_finite[1]:.6g} at update {self.last_finite[0]}")
+            )
+            raise NonFiniteLoss(
+                f"the loss is {value} at update {update}; {last}. No checkpoint was written after it: resume "
+                "from the last one (--resume auto) with a lower optim.lr or optim.clip_grad, or set "
+                "run.skip_nonfinite=K to skip up to K such updates"
+            )
+
+    def _first_bad(self, values: list[float]) -> tuple[int, float] | None:
+        """The first row of ``values`` whose loss is not finite and was not skipped; notes the last finite one."""
+        for row, value in zip(self.pending, values, strict=True):
+            if math.isfinite(value):
+                self.last_finite = (row["update"], value)
+            elif row["update"] not in self.skipped:
+                return row["update"], value
+        return None
 
     def close(self) -> None:
         """Close the bar and plot the losses (``loss.png`` beside the CSV)."""

@@ -29,6 +29,7 @@ from .build import (
     build_loader,
     build_model,
     build_optimizer,
+    check_evaluation_labels,
     checkpoint_dir,
     encoder_of,
     family_of,
@@ -42,6 +43,7 @@ from .run_folder import RunLock, check_resumed_config, find_resume, prepare_fres
 from .trained import evaluate_checkpoint, evaluate_encoder, evaluate_knn, load_trained
 
 __all__ = [
+    "KnnMonitor",
     "TrainResult",
     "bind_guidance",
     "evaluate_checkpoint",
@@ -141,6 +143,7 @@ def step_teachers(objective, progress: float) -> int:
 def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | None:
     """Lock the run folder, read the checkpoint to resume and check it against ``cfg``, or clear the
     folder for a fresh run; write ``config.yaml`` only once all of that passed. Returns the checkpoint."""
+    check_evaluation_labels(cfg)
     out = Path(cfg.run.out)
     if cfg.run.resume is not None and cfg.run.overwrite:
         raise ValueError(
@@ -205,16 +208,61 @@ def _lr_source(cfg: TrainConfig, accelerator) -> str:
     return f"optim.base_lr={o.base_lr:g} x global batch {batch} / 256"
 
 
-def _step(cfg: TrainConfig, accelerator, model, optimizer, batch):
-    """Forward, backward and (on the last micro-batch of an update) the optimizer step; the objective's output."""
+def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether every process's ``loss`` is finite (a host sync: only with ``run.skip_nonfinite``)."""
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+
+
+def _step(cfg: TrainConfig, accelerator, model, optimizer, batch, bad: list[bool]):
+    """Forward, backward and (on the last micro-batch of an update) the optimizer step; the objective's output.
+
+    With ``run.skip_nonfinite`` each micro-batch's loss is checked on every process; an update any
+    of whose losses was not finite anywhere is skipped whole (its gradients dropped), and
+    ``bad[0]`` says so until the loop resets it.
+    """
     with accelerator.accumulate(model):
         result = model(batch)
+        if cfg.run.skip_nonfinite and not _finite_everywhere(accelerator, result.loss):
+            bad[0] = True
         accelerator.backward(result.loss)
-        if accelerator.sync_gradients and cfg.optim.clip_grad:
+        if accelerator.sync_gradients and cfg.optim.clip_grad and not bad[0]:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
+        if not (accelerator.sync_gradients and bad[0]):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return result
+
+
+class KnnMonitor:
+    """kNN accuracy of the encoder's frozen features, train split against test split, on every process.
+
+    Each process encodes its shard of the evaluation loaders (built once, at the first pass) and the
+    features are gathered, so no process waits while another evaluates alone; every process gets
+    the same score. The first pass's cost is logged once.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, family: str) -> None:
+        self.cfg, self.accelerator, self.family = cfg, accelerator, family
+        self.loaders = None
+        self.timed = False
+
+    def __call__(self, encoder) -> float:
+        distributed = self.accelerator.num_processes > 1
+        if self.loaders is None:
+            self.loaders = tuple(
+                build_loader(self.cfg, split, self.accelerator.device, self.family, distributed, train=False)
+                for split in ("eval", "test")
+            )
+        start = time.perf_counter()
+        gather = self.accelerator.gather if distributed else None
+        knn = evaluate_encoder(self.cfg, encoder, self.accelerator.device, self.family, ("knn",), self.loaders, gather)[
+            "knn"
+        ]
+        if not self.timed:
+            self.timed = True
+            logger.info("one kNN monitor pass takes %.1f s", time.perf_counter() - start)
+        return knn
 
 
 def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainResult:
@@ -249,6 +297,8 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     log = RunLog(accelerator, out, to_dict(cfg), total, update, resume is not None, cfg.run.progress)
 
     recorded: list[torch.Tensor] = []
+    bad, skips = [False], 0  # run.skip_nonfinite: this update saw a non-finite loss; updates skipped so far
+    monitor, monitor_due = KnnMonitor(cfg, accelerator, family), False
     last_checkpoint: Path | None = None
     bind_guidance(loader.chain, raw)
     set_progress(loader.chain, update / total)
@@ -258,17 +308,37 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
         if loader.step == 0:
             refresh_caches(cfg, loader.chain, raw, accelerator, family, epoch)
         for batch in loader:
-            result = _step(cfg, accelerator, model, optimizer, batch)
+            result = _step(cfg, accelerator, model, optimizer, batch, bad)
+            every = cfg.eval.every_epochs
+            if every and loader.step == len(loader) and (epoch + 1) % every == 0:
+                monitor_due = True  # at this update, or the first one completed after it (accumulation)
             log.saw(len(batch))
             if cfg.run.record_indices:
                 recorded.append(batch.index.cpu())
             if not accelerator.sync_gradients:
                 continue
             update += 1
+            skipped, bad[0] = bad[0], False
+            if skipped:
+                skips += 1
+                logger.warning(
+                    "skipped update %d: its loss was not finite (%d of run.skip_nonfinite=%d)",
+                    update,
+                    skips,
+                    cfg.run.skip_nonfinite,
+                )
+                if skips > cfg.run.skip_nonfinite:
+                    log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask)
+                    log.flush()  # raises NonFiniteLoss, naming the update
             scheduler.step_update(update)
             step_teachers(raw, update / total)
             set_progress(loader.chain, update / total)
-            log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask)
+            log.record(update, epoch, result.loss, optimizer.param_groups[0]["lr"], batch.mask, skipped)
+            if monitor_due:
+                monitor_due = False
+                model.eval()
+                log.note(knn=monitor(encoder_of(raw)))
+                model.train()
             checkpoint_due = update % cfg.run.ckpt_every == 0 or update >= stop_at
             if len(log.pending) >= cfg.run.log_every or checkpoint_due:
                 log.flush()  # before a checkpoint: a resume keeps the rows up to it
@@ -281,10 +351,11 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     trained = TrainResult(out, update, raw, log.losses, checkpoint=last_checkpoint, stages=loader.chain)
     if recorded:
         trained.indices = torch.cat(recorded)
-    if cfg.eval.at_end and update >= total and accelerator.is_main_process:
+    if cfg.eval.at_end and update >= total:
         model.eval()
-        trained.knn = evaluate_knn(cfg, encoder_of(raw), accelerator.device, family)
-        (out / "eval.json").write_text(json.dumps({"knn": trained.knn, "updates": update}, indent=1))
+        trained.knn = monitor(encoder_of(raw))  # every process evaluates its shard
+        if accelerator.is_main_process:
+            (out / "eval.json").write_text(json.dumps({"knn": trained.knn, "updates": update}, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return trained

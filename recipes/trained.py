@@ -23,6 +23,7 @@ def evaluate_encoder(
     family: str,
     kinds: tuple[str, ...] = ("knn",),
     loaders: tuple[Any, Any] | None = None,
+    gather=None,
 ) -> dict[str, float]:
     """Accuracy of ``encoder``'s pooled features, train split against test split, for each of ``kinds``.
 
@@ -30,7 +31,9 @@ def evaluate_encoder(
     ``linear`` (a probe of ``cfg.eval.linear_epochs`` epochs at ``linear_lr``);
     the features are extracted once for all of them. ``loaders``: the
     (train, test) evaluation loaders to reuse (an FFCV loader compiles its
-    pipeline once, a few seconds on a CPU); built from ``cfg`` when ``None``.
+    pipeline once, a few seconds on a CPU); built from ``cfg`` when ``None``. ``gather``: the loaders
+    are sharded over processes, and this collects every process's features
+    (see :func:`~masklab.recipes.evaluate.extract_features`); every process gets the same scores.
     """
     if not kinds or any(k not in ("knn", "linear") for k in kinds):
         raise ValueError(f"evaluation must be knn and/or linear, got {list(kinds)}")
@@ -38,8 +41,8 @@ def evaluate_encoder(
     if hasattr(encoder, "eval"):
         encoder.eval()
     if loaders is None:
-        loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("train", "test"))
-    train_set, test_set = (extract_features(encoder, loader) for loader in loaders)
+        loaders = tuple(build_loader(cfg, split, device, family, train=False) for split in ("eval", "test"))
+    train_set, test_set = (extract_features(encoder, loader, gather) for loader in loaders)
     if was_training:
         encoder.train()
     scores = {}
@@ -89,11 +92,25 @@ def evaluate_checkpoint(
     """kNN or linear-probe accuracy of a checkpoint's encoder (its config, then ``overrides``).
 
     ``checkpoint`` may also be ``random``: the encoder of ``overrides``'
-    config at random initialisation (the baseline a trained one must beat).
+    config at random initialisation (the baseline a trained one must beat), or a folder written by
+    :func:`~masklab.recipes.export.export_encoder` (a timm model folder: its architecture, then
+    ``overrides``).
     ``trust``: see :func:`load_trained`.
     """
     if kind not in ("knn", "linear"):
         raise ValueError(f"evaluation must be knn or linear, got {kind!r}")
+    from .export import load_export, read_export
+
+    if str(checkpoint) != "random" and read_export(checkpoint) is not None:
+        cfg, net = load_export(checkpoint, overrides)
+        device = resolve_device(cfg.run.device)
+        net.to(device)
+        family = "vit" if hasattr(net, "patch_embed") else "cnn"
+
+        def encoder(images: torch.Tensor) -> torch.Tensor:
+            return net.forward_head(net.forward_features(images), pre_logits=True)
+
+        return evaluate_encoder(cfg, encoder, device, family, (kind,))
     cfg, model = load_trained(checkpoint, overrides, trust)
     device = resolve_device(cfg.run.device)
     model.to(device)

@@ -97,6 +97,8 @@ def test_missing_and_empty_sources_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"holds no images"):
         write_dataset(tmp_path / "empty", tmp_path / "out.beton", progress=False)
     with pytest.raises(ValueError, match=r"no class subfolders"):
+        write_dataset(tmp_path / "empty" / "cls", tmp_path / "out.beton", labels="folders", progress=False)
+    with pytest.raises(ValueError, match=r"holds no images"):  # auto: a folder without subfolders is unlabelled
         write_dataset(tmp_path / "empty" / "cls", tmp_path / "out.beton", progress=False)
 
 

@@ -108,7 +108,7 @@ def test_the_source_checkout_benchmarks_are_found_and_take_json():
     folder = find_benchmarks()
     assert folder == BENCHMARKS
     names = [p.stem for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")]
-    assert names == ["hierarchy", "loader", "maskdeep_groups", "masks", "throwing"]
+    assert names == ["hierarchy", "loader", "maskdeep_groups", "masks", "memory", "throwing"]
     for name in names:
         usage = subprocess.run(
             [sys.executable, f"{name}.py", "--help"], cwd=folder, capture_output=True, text=True, check=True
