@@ -65,6 +65,14 @@ def test_mixmask_example_trains():
     assert int(scope["model"].queue.ptr) == 64
 
 
+def test_export_example_loads_the_encoder_in_timm(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(example("export"), "README.md", "exec"), scope)
+    assert tuple(scope["features"].shape) == (2, 32)
+    assert (tmp_path / "runs" / "readme_export" / "encoder" / "config.json").is_file()
+
+
 def _section(tag: str) -> str:
     from masklab.tools.readme import readme_section
 
@@ -76,7 +84,14 @@ def test_readme_performance_section_is_the_bench_report_of_its_figures():
 
     report = BenchReport.load(README.parent / README_FIGURES)
     assert not report.failed and not report.quick
-    assert {r["benchmark"] for r in report.results} == {"hierarchy", "loader", "maskdeep_groups", "masks", "throwing"}
+    assert {r["benchmark"] for r in report.results} == {
+        "hierarchy",
+        "loader",
+        "maskdeep_groups",
+        "masks",
+        "memory",
+        "throwing",
+    }
     assert _section("bench") == report_markdown(report, README_CHART)
     assert (README.parent / README_CHART).is_file()
 
@@ -112,6 +127,7 @@ NOT_MEASURED = {
     "0.999": "MoCo's momentum, a setting",
     "0.996": "BYOL's starting EMA in the paper, a setting",
     "10%": "AMT's refresh start and period, settings",
+    "20%": "SimMIM-AMT's refresh start and period, settings",
     "12.5%": "chance with 8 classes",
 }
 
