@@ -325,8 +325,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError(
                 f"objective {entry.name!r} needs {views} views: set data.views to a Views preset (mocov2, byol, ...)"
             )
+        objective = entry.build(backbone, cfg.objective, cfg.mask)
+        # After the objective is built: an EMA teacher copies the backbone as it was (uncompiled).
         speed_options(cfg, backbone.model, adapter=backbone_family(backbone) == "vit")
-        return entry.build(backbone, cfg.objective, cfg.mask)
+        return objective
     if cfg.task in ("supervised", "finetune"):
         classes = num_classes_of(cfg.data.train)
         with _timm_errors(cfg):
