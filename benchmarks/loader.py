@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _timing import Figures, add_json_argument
+from _timing import Figures, add_json_argument, synchronize
 from PIL import Image
 
 WORKERS = 2
@@ -63,10 +63,12 @@ def rate(make_iter, epochs: int) -> float:
     """Images per second over ``epochs`` epochs, after one warm-up epoch."""
     for _ in make_iter():
         pass
+    synchronize()
     count, start = 0, time.perf_counter()
     for _ in range(epochs):
         for images, *_ in make_iter():
             count += images.shape[0]
+    synchronize()  # the last batch's device work is part of the time
     return count / (time.perf_counter() - start)
 
 
