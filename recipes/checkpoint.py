@@ -206,6 +206,8 @@ class Checkpointer:
         self.states, self.trust = states, trust
         self._update: int | None = None  # the update being saved, for the hook
         self._resuming: Checkpoint | None = None  # the checkpoint being loaded, for the hook
+        loader = states.get("loader")
+        self.batches_per_epoch = len(loader) if loader is not None and hasattr(loader, "__len__") else None
         accelerator.register_save_state_pre_hook(self._write_model_and_state)
         accelerator.register_load_state_pre_hook(self._read_model_and_state)
 
@@ -220,7 +222,8 @@ class Checkpointer:
         metadata = {"format": FORMAT, "update": str(self._update), "config": json.dumps(self.config)}
         save_file(tensors, Path(output_dir) / MODEL_FILE, metadata=metadata)
         state = {name: value.state_dict() for name, value in self.states.items()}
-        torch.save({**state, "update": self._update, "model_extra": extra}, Path(output_dir) / STATE_FILE)
+        run = {"update": self._update, "model_extra": extra, "processes": self.accelerator.num_processes}
+        torch.save({**state, **run, "batches_per_epoch": self.batches_per_epoch}, Path(output_dir) / STATE_FILE)
 
     def _read_model_and_state(self, models: list, input_dir: str) -> None:
         checkpoint = self._resuming

@@ -19,6 +19,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "RunFolderError",
     "RunLock",
+    "check_process_change",
     "check_resumed_config",
     "config_changes",
     "find_resume",
@@ -254,8 +255,40 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
-def check_resumed_config(checkpoint: Checkpoint, cfg: TrainConfig) -> None:
+def check_process_change(checkpoint: Checkpoint, cfg: TrainConfig, processes: int) -> None:
+    """Refuse a resume on another number of processes unless the global batch stays the same.
+
+    The global batch is ``data.batch_size`` x processes. Kept equal, every update sees the same
+    number of images, the schedule's updates per epoch are the same, and the loader's position
+    (global batches of one shared epoch order) means the same images on any number of processes.
+
+    Raises:
+        RunFolderError: the global batch would change (the message gives the per-process batch
+            that keeps it, when there is one).
+    """
+    old_processes = int(checkpoint.state.get("processes", processes)) if checkpoint.state else processes
+    old_batch = int(((checkpoint.config or {}).get("data") or {}).get("batch_size", cfg.data.batch_size))
+    if old_processes == processes and old_batch == cfg.data.batch_size:
+        return
+    before, after = old_batch * old_processes, cfg.data.batch_size * processes
+    if before == after:
+        return
+    fits = before % processes == 0
+    hint = (
+        f"set data.batch_size={before // processes}" if fits else f"no per-process batch gives {before} on {processes}"
+    )
+    raise RunFolderError(
+        f"resuming {checkpoint.path} (data.batch_size={old_batch} on {old_processes} process(es), a global batch of "
+        f"{before}) on {processes} process(es) with data.batch_size={cfg.data.batch_size} changes the global batch to "
+        f"{after}: {hint}, so the schedule and the loader position carry over"
+    )
+
+
+def check_resumed_config(checkpoint: Checkpoint, cfg: TrainConfig, processes: int = 1) -> None:
     """Refuse to resume ``checkpoint`` under a config that changes its schedule, model or data.
+
+    ``data.batch_size`` may change with the number of ``processes`` when the global batch stays
+    the same (:func:`check_process_change`).
 
     Raises:
         CheckpointError: the checkpoint records no config.
@@ -266,7 +299,8 @@ def check_resumed_config(checkpoint: Checkpoint, cfg: TrainConfig) -> None:
             f"checkpoint {checkpoint.path} records no training config, so a resume cannot check that it "
             "continues the same run; use a checkpoint written by masklab train"
         )
-    changes = config_changes(checkpoint.config, to_dict(cfg))
+    check_process_change(checkpoint, cfg, processes)
+    changes = [c for c in config_changes(checkpoint.config, to_dict(cfg)) if not c.startswith("data.batch_size:")]
     if changes:
         allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUMABLE_CHANGES)
         raise RunFolderError(

@@ -39,7 +39,7 @@ from .build import (
 from .checkpoint import Checkpoint, Checkpointer, check_resumable
 from .config import TrainConfig, save_config, to_dict
 from .metrics import RunLog, plot_losses
-from .run_folder import RunLock, check_resumed_config, find_resume, prepare_fresh_run
+from .run_folder import RunFolderError, RunLock, check_resumed_config, find_resume, prepare_fresh_run
 from .trained import evaluate_checkpoint, evaluate_encoder, evaluate_knn, load_trained
 
 __all__ = [
@@ -140,7 +140,7 @@ def step_teachers(objective, progress: float) -> int:
     return len(pairs)
 
 
-def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | None:
+def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock, processes: int = 1) -> Checkpoint | None:
     """Lock the run folder, read the checkpoint to resume and check it against ``cfg``, or clear the
     folder for a fresh run; write ``config.yaml`` only once all of that passed. Returns the checkpoint."""
     check_evaluation_labels(cfg)
@@ -154,7 +154,7 @@ def _prepare_run(cfg: TrainConfig, main: bool, lock: RunLock) -> Checkpoint | No
         lock.acquire()
     resume = find_resume(cfg, announce=main)
     if resume is not None:
-        check_resumed_config(resume, cfg)
+        check_resumed_config(resume, cfg, processes)
         check_resumable(resume)
     if main:
         if resume is None:
@@ -174,7 +174,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     lock = RunLock(cfg.run.out)
     try:
-        resume = agree(accelerator, lambda: _prepare_run(cfg, accelerator.is_main_process, lock))
+        resume = agree(
+            accelerator, lambda: _prepare_run(cfg, accelerator.is_main_process, lock, accelerator.num_processes)
+        )
         return _train(cfg, accelerator, resume)
     finally:
         lock.release()
@@ -290,6 +292,13 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     )
     update = 0
     if resume is not None:
+        saved = resume.state.get("batches_per_epoch")
+        if saved is not None and int(saved) != len(loader):
+            raise RunFolderError(
+                f"resuming {resume.path}: its epochs had {saved} batches per process, this run's have {len(loader)} "
+                f"({accelerator.num_processes} process(es), data.batch_size={cfg.data.batch_size}); the schedule and "
+                "the loader position would not carry over. Keep data.batch_size x processes as it was"
+            )
         checkpoints.resume(resume)
         update = int(resume.update)
         logger.info("resumed from %s at update %d", resume.path, update)
