@@ -276,7 +276,10 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     family = family_of(model)
     loader = build_loader(cfg, "train", accelerator.device, family, distributed=accelerator.num_processes > 1)
     optimizer = build_optimizer(cfg, model, accelerator.num_processes)
-    logger.info("peak lr %.4g (%s)", peak_lr(cfg, accelerator.num_processes), _lr_source(cfg, accelerator))
+    rate = f"peak lr {peak_lr(cfg, accelerator.num_processes):.4g} ({_lr_source(cfg, accelerator)})"
+    if cfg.optim.base_lr is not None:  # a rate the user did not type: say what it came to
+        accelerator.print(rate)
+    logger.info(rate)
     scheduler, total = _schedule(cfg, optimizer, len(loader), accelerator.num_processes)
     stop_at = total if cfg.run.stop_at is None else min(total, cfg.run.stop_at)
     model, optimizer = accelerator.prepare(model, optimizer)
