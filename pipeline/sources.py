@@ -52,7 +52,23 @@ def _images_below(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-class ImageFolder:
+class _ImageFiles:
+    """Image files with labels: ``samples`` is a list of ``(path, label)``."""
+
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, i: int) -> str:
+        return str(self.samples[i][0])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[i]
+        return _decode(path), label
+
+
+class ImageFolder(_ImageFiles):
     """Images below ``root``: in class subfolders (``root/<class>/...``, labels follow sorted class
     names), or anywhere below it without labels (see :data:`LABEL_MODES`).
 
@@ -80,18 +96,8 @@ class ImageFolder:
             self.classes = []
             self.samples = [(path, UNLABELLED) for path in _images_below(root)]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def describe(self, i: int) -> str:
-        return str(self.samples[i][0])
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[i]
-        return _decode(path), label
-
-
-class PathList:
+class PathList(_ImageFiles):
     """A text file naming one image per line, optionally followed by an integer label.
 
     ``path`` or ``path<whitespace>label``; paths relative to the list's folder; blank lines and
@@ -127,16 +133,6 @@ class PathList:
         self.samples = [(path, UNLABELLED if label is None else label) for path, label, _ in entries]
         top = max((label for _, label in self.samples), default=UNLABELLED)
         self.classes = [str(c) for c in range(top + 1)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, i: int) -> str:
-        return str(self.samples[i][0])
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[i]
-        return _decode(path), label
 
 
 def is_hf_dataset(source: Any) -> bool:
