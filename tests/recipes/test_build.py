@@ -100,7 +100,8 @@ def decay_of(optimizer):
 
 
 def test_mae_trains_adamw_with_maes_betas_and_never_its_fixed_positions():
-    cfg = load_config("mae", ["model.kwargs={depth: 1}", "data.resolution=16", "objective.decoder_dim=32"])
+    fixed = "objective.fixed_pos_embed=true"  # the option's default; the shapes recipe learns them
+    cfg = load_config("mae", ["model.kwargs={depth: 1}", "data.resolution=16", "objective.decoder_dim=32", fixed])
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["betas"] == (0.9, 0.95)

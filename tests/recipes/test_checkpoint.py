@@ -34,9 +34,10 @@ class WritesAFile:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A two-update MAE run with a checkpoint after each update."""
+    """A two-update MAE run (MAE's fixed positions) with a checkpoint after each update."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = train(load_config("mae", [*TINY, f"run.out={out}", "run.max_steps=2", "run.ckpt_every=1"]))
+    run = [*TINY, f"run.out={out}", "run.max_steps=2", "run.ckpt_every=1", "objective.fixed_pos_embed=true"]
+    result = train(load_config("mae", run))
     return result
 
 
