@@ -34,10 +34,9 @@ class WritesAFile:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A two-update MAE run (MAE's fixed positions) with a checkpoint after each update."""
+    """A two-update MAE run with a checkpoint after each update."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    run = [*TINY, f"run.out={out}", "run.max_steps=2", "run.ckpt_every=1", "objective.fixed_pos_embed=true"]
-    result = train(load_config("mae", run))
+    result = train(load_config("mae", [*TINY, f"run.out={out}", "run.max_steps=2", "run.ckpt_every=1"]))
     return result
 
 
@@ -86,7 +85,8 @@ def test_a_checkpoint_is_accelerates_state_with_safetensors_weights_and_weights_
     assert json.loads(metadata["config"])["model"]["backbone"] == "vit_tiny_patch16_224"
     state = torch.load(folder / "state.pt", weights_only=True)
     assert state["update"] == 2 and state["loader"] == {"seed": 0, "epoch": 0, "step": 2}
-    assert {"loader", "stages", "update", "model_extra"} == set(state)
+    assert {"loader", "stages", "update", "model_extra", "processes", "batches_per_epoch"} == set(state)
+    assert state["processes"] == 1 and state["batches_per_epoch"] == 4  # 64 images, batch 16
     optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
     assert all(int(param["step"]) == 2 for param in optimizer["state"].values())  # AdamW took two steps
     assert torch.load(folder / "scheduler.bin", weights_only=True)["t_initial"] == 2
@@ -242,7 +242,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_older_checkpoints(tmp_path, m
     assert not (out / "masklab.lock").exists()  # the failed run let go of its folder
 
 
-def test_maes_fixed_positions_stay_fixed_through_training_saving_and_loading(trained):
+def test_maes_fixed_positions_stay_fixed_through_training_saving_and_loading(tmp_path):
+    run = [*TINY, f"run.out={tmp_path}", "run.max_steps=2", "objective.fixed_pos_embed=true"]
+    trained = train(load_config("mae", run))  # the option's default, MAE's; the shapes recipe learns them
     table = sincos_pos_embed((4, 4), 32, num_prefix=1).unsqueeze(0)  # 16 px, patch 4, embed_dim 32 (TINY)
     assert torch.equal(trained.model.backbone.model.pos_embed, table)  # after two updates
     with safe_open(trained.checkpoint / "model.safetensors", "pt") as f:
