@@ -299,8 +299,11 @@ def check_resumed_config(checkpoint: Checkpoint, cfg: TrainConfig, processes: in
             f"checkpoint {checkpoint.path} records no training config, so a resume cannot check that it "
             "continues the same run; use a checkpoint written by masklab train"
         )
-    check_process_change(checkpoint, cfg, processes)
-    changes = [c for c in config_changes(checkpoint.config, to_dict(cfg)) if not c.startswith("data.batch_size:")]
+    changes = config_changes(checkpoint.config, to_dict(cfg))
+    old_processes = int(checkpoint.state.get("processes", processes)) if checkpoint.state else processes
+    if old_processes != processes:  # data.batch_size may change with them, the global batch may not
+        check_process_change(checkpoint, cfg, processes)
+        changes = [c for c in changes if not c.startswith("data.batch_size:")]
     if changes:
         allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUMABLE_CHANGES)
         raise RunFolderError(

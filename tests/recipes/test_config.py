@@ -78,7 +78,9 @@ def test_null_settings_that_mean_off_stay_allowed():
 def test_each_section_holds_the_options_of_the_entry_its_name_selects():
     cfg = load_config("mae_amt")
     assert cfg.mask == AttentionMaskOptions(name="amt", ratio=0.45, throw_ratio=0.40)
-    assert cfg.objective == MAEOptions(name="mae", decoder_dim=128, decoder_depth=2, norm_pix=True)
+    assert cfg.objective == MAEOptions(
+        name="mae", decoder_dim=128, decoder_depth=2, norm_pix=True, fixed_pos_embed=False
+    )
     # The recipe's keys that another entry takes are dropped when the name changes; the new entry's defaults fill in.
     switched = load_config("mae_amt", ["mask.name=block", "objective.name=simmim"])
     assert switched.mask == BlockMaskOptions(name="block", ratio=0.45)
