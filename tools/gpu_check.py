@@ -259,7 +259,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
         "hierarchy": ["--quick", "--batch-size", "16", "--step-batch-size", "4"]
         if on_cpu
         else ["--step-batch-size", "256"],
-        "maskdeep_groups": ["--quick", "--batch-size", "8", "--size", "32"]
+        "maskdeep_groups": ["--quick", "--batch-size", "4", "--size", "32"]
         if on_cpu
         else ["--batch-size", "256", "--size", "224"],
     }
