@@ -6,7 +6,7 @@ STAMP := $(VENV)/.masklab-installed
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev g++
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup sysdeps test test-fast lint demo bench study clean
+.PHONY: setup sysdeps test test-fast lint demo bench study gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,19 @@ bench: $(STAMP)
 # Every method against its baseline, 3 seeds (under an hour on 2 cores; not part of the tests).
 study: $(STAMP)
 	$(VENV)/bin/masklab study
+
+# The wheels a GPU machine without network lacks (Python 3.12, linux x86_64), into .whl/ to carry along.
+# omegaconf 2.4 vendors its antlr4 runtime, so antlr4-python3-runtime is not needed; kornia needs kornia_rs.
+GPU_WHEELS := kornia==0.9.0 kornia_rs==0.2.0 torchdata==0.11.0 omegaconf==2.4.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_WHEELS)
+
+# The prepared device check (tools/gpu_check.py): device-aware tests, stage benchmarks, training-step timings.
+# make gpu-check DEVICE=cpu runs it here with tiny sizes. Report: $(OUT)/gpu.md and gpu.json.
+DEVICE ?= cuda
+OUT ?= runs/gpu-check
+gpu-check:
+	PYTHON=$(PYTHON) OUT=$(OUT) tools/gpu_check.sh --device $(DEVICE) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info build

@@ -57,8 +57,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a smaller training batch")
     parser.add_argument("--batch-size", type=int, default=256, help="images per tree build (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the trees, the model and the stage run (default cpu)")
+    parser.add_argument("--step-batch-size", type=int, default=None, help="the training step's batch (16 / 64)")
     add_json_argument(parser)
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
@@ -66,8 +69,8 @@ def main() -> None:
     cells = grid[0] * grid[1]
     generator = torch.Generator().manual_seed(0)
     noise = torch.rand(batch, cells, cells, generator=generator)
-    affinity = (noise + noise.transpose(1, 2)) / 2
-    as_numpy = affinity.double().numpy()
+    as_numpy = ((noise + noise.transpose(1, 2)) / 2).double().numpy()
+    affinity = ((noise + noise.transpose(1, 2)) / 2).to(device)
 
     batched = median_ms(lambda: region_tree(affinity, grid), repeats)
     per_image = median_ms(lambda: [region_tree(affinity[i : i + 1], grid) for i in range(batch)], max(1, repeats // 2))
@@ -75,7 +78,8 @@ def main() -> None:
         warnings.simplefilter("ignore")
         reference = median_ms(lambda: sklearn_trees(as_numpy, grid), max(1, repeats // 2))
     figures = Figures(
-        "hierarchy", f"full trees (195 merges), B={batch}, 14x14 grid, cpu, {torch.get_num_threads()} torch threads"
+        "hierarchy",
+        f"full trees (195 merges), B={batch}, 14x14 grid, {device}, {torch.get_num_threads()} torch threads",
     )
     figures.compare("region_tree batched vs one image at a time", batched, "same code per image", per_image, "ms")
     figures.compare(
@@ -91,11 +95,11 @@ def main() -> None:
         print(f"{name:>44} {ms:>11.1f} {ms / batched:>10.2f}x")
 
     # Part 2: the stage's share of a ViT-tiny MAE training step at 224 px.
-    step_batch = 16 if args.quick else 64
+    step_batch = args.step_batch_size or (16 if args.quick else 64)
     torch.manual_seed(0)
-    model = MAE(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=224), teacher_decay=0.996)
+    model = MAE(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=224), teacher_decay=0.996).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.rand(step_batch, 3, 224, 224)
+    images = torch.rand(step_batch, 3, 224, 224, device=device)
     stage = HierarchicalMask(0.75, patch_size=16)
     stage.bind(model.guidance("affinity"))
     stage.set_progress(0.5)

@@ -49,23 +49,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the model and the stages run (default cpu)")
+    parser.add_argument("--size", type=int, default=64, help="image size in px (default 64)")
     add_json_argument(parser)
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (16 if args.quick else 64)
     repeats = 3 if args.quick else 7
-    images = torch.rand(batch_size, 3, 64, 64)
+    images = torch.rand(batch_size, 3, args.size, args.size, device=device)
     views = Views(2, "byol")(Batch(images=images, seed=0))
     rows = []
     for groups in (1, 2, 4, 8):
         torch.manual_seed(0)
-        model = MaskDeep(CNNBackbone.from_name("resnet18"), (8, 16, 32), groups, hidden=1024, dim=128, pred_hidden=1024)
+        model = MaskDeep(
+            CNNBackbone.from_name("resnet18"), (8, 16, 32), groups, hidden=1024, dim=128, pred_hidden=1024
+        ).to(device)
         rows.append((groups, step_ms(model, model.mask_stage(0.5)(views), repeats)))
     encoder = encoder_ms(model, views.views, repeats)
     base = rows[0][1]
     figures = Figures(
-        "maskdeep_groups", f"ResNet-18, 64 px, B={batch_size}, two views, cpu, {torch.get_num_threads()} threads"
+        "maskdeep_groups",
+        f"ResNet-18, {args.size} px, B={batch_size}, two views, {device}, {torch.get_num_threads()} threads",
     )
     print(f"MaskDeep groups benchmark: {figures.setting}")
     print(f"{'groups':>7} {'step ms':>9} {'vs G=1':>8} {'encoder share':>14}")

@@ -84,16 +84,18 @@ def feature_style(batch: int, groups: int, strides=(8, 16, 32), ratio: float = 0
     return [base.repeat(strides[-1] // s, 2).repeat(strides[-1] // s, 3) for s in strides]
 
 
-def vit_step_ms(batch: torch.Tensor) -> float:
+def vit_step_ms(batch: torch.Tensor, name: str = "vit_tiny_patch16_224", bf16: bool = False) -> float:
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=batch.shape[-1]).to(batch.device)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(batch).float().pow(2).mean().backward()
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch).float().pow(2).mean()
+        loss.backward()
 
-    return median_ms(step, 1)
+    return median_ms(step, 3 if bf16 else 1)
 
 
 def stage_rows(images: torch.Tensor):
@@ -105,7 +107,7 @@ def stage_rows(images: torch.Tensor):
         return lambda: stage(Batch(images=images, seed=next(counter)))
 
     mixer = MixMask(8, 0.5)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=images.device).manual_seed(0)
 
     def mix_draw():  # the masks and partners; mixing the pixels is timed apart
         return mixer.draw(images, generator)
@@ -132,14 +134,18 @@ def stage_rows(images: torch.Tensor):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; the step shares at B=32")
+    parser.add_argument("--device", default="cpu", help="where the stages draw (default cpu; cuda on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
     add_json_argument(parser)
     args = parser.parse_args()
+    device = torch.device(args.device)
     repeats = 5 if args.quick else 20
     torch.set_num_threads(2)
-    images = torch.rand(BATCH, 3, SIZE, SIZE)
+    images = torch.rand(args.batch_size, 3, SIZE, SIZE, device=device)
     grid = SIZE // PATCH
     threads = torch.get_num_threads()
-    figures = Figures("masks", f"B={BATCH}, {SIZE} px, patch {PATCH} ({grid}x{grid} grid), cpu, {threads} threads")
+    where = f"{device}, {threads} threads" if device.type == "cpu" else str(device)
+    figures = Figures("masks", f"B={args.batch_size}, {SIZE} px, patch {PATCH} ({grid}x{grid} grid), {where}")
     print(f"mask benchmark: {figures.setting}")
     print(f"{'stage':>16} {'ms/batch':>9} {'reference':>17} {'ms/batch':>9} {'speed-up':>9}")
     for name, ours, ref_name, ref in stage_rows(images):
@@ -147,19 +153,22 @@ def main() -> None:
         ratio = figures.compare(f"{name} vs {ref_name} per sample", ours_ms, f"{ref_name} per sample", ref_ms, "ms")
         print(f"{name:>16} {ours_ms:>9.2f} {ref_name:>17} {ref_ms:>9.2f} {ratio:>8.1f}x")
 
-    # Each stage's share of a ViT-tiny step on the same batch (B=32 in --quick: the step is slow on a CPU).
-    step_images = images[:32] if args.quick else images
+    # Each stage's share of a ViT step on the same batch: ViT-tiny in fp32 on a CPU (B=32 in --quick: the
+    # step is slow there), the MAE paper's ViT-B/16 in bf16 on an accelerator.
+    step_images = images[:32] if args.quick and device.type == "cpu" else images
     step_batch = step_images.shape[0]
-    step = vit_step_ms(step_images)
-    print(f"\nViT-tiny forward+backward, B={step_batch}, {SIZE} px: {step:.0f} ms")
-    figures.figure(f"ViT-tiny forward + backward, B={step_batch}", step, "ms")
+    on_cpu = device.type == "cpu"
+    vit = "ViT-tiny" if on_cpu else "ViT-B/16 bf16"
+    step = vit_step_ms(step_images, "vit_tiny_patch16_224" if on_cpu else "vit_base_patch16_224", bf16=not on_cpu)
+    print(f"\n{vit} forward+backward, B={step_batch}, {SIZE} px: {step:.0f} ms")
+    figures.figure(f"{vit} forward + backward, B={step_batch}", step, "ms")
     for name, ours, _, _ in stage_rows(step_images):
         share = 100 * median_ms(ours, repeats) / step
-        figures.figure(f"{name}: share of a ViT-tiny step, B={step_batch}", share, "%")
+        figures.figure(f"{name}: share of a {vit} step, B={step_batch}", share, "%")
         print(f"{name:>16} {share:>6.2f}% of a step")
-    mixer, generator = MixMask(8, 0.5), torch.Generator().manual_seed(0)
+    mixer, generator = MixMask(8, 0.5), torch.Generator(device=device).manual_seed(0)
     mix_ms = median_ms(lambda: mix_images(step_images, mixer.draw(step_images, generator)), 3)
-    figures.figure(f"MixMask + pixel mixing: share of a ViT-tiny step, B={step_batch}", 100 * mix_ms / step, "%")
+    figures.figure(f"MixMask + pixel mixing: share of a {vit} step, B={step_batch}", 100 * mix_ms / step, "%")
     print(
         f"{'MixMask + mixing':>16} {100 * mix_ms / step:>6.2f}% of a step ({mix_ms:.0f} ms: the pixel mixing dominates)"
     )

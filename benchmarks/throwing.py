@@ -37,14 +37,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model and the stages run (default cpu)")
     add_json_argument(parser)
     args = parser.parse_args()
+    device = torch.device(args.device)
     batch_size = args.batch_size or (16 if args.quick else 64)
     repeats = 3 if args.quick else 5
     torch.manual_seed(0)
-    model = MAE(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=224), decoder_dim=128, decoder_depth=2)
+    model = MAE(ViTBackbone.from_name("vit_tiny_patch16_224", img_size=224), decoder_dim=128, decoder_depth=2).to(
+        device
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.rand(batch_size, 3, 224, 224)
+    images = torch.rand(batch_size, 3, 224, 224, device=device)
     plain = RandomMask(0.75, 16)(Batch(images=images, seed=0))
     thrown = RandomMask(0.45, 16, throw_ratio=0.40)(Batch(images=images, seed=0))
     p = model.backbone.num_prefix
@@ -54,7 +58,7 @@ def main() -> None:
         rows.append(
             (name, step_ms(model, batch, optimizer, repeats), p + m.num_visible, p + m.num_visible + m.num_masked)
         )
-    figures = Figures("throwing", f"ViT-tiny MAE, B={batch_size}, 224 px, cpu, {torch.get_num_threads()} threads")
+    figures = Figures("throwing", f"ViT-tiny MAE, B={batch_size}, 224 px, {device}, {torch.get_num_threads()} threads")
     print(f"throwing benchmark: {figures.setting}")
     print(f"{'masking':>24} {'step ms':>9} {'encoder tokens':>15} {'decoder tokens':>15}")
     for name, ms, enc, dec in rows:
@@ -69,7 +73,7 @@ def main() -> None:
     # MAE + AMT: the stage draws from a filled cache for every step (crop alignment included).
     amt = AttentionMask(num_samples=batch_size, ratio=0.45, throw_ratio=0.40, patch_size=16, grid=(14, 14))
     amt.bind(model.guidance("saliency"))
-    index = torch.arange(batch_size)
+    index = torch.arange(batch_size, device=device)
     cropped = RandomResizedCrop(224)(Batch(images=images, index=index, seed=0))
     whole = Batch(images=images, index=index)
     amt.refresh([whole], (14, 14))

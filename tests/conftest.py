@@ -1,17 +1,60 @@
+import os
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 import torch
 
 from masklab.pipeline import Shapes, ffcv_available
 
+DEVICE_VARIABLE = "MASKLAB_TEST_DEVICE"
+
+
+def device_from_env(environ: Mapping[str, str]) -> torch.device:
+    """The device ``MASKLAB_TEST_DEVICE`` names (``cpu`` when unset), checked by making a tensor there.
+
+    The device is the tensor's, index included (``cuda`` gives ``cuda:0``), so it compares equal to
+    ``tensor.device``.
+
+    Raises:
+        ValueError: the value is no torch device, or torch cannot put a tensor on it (no GPU, no driver).
+    """
+    name = environ.get(DEVICE_VARIABLE, "cpu").strip() or "cpu"
+    try:
+        device = torch.zeros(1, device=torch.device(name)).device
+    except (RuntimeError, AssertionError) as error:  # torch raises AssertionError when built without CUDA
+        raise ValueError(f"{DEVICE_VARIABLE}={name!r} is not a device this torch can use: {error}") from None
+    return device
+
+
+def pytest_configure(config):
+    try:
+        config.masklab_device = device_from_env(os.environ)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
 
 def pytest_collection_modifyitems(config, items):
+    # A test that takes the ``device`` fixture runs on MASKLAB_TEST_DEVICE: ``pytest -m device`` selects them.
+    off_cpu = config.masklab_device.type != "cpu"
+    cpu_only = pytest.mark.skip(reason=f"CPU only; {DEVICE_VARIABLE}={config.masklab_device}")
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+        if off_cpu and item.get_closest_marker("cpu_only") is not None:
+            item.add_marker(cpu_only)
     if ffcv_available():
         return
     skip = pytest.mark.skip(reason="ffcv is not installed (make setup installs it)")
     for item in items:
         if "ffcv" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """Where device-aware tests put their tensors, generators and models: ``MASKLAB_TEST_DEVICE`` (default cpu)."""
+    return pytestconfig.masklab_device
 
 
 @pytest.fixture(scope="session")

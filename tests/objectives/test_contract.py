@@ -19,7 +19,7 @@ SIZE = 32
 def masked_batch(mask: str, objective: str, patch: int, model, images: torch.Tensor) -> Batch:
     """``images`` through the views the objective needs and the mask stage (its small-image options)."""
     entry = MASKS[mask]
-    batch = Batch(images=images, index=torch.arange(len(images)), seed=0)
+    batch = Batch(images=images, index=torch.arange(len(images), device=images.device), seed=0)
     if OBJECTIVES[objective].views:
         batch = Views(OBJECTIVES[objective].views, "byol")(batch)
     context = MaskContext(patch, SIZE, num_samples=len(images))
@@ -55,13 +55,13 @@ def test_the_matrix_covers_every_family_stage_and_objective():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone,mask,objective", TRIPLES, ids=["-".join(t) for t in TRIPLES])
-def test_contract(backbone, mask, objective):
+def test_contract(backbone, mask, objective, device):
     torch.manual_seed(0)
     patch = 4 if BACKBONES[backbone] == "vit" else 8
     entry = OBJECTIVES[objective]
     backbone_module = build_backbone(backbone, img_size=SIZE, patch_size=patch)
-    model = entry.build(backbone_module, entry.small(), MASKS[mask].small(patch, SIZE))
-    batch = masked_batch(mask, objective, patch, model, torch.rand(8, 3, SIZE, SIZE))
+    model = entry.build(backbone_module, entry.small(), MASKS[mask].small(patch, SIZE)).to(device)
+    batch = masked_batch(mask, objective, patch, model, torch.rand(8, 3, SIZE, SIZE, device=device))
 
     out = model(batch)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)

@@ -102,6 +102,19 @@ def test_outputs_keep_last_k_and_leave_no_temporary_files(tmp_path):
     assert float(row["masked_fraction"]) == pytest.approx(0.75) and float(row["images_per_s"]) > 0
 
 
+def test_a_run_trains_on_the_test_device_through_the_dataset_loader(device, tmp_path):
+    # A ViT (MAE) and a CNN Siamese (MixMask-MoCo): the loader's crops, views and masks on the device.
+    mae = train(load_config("mae", [*TINY, f"run.out={tmp_path / 'mae'}", "run.max_steps=3", f"run.device={device}"]))
+    moco = train(
+        load_config(
+            "mixmask_moco", [*SIAMESE_TINY, f"run.out={tmp_path / 'moco'}", "run.max_steps=3", f"run.device={device}"]
+        )
+    )
+    for result in (mae, moco):
+        assert result.updates == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+        assert {p.device for p in result.model.parameters()} == {device}
+
+
 def test_gradient_accumulation_halves_the_updates(tmp_path):
     result = train(load_config("mae", [*TINY, f"run.out={tmp_path}", "optim.grad_accum=2"]))
     assert result.updates == 6

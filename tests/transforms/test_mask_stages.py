@@ -20,8 +20,8 @@ from masklab.transforms import (
 )
 
 
-def batch(n=8, size=32, seed=0, dtype=torch.float32):
-    return Batch(images=torch.rand(n, 3, size, size, dtype=dtype), seed=seed)
+def batch(device, n=8, size=32, seed=0, dtype=torch.float32):
+    return Batch(images=torch.rand(n, 3, size, size, dtype=dtype, device=device), seed=seed)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.4, 0.5, 0.75, 0.9])
@@ -35,8 +35,8 @@ def batch(n=8, size=32, seed=0, dtype=torch.float32):
     ],
     ids=["random", "block", "block-min16", "simmim"],
 )
-def test_exact_counts_in_every_sample(make, patch, cells, ratio):
-    out = make(ratio)(batch(n=16))
+def test_exact_counts_in_every_sample(make, patch, cells, ratio, device):
+    out = make(ratio)(batch(device, n=16))
     mask = out.mask
     assert isinstance(mask, PatchMask)
     per_sample = mask.masked.flatten(1).sum(1)
@@ -46,17 +46,17 @@ def test_exact_counts_in_every_sample(make, patch, cells, ratio):
     assert mask.counts == (cells - expected, expected, 0)
 
 
-def test_random_mask_masks_each_cell_about_equally_often():
-    g = torch.Generator().manual_seed(0)
+def test_random_mask_masks_each_cell_about_equally_often(device):
+    g = torch.Generator(device=device).manual_seed(0)
     draws = 4000
-    freq = random_patch_mask(draws, (8, 8), 0.75, g).masked.float().mean(0)
+    freq = random_patch_mask(draws, (8, 8), 0.75, g, device).masked.float().mean(0)
     # Binomial(4000, 0.75): sd 0.0068; 5 sd either way.
     assert (freq - 0.75).abs().max() < 0.035
 
 
-def test_block_sizes_and_aspects_within_bounds():
-    g = torch.Generator().manual_seed(0)
-    draw = block_cells(512, (14, 14), 78, min_cells=4, aspect=(0.3, 1 / 0.3), generator=g)
+def test_block_sizes_and_aspects_within_bounds(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    draw = block_cells(512, (14, 14), 78, min_cells=4, aspect=(0.3, 1 / 0.3), generator=g, device=device)
     top, left, h, w = draw.blocks[draw.accepted].unbind(1)
     assert len(h) > 512  # most samples place several whole blocks
     assert (h * w >= 4).all()
@@ -67,16 +67,16 @@ def test_block_sizes_and_aspects_within_bounds():
     assert draw.from_blocks.float().mean() > 0.97 * 78
 
 
-def test_block_cells_honours_per_sample_counts():
-    counts = torch.tensor([0, 1, 5, 40, 63])
-    cells = block_cells(5, (8, 8), counts, generator=torch.Generator().manual_seed(1)).cells
+def test_block_cells_honours_per_sample_counts(device):
+    counts = torch.tensor([0, 1, 5, 40, 63], device=device)
+    cells = block_cells(5, (8, 8), counts, generator=torch.Generator(device=device).manual_seed(1), device=device).cells
     assert cells.flatten(1).sum(1).tolist() == counts.tolist()
 
 
 @pytest.mark.parametrize(
     "stage", [RandomMask(0.5, 4), BlockMask(0.5, 4), SimMIMMask(0.5, 8, 4), MixMask(4), FeatureMask((4, 8), 0.5, 2)]
 )
-def test_one_seed_gives_one_mask_and_another_seed_another(stage):
+def test_one_seed_gives_one_mask_and_another_seed_another(stage, device):
     def key(out):
         if out.mask is not None:
             return out.mask.states
@@ -84,13 +84,13 @@ def test_one_seed_gives_one_mask_and_another_seed_another(stage):
             return out.mix["own"]
         return out.extras["feature_masks"].masks[0]
 
-    a, b, c = stage(batch(seed=3)), stage(batch(seed=3)), stage(batch(seed=4))
+    a, b, c = stage(batch(device, seed=3)), stage(batch(device, seed=3)), stage(batch(device, seed=4))
     assert torch.equal(key(a), key(b))
     assert not torch.equal(key(a), key(c))
 
 
-def test_stages_do_not_mutate_and_follow_device_and_dtype():
-    b = batch(dtype=torch.float64)
+def test_stages_do_not_mutate_and_follow_device_and_dtype(device):
+    b = batch(device, dtype=torch.float64)
     before = b.images.clone()
     out = Chain([RandomMask(0.5, 4), MixMask(4), FeatureMask((8, 16), 0.5, 2)])(b)
     assert torch.equal(b.images, before) and b.mask is None and b.mix is None
@@ -101,15 +101,15 @@ def test_stages_do_not_mutate_and_follow_device_and_dtype():
 
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("partner", ["reverse", "permute"])
-def test_mixmask_lambda_partner_and_inverse(partner, per_sample):
-    b = batch(n=6, size=32, seed=2)
+def test_mixmask_lambda_partner_and_inverse(partner, per_sample, device):
+    b = batch(device, n=6, size=32, seed=2)
     out = MixMask(grid=4, ratio=0.5, partner=partner, per_sample=per_sample)(b)
     mix = out.mix
     own, lam, p, inv = mix["own"], mix["lam"], mix["partner"], mix["inverse"]
     assert torch.allclose(lam, own.mean(dim=(1, 2, 3)))
-    assert torch.allclose(lam, torch.full((6,), 0.5))
+    assert torch.allclose(lam, torch.full((6,), 0.5, device=device))
     assert sorted(p.tolist()) == list(range(6))
-    assert torch.equal(inv[p], torch.arange(6)) and torch.equal(p[inv], torch.arange(6))
+    assert torch.equal(inv[p], torch.arange(6, device=device)) and torch.equal(p[inv], torch.arange(6, device=device))
     if partner == "reverse":
         assert p.tolist() == [5, 4, 3, 2, 1, 0]
     expected = own * b.images + (1 - own) * b.images[p]
@@ -122,20 +122,33 @@ def test_mixmask_lambda_partner_and_inverse(partner, per_sample):
 
 @pytest.mark.parametrize("grid,ratio,own_cells", [(8, 0.5, 32), (8, 0.3, 45), (4, 0.5, 8), (4, 0.75, 4)])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_mixmask_own_region_is_the_block_samplers_draw(grid, ratio, own_cells, per_sample):
+def test_mixmask_own_region_is_the_block_samplers_draw(grid, ratio, own_cells, per_sample, device):
     # The blocks (of at least 4 cells, BEiT's) are the image's own region, as in the authors' code; the
     # partner fills the rest. Own cells = grid^2 - round(grid^2 * ratio), so lam is exact.
     n, size = 6, 8 * grid
     params = mixmask_params(
-        n, (size, size), grid, ratio, per_sample=per_sample, generator=torch.Generator().manual_seed(4)
+        n,
+        (size, size),
+        grid,
+        ratio,
+        per_sample=per_sample,
+        generator=torch.Generator(device=device).manual_seed(4),
+        device=device,
     )
     draws = n if per_sample else 1
-    blocks = block_cells(draws, (grid, grid), own_cells, min_cells=4, generator=torch.Generator().manual_seed(4))
+    blocks = block_cells(
+        draws,
+        (grid, grid),
+        own_cells,
+        min_cells=4,
+        generator=torch.Generator(device=device).manual_seed(4),
+        device=device,
+    )
     own_cells_drawn = params.own[:, 0, ::8, ::8].bool()
     assert torch.equal(own_cells_drawn, blocks.cells.expand(n, -1, -1))
     assert torch.equal(params.own, own_cells_drawn.float().repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None])
     assert params.lam.tolist() == [own_cells / grid**2] * n
-    images = torch.rand(n, 3, size, size)
+    images = torch.rand(n, 3, size, size, device=device)
     mixed = mix_images(images, params)
     for i in range(n):
         j = int(params.partner[i])
@@ -163,44 +176,60 @@ def test_mixmask_combinations_that_cannot_be_drawn_are_refused(grid, ratio, min_
         mixmask_params(2, (32, 32), grid, ratio, min_cells=min_cells)
 
 
-def test_mixmask_min_cells_is_an_option():
+def test_mixmask_min_cells_is_an_option(device):
     from masklab.transforms import MASKS, MaskContext
 
     entry = MASKS["mixmask"]
     stage = entry.build(entry.section(ratio=0.5, grid=4, min_cells=2), MaskContext(patch_size=4, image_size=32))
     assert stage.min_cells == 2 and entry.build(entry.small(4, 32), MaskContext(4, 32)).min_cells == 4
-    params = stage.draw(torch.zeros(3, 3, 32, 32), torch.Generator().manual_seed(1))
-    expected = block_cells(3, (4, 4), 8, min_cells=2, generator=torch.Generator().manual_seed(1)).cells
+    params = stage.draw(torch.zeros(3, 3, 32, 32, device=device), torch.Generator(device=device).manual_seed(1))
+    expected = block_cells(
+        3, (4, 4), 8, min_cells=2, generator=torch.Generator(device=device).manual_seed(1), device=device
+    ).cells
     assert torch.equal(params.own[:, 0, ::8, ::8].bool(), expected)
 
 
-def test_mixmask_mixes_the_query_view_and_leaves_the_key_clean():
-    b = batch(n=4).replace(views=[torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)])
+def test_mixmask_mixes_the_query_view_and_leaves_the_key_clean(device):
+    b = batch(device, n=4).replace(
+        views=[torch.rand(4, 3, 32, 32, device=device), torch.rand(4, 3, 32, 32, device=device)]
+    )
     out = MixMask(grid=4, view=0)(b)
     own, p = out.mix["own"], out.mix["partner"]
     assert torch.allclose(out.mix["images"], own * b.views[0] + (1 - own) * b.views[0][p])
     assert out.views[1] is b.views[1]
 
 
-def test_mix_targets_are_lambda_weighted():
+def test_mix_targets_are_lambda_weighted(device):
     params = mixmask_params(
-        4, (16, 16), grid=4, ratio=0.25, partner="permute", generator=torch.Generator().manual_seed(0)
+        4,
+        (16, 16),
+        grid=4,
+        ratio=0.25,
+        partner="permute",
+        generator=torch.Generator(device=device).manual_seed(0),
+        device=device,
     )
-    y = torch.tensor([0, 1, 2, 1])
+    y = torch.tensor([0, 1, 2, 1], device=device)
     soft = mix_targets(y, params, num_classes=3)
     for i in range(4):
-        expected = torch.zeros(3)
+        expected = torch.zeros(3, device=device)
         expected[y[i]] += params.lam[i]
         expected[y[params.partner[i]]] += 1 - params.lam[i]
         assert torch.allclose(soft[i], expected)
-    assert torch.allclose(soft.sum(1), torch.ones(4))
+    assert torch.allclose(soft.sum(1), torch.ones(4, device=device))
     with pytest.raises(ValueError, match="num_classes"):
         mix_targets(y, params)
 
 
-def test_feature_masks_are_nested():
+def test_feature_masks_are_nested(device):
     fm = feature_masks(
-        3, (64, 64), strides=(8, 16, 32), ratio=0.5, groups=4, generator=torch.Generator().manual_seed(0)
+        3,
+        (64, 64),
+        strides=(8, 16, 32),
+        ratio=0.5,
+        groups=4,
+        generator=torch.Generator(device=device).manual_seed(0),
+        device=device,
     )
     m8, m16, m32 = fm[8], fm[16], fm[32]
     assert m8.shape == (3, 4, 8, 8) and m16.shape == (3, 4, 4, 4) and m32.shape == (3, 4, 2, 2)
@@ -244,9 +273,9 @@ def test_bad_arguments_raise_naming_the_value(build, match):
         (FeatureMask(strides=(8, 16, 32)), 48, r"48x48 is not divisible by the largest stride=32"),
     ],
 )
-def test_grid_mismatch_raises_naming_the_size(stage, size, match):
+def test_grid_mismatch_raises_naming_the_size(stage, size, match, device):
     with pytest.raises(ValueError, match=match):
-        stage(batch(size=size))
+        stage(batch(device, size=size))
 
 
 def test_feature_mask_strides_must_nest():
@@ -254,31 +283,31 @@ def test_feature_mask_strides_must_nest():
         feature_masks(1, (48, 48), strides=(8, 12))
 
 
-def test_erase_and_mix_for_supervised_loops():
-    x = torch.rand(4, 3, 32, 32)
-    erased = BlockMask(0.5, patch_size=8).erase(x, fill=0.0, generator=torch.Generator().manual_seed(0))
+def test_erase_and_mix_for_supervised_loops(device):
+    x = torch.rand(4, 3, 32, 32, device=device)
+    erased = BlockMask(0.5, patch_size=8).erase(x, fill=0.0, generator=torch.Generator(device=device).manual_seed(0))
     assert math.isclose(float((erased == 0).all(1).float().mean()), 0.5, abs_tol=1e-6)
-    mixed, soft = MixMask(grid=4).mix(x, torch.tensor([0, 1, 2, 3]), num_classes=4)
+    mixed, soft = MixMask(grid=4).mix(x, torch.tensor([0, 1, 2, 3], device=device), num_classes=4)
     assert mixed.shape == x.shape and soft.shape == (4, 4)
-    assert torch.allclose(soft.sum(1), torch.ones(4))
+    assert torch.allclose(soft.sum(1), torch.ones(4, device=device))
 
 
-def test_bit_field_and_bool_block_paths_agree(monkeypatch):
+def test_bit_field_and_bool_block_paths_agree(monkeypatch, device):
     import masklab.transforms.block_mask as block_mask
 
-    fast = block_cells(32, (14, 14), 78, generator=torch.Generator().manual_seed(5))
+    fast = block_cells(32, (14, 14), 78, generator=torch.Generator(device=device).manual_seed(5), device=device)
     monkeypatch.setattr(block_mask, "_MAX_BIT_WIDTH", 0)
-    slow = block_cells(32, (14, 14), 78, generator=torch.Generator().manual_seed(5))
+    slow = block_cells(32, (14, 14), 78, generator=torch.Generator(device=device).manual_seed(5), device=device)
     assert torch.equal(fast.cells, slow.cells) and torch.equal(fast.from_blocks, slow.from_blocks)
 
 
-def test_wide_grids_take_the_bool_path_with_exact_counts():
-    draw = block_cells(4, (3, 70), 100, generator=torch.Generator().manual_seed(0))
+def test_wide_grids_take_the_bool_path_with_exact_counts(device):
+    draw = block_cells(4, (3, 70), 100, generator=torch.Generator(device=device).manual_seed(0), device=device)
     assert draw.cells.flatten(1).sum(1).tolist() == [100] * 4
 
 
-def test_random_throwing_counts_are_amts():
-    out = RandomMask(0.45, patch_size=16, throw_ratio=0.40)(batch(n=6, size=224))
+def test_random_throwing_counts_are_amts(device):
+    out = RandomMask(0.45, patch_size=16, throw_ratio=0.40)(batch(device, n=6, size=224))
     m = out.mask
     # N = 196: round(196 * 0.45) = 88 masked, round(196 * 0.85) - 88 = 79 thrown.
     assert m.counts == (29, 88, 79)
@@ -287,9 +316,9 @@ def test_random_throwing_counts_are_amts():
         RandomMask(0.75, throw_ratio=0.3)
 
 
-def test_mask_from_scores_ranks_masked_then_thrown():
+def test_mask_from_scores_ranks_masked_then_thrown(device):
     from masklab.transforms import mask_from_scores
 
-    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7]])
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7]], device=device)
     m = mask_from_scores(scores, (2, 2), num_masked=1, num_thrown=2)
     assert m.states.flatten().tolist() == [1, 0, 2, 2]

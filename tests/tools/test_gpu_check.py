@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+from masklab.tools.gpu_check import CheckResult, StepResult, plan, report_markdown, run_step, write_report
+
+
+def fake_result():
+    figures = {
+        "benchmark": "masks",
+        "setting": "B=256, 224 px, cuda:0",
+        "comparisons": [{"name": "RandomMask", "ours": 0.5, "reference": 50.0, "unit": "ms", "ratio": 100.0}],
+        "figures": [{"name": "RandomMask: share of a ViT-B/16 bf16 step", "value": 0.25, "unit": "%"}],
+    }
+    return CheckResult(
+        device="NVIDIA H100 80GB HBM3",
+        torch="2.11.0",
+        date="2026-11-26T12:00:00",
+        steps=[
+            StepResult("benchmark masks", ["python", "benchmarks/masks.py"], "passed", 12.4, figures=figures),
+            StepResult("train moco", ["python", "tools/gpu_check.py"], "timed out", 60.2, tail="ran past 60 s"),
+        ],
+    )
+
+
+def test_report_names_the_device_every_step_and_the_figures(tmp_path):
+    result = fake_result()
+    assert not result.passed
+    markdown, figures = write_report(result, tmp_path)
+    text = markdown.read_text()
+    assert text.startswith("# masklab gpu-check on NVIDIA H100 80GB HBM3\n")
+    assert "torch 2.11.0, 1.2 min in all: SOME STEPS FAILED." in text
+    assert "| benchmark masks | passed | 12 s |" in text and "| train moco | timed out | 60 s |" in text
+    assert "| RandomMask | 0.5 | 50 | ms | 100.00x |" in text
+    assert "| RandomMask: share of a ViT-B/16 bf16 step | 0.25 | % |" in text
+    assert "## train moco: timed out\n\n```\nran past 60 s\n```" in text
+    saved = json.loads(figures.read_text())
+    assert saved["device"] == "NVIDIA H100 80GB HBM3" and saved["passed"] is False
+    assert [(s["name"], s["status"]) for s in saved["steps"]] == [
+        ("benchmark masks", "passed"),
+        ("train moco", "timed out"),
+    ]
+    assert report_markdown(CheckResult("cpu", "2.14", steps=fake_result().steps[:1])).count("all steps passed") == 1
+
+
+def test_run_step_reports_failure_timeout_and_a_missing_json(tmp_path):
+    quiet = {"log": lambda *_: None}
+    ok = run_step("ok", [sys.executable, "-c", "print('hi')"], 30, **quiet)
+    assert ok.status == "passed" and ok.tail == "" and ok.seconds >= 0
+    failed = run_step("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 30, **quiet)
+    assert failed.status == "failed" and "boom" in failed.tail
+    slow = run_step("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 0.5, **quiet)
+    assert slow.status == "timed out" and "ran past 0 s" in slow.tail and slow.seconds < 10
+    target = tmp_path / "figures.json"
+    missing = run_step("no json", [sys.executable, "-c", "pass"], 30, target, **quiet)
+    assert missing.status == "failed" and "wrote no figures.json" in missing.tail
+    target.write_text('{"benchmark": "x"}')
+    wrote = run_step("json", [sys.executable, "-c", "pass"], 30, target, **quiet)
+    assert wrote.status == "passed" and wrote.figures == {"benchmark": "x"}
+
+
+def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
+    gpu, cpu = plan("cuda", quick=False), plan("cpu", quick=True)
+    names = [name for name, *_ in gpu]
+    assert names[0] == "device-aware tests" and names == [name for name, *_ in cpu]
+    assert {n for n in names if n.startswith("benchmark")} == {
+        f"benchmark {b}" for b in ("masks", "throwing", "hierarchy", "maskdeep_groups")
+    }
+    assert {n for n in names if n.startswith("train")} == {
+        f"train {r}" for r in ("mae", "mae_amt", "ehm", "moco", "mixmask_moco", "maskdeep")
+    }
+    assert all(command[command.index("--device") + 1] == "cuda" for _, command, *_ in gpu[1:])
+    assert gpu[0][1][-1] == "device" and cpu[0][1][-1] == "device and not slow"
+    # Every step at its timeout still ends inside a 540 s call of the device tool (its limit is 600 s).
+    assert sum(timeout for _, _, timeout, _ in gpu) <= 540
+
+
+def test_the_bootstrap_imports_masklab_from_a_folder_of_another_name(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    copy = tmp_path / "tree"
+    copy.symlink_to(root)  # a checkout whose folder is not named masklab
+    done = subprocess.run(
+        ["bash", str(copy / "tools" / "gpu_check.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--device" in done.stdout

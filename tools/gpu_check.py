@@ -1,0 +1,314 @@
+"""``make gpu-check``: the device-aware tests, the stage benchmarks and training-step timings on one device.
+
+Run through ``tools/gpu_check.sh`` (which makes ``import masklab`` work from any folder and installs the
+carried wheels), or directly from a checkout: ``python tools/gpu_check.py --device cuda --out runs/gpu-check``.
+Each step runs in a fresh process with its own timeout; one that fails or runs past it is reported and the
+check goes on. Writes ``gpu.md`` (a readable report) and ``gpu.json`` (every step's status, wall time and
+figures) to ``--out``; exits 1 if any step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Training-step timings per recipe: the GPU sizes (224 px, the papers' encoders) and tiny CPU ones.
+_VIT_B = ["model.backbone=vit_base_patch16_224", "model.patch_size=16", "model.kwargs={}"]
+_MAE_DECODER = ["objective.decoder_dim=512", "objective.decoder_depth=8"]
+_R50 = ["model.backbone=resnet50", "model.kwargs={}", "model.small_stem=false"]
+GPU_RECIPES: dict[str, list[str]] = {
+    "mae": [*_VIT_B, *_MAE_DECODER, "data.batch_size=256"],
+    "mae_amt": [*_VIT_B, *_MAE_DECODER, "data.batch_size=256"],
+    "ehm": [*_VIT_B, *_MAE_DECODER, "data.batch_size=256"],
+    "moco": [*_R50, "data.batch_size=256"],
+    "mixmask_moco": [*_R50, "data.batch_size=256"],
+    "maskdeep": [*_R50, "mask.strides=[8, 16, 32]", "data.batch_size=128"],
+}
+_VIT_TINY = ["model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
+_TINY_DECODER = ["objective.decoder_dim=32", "objective.decoder_depth=1"]
+_CNN_TINY = ["model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"]
+_HEADS_TINY = ["objective.proj_hidden=32", "objective.proj_dim=16", "objective.pred_hidden=32"]
+CPU_RECIPES: dict[str, list[str]] = {
+    "mae": [*_VIT_TINY, *_TINY_DECODER],
+    "mae_amt": [*_VIT_TINY, *_TINY_DECODER],
+    "ehm": [*_VIT_TINY, *_TINY_DECODER],
+    "moco": [*_CNN_TINY, *_HEADS_TINY, "objective.queue_size=64"],
+    "mixmask_moco": [*_CNN_TINY, *_HEADS_TINY, "objective.queue_size=64"],
+    "maskdeep": [*_CNN_TINY, *_HEADS_TINY, "mask.groups=2"],
+}
+
+
+@dataclass
+class StepResult:
+    """One step of the check: its command, how it ended (``passed``, ``failed``, ``timed out``) and its figures."""
+
+    name: str
+    command: list[str]
+    status: str
+    seconds: float
+    tail: str = ""  # the end of its output, when it did not pass
+    figures: dict[str, Any] | None = None  # what its --json wrote
+
+
+@dataclass
+class CheckResult:
+    device: str  # the device's name (torch.cuda.get_device_name, or "cpu")
+    torch: str
+    date: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(step.status == "passed" for step in self.steps)
+
+
+def run_step(
+    name: str, command: list[str], timeout: float, json_path: Path | None = None, env=None, log=print
+) -> StepResult:
+    """Run ``command`` in a fresh process; a non-zero exit, a missing ``json_path`` or ``timeout`` fails it."""
+    log(f"== {name}: {' '.join(command)}")
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        output = done.stdout + done.stderr
+        status = "passed" if done.returncode == 0 else "failed"
+        if status == "passed" and json_path is not None and not json_path.exists():
+            status, output = "failed", output + f"\nexited 0 but wrote no {json_path.name}"
+    except subprocess.TimeoutExpired as expired:
+        partial = expired.stdout or b""
+        output = (
+            partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        ) + f"\nran past {timeout:.0f} s"
+        status = "timed out"
+    seconds = time.perf_counter() - start
+    log(output.rstrip()[-3000:])
+    log(f"== {name}: {status} in {seconds:.0f} s")
+    figures = json.loads(json_path.read_text()) if status == "passed" and json_path is not None else None
+    tail = "" if status == "passed" else "\n".join(output.rstrip().splitlines()[-25:])
+    return StepResult(name, command, status, seconds, tail, figures)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def report_markdown(result: CheckResult) -> str:
+    """The report: the device, a table of steps, then each step's figures and each failure's output."""
+    total = sum(step.seconds for step in result.steps)
+    verdict = "all steps passed" if result.passed else "SOME STEPS FAILED"
+    lines = [
+        f"# masklab gpu-check on {result.device}",
+        "",
+        f"{result.date}, torch {result.torch}, {total / 60:.1f} min in all: {verdict}.",
+        "",
+        "| step | status | wall time |",
+        "|---|---|---:|",
+    ]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} s |" for s in result.steps]
+    lines.append("")
+    for step in result.steps:
+        figures = step.figures or {}
+        if figures.get("comparisons") or figures.get("figures"):
+            lines += [f"## {step.name}", "", f"{figures.get('setting', '')}", ""]
+            if figures.get("comparisons"):
+                lines += ["| comparison | measured | reference | unit | speed-up |", "|---|---:|---:|---|---:|"]
+                for c in figures["comparisons"]:
+                    lines.append(
+                        f"| {c['name']} | {_number(c['ours'])} | {_number(c['reference'])} | {c['unit']} | "
+                        f"{c['ratio']:.2f}x |"
+                    )
+                lines.append("")
+            if figures.get("figures"):
+                lines += ["| figure | value | unit |", "|---|---:|---|"]
+                lines += [f"| {f['name']} | {_number(f['value'])} | {f['unit']} |" for f in figures["figures"]]
+                lines.append("")
+    for step in result.steps:
+        if step.status != "passed":
+            lines += [f"## {step.name}: {step.status}", "", "```", step.tail, "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(result: CheckResult, out: Path) -> tuple[Path, Path]:
+    """``gpu.md`` and ``gpu.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, figures = out / "gpu.md", out / "gpu.json"
+    markdown.write_text(report_markdown(result))
+    figures.write_text(json.dumps(asdict(result) | {"passed": result.passed}, indent=1))
+    return markdown, figures
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return kind
+
+
+def time_recipe(recipe: str, device: str, json_path: str) -> None:
+    """Train ``recipe`` a few updates through ``masklab.recipes.train``, then time its step and its stages.
+
+    The recipe run checks the real code path on the device (DatasetLoader on the built-in shapes). The step
+    (forward, backward, optimizer) and the loader's stage chain (views, normalisation, mask) are then timed
+    apart on one batch already on the device, so the figures do not include rendering the shapes.
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _timing import Figures, median_ms
+
+    from masklab.pipeline import Batch
+    from masklab.recipes.config import load_config
+    from masklab.recipes.train import train
+
+    on_cpu = torch.device(device).type == "cpu"
+    size = 32 if on_cpu else 224
+    sized = CPU_RECIPES[recipe] if on_cpu else GPU_RECIPES[recipe]
+    overrides = [o for o in sized if not o.startswith("data.batch_size")]
+    batch_size = 16 if on_cpu else int(next(o for o in sized if o.startswith("data.batch_size")).split("=")[1])
+    precision = "no" if on_cpu else "bf16"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            recipe,
+            [
+                *overrides,
+                f"data.batch_size={batch_size}",
+                f"data.resolution={size}",
+                f"data.length={2 * batch_size}",
+                "run.epochs=100",
+                "run.max_steps=3",
+                "run.progress=false",
+                "run.log_every=1",
+                "eval.at_end=false",
+                f"run.device={device}",
+                f"optim.mixed_precision={precision}",
+                f"run.out={tmp}",
+            ],
+        )
+        result = train(cfg)
+    model, chain = result.model.train(), result.stages
+    dev = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    counter = iter(range(10**9))
+
+    def staged() -> Batch:
+        images = torch.rand(batch_size, 3, size, size, device=dev)
+        return chain(Batch(images=images, index=torch.arange(batch_size, device=dev), seed=next(counter)))
+
+    batch = staged()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not on_cpu):
+            loss = model(batch).loss
+        loss.backward()
+        optimizer.step()
+        for teacher, student in getattr(model, "teachers", list)():
+            teacher.update(student, progress=0.5)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    step_ms = median_ms(step, 5)
+    stage_ms = median_ms(staged, 5)
+    precision_name = "fp32" if on_cpu else "bf16"
+    figures = Figures(f"train {recipe}", f"{cfg.model.backbone}, B={batch_size}, {size} px, {precision_name}, {dev}")
+    figures.figure("training step (forward, backward, optimizer)", step_ms, "ms")
+    figures.figure("images per second (step alone)", 1000 * batch_size / step_ms, "img/s")
+    figures.figure(
+        "loader stages (views, normalise, mask): share of step + stages", 100 * stage_ms / (step_ms + stage_ms), "%"
+    )
+    if dev.type == "cuda":
+        figures.figure("peak GPU memory (max_memory_allocated)", torch.cuda.max_memory_allocated(dev) / 2**30, "GiB")
+    figures.figure("recipe updates run on the device", result.updates, "updates")
+    figures.save(json_path)
+    print(f"{recipe}: {step_ms:.1f} ms/step, {1000 * batch_size / step_ms:.0f} img/s, stages {stage_ms:.1f} ms")
+
+
+def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | None]]:
+    """The steps: (name, command, timeout in seconds, JSON name or None)."""
+    python = sys.executable
+    on_cpu = device == "cpu"
+    tests = [
+        python,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "device and not slow" if on_cpu else "device",
+    ]
+    steps: list[tuple[str, list[str], float, str | None]] = [
+        ("device-aware tests", tests, 180 if on_cpu else 100, None)
+    ]
+    bench = {
+        "masks": ["--quick", "--batch-size", "32"] if on_cpu else [],
+        "throwing": ["--quick", "--batch-size", "4"] if on_cpu else ["--batch-size", "256"],
+        "hierarchy": ["--quick", "--batch-size", "16", "--step-batch-size", "4"]
+        if on_cpu
+        else ["--step-batch-size", "256"],
+        "maskdeep_groups": ["--quick", "--batch-size", "4", "--size", "32"]
+        if on_cpu
+        else ["--batch-size", "256", "--size", "224"],
+    }
+    for name, extra in bench.items():
+        command = [python, f"benchmarks/{name}.py", "--device", device, *extra, "--json", f"{{tmp}}/{name}.json"]
+        steps.append((f"benchmark {name}", command, 300 if on_cpu else 55, f"{name}.json"))
+    for recipe in GPU_RECIPES:
+        command = [
+            python,
+            "tools/gpu_check.py",
+            "--time-recipe",
+            recipe,
+            "--device",
+            device,
+            "--json",
+            f"{{tmp}}/train_{recipe}.json",
+        ]
+        steps.append((f"train {recipe}", command, 300 if on_cpu else 35, f"train_{recipe}.json"))
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for the local run with tiny sizes")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check", help="report folder ($OUT if set)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the steps whose names contain these")
+    parser.add_argument("--time-recipe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.time_recipe:
+        time_recipe(args.time_recipe, args.device, args.json)
+        return 0
+    import torch
+
+    result = CheckResult(device=device_name(args.device), torch=torch.__version__)
+    env = os.environ | {"MASKLAB_TEST_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, command, timeout, json_name in plan(args.device, quick=args.device == "cpu"):
+            if args.only and not any(word in name for word in args.only):
+                continue
+            command = [part.replace("{tmp}", tmp) for part in command]
+            json_path = Path(tmp) / json_name if json_name else None
+            result.steps.append(run_step(name, command, timeout, json_path, env))
+            write_report(result, out)  # after every step, so a killed check leaves what it measured
+    markdown, _ = write_report(result, out)
+    print(f"report: {markdown} ({'passed' if result.passed else 'FAILED'})")
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
