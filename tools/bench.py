@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchReport", "find_benchmarks", "machine_description", "report_markdown", "run_bench", "write_report"]
+__all__ = [
+    "BenchReport",
+    "figure_tables",
+    "find_benchmarks",
+    "machine_description",
+    "report_markdown",
+    "run_bench",
+    "write_report",
+]
 
 README_CHART = "docs/bench.png"
 README_FIGURES = "docs/bench.json"
@@ -138,6 +146,24 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
+def figure_tables(figures: dict[str, Any]) -> list[str]:
+    """Markdown lines for one benchmark's saved figures (``benchmarks/_timing.Figures``): a table of its
+    comparisons (with the ratio), then one of its other figures; each table followed by a blank line."""
+    lines: list[str] = []
+    if figures.get("comparisons"):
+        lines += ["| comparison | measured | reference | unit | ratio |", "|---|---:|---:|---|---:|"]
+        for c in figures["comparisons"]:
+            lines.append(
+                f"| {c['name']} | {_number(c['ours'])} | {_number(c['reference'])} | {c['unit']} | {c['ratio']:.2f}x |"
+            )
+        lines.append("")
+    if figures.get("figures"):
+        lines += ["| figure | value | unit |", "|---|---:|---|"]
+        lines += [f"| {f['name']} | {_number(f['value'])} | {f['unit']} |" for f in figures["figures"]]
+        lines.append("")
+    return lines
+
+
 def report_markdown(report: BenchReport, chart: str | None = "bench.png") -> str:
     """The report: the machine, then per benchmark a table of ratios against references and one of figures."""
     total = sum(report.seconds.values())
@@ -155,19 +181,7 @@ def report_markdown(report: BenchReport, chart: str | None = "bench.png") -> str
     for result in report.results:
         lines.append(f"**{result['benchmark']}** ({result['setting']}; {report.seconds[result['benchmark']]:.0f} s)")
         lines.append("")
-        if result["comparisons"]:
-            lines += ["| comparison | measured | reference | unit | ratio |", "|---|---:|---:|---|---:|"]
-            for c in result["comparisons"]:
-                lines.append(
-                    f"| {c['name']} | {_number(c['ours'])} | {_number(c['reference'])} | {c['unit']} | "
-                    f"{c['ratio']:.2f}x |"
-                )
-            lines.append("")
-        if result["figures"]:
-            lines += ["| figure | value | unit |", "|---|---:|---|"]
-            for f in result["figures"]:
-                lines.append(f"| {f['name']} | {_number(f['value'])} | {f['unit']} |")
-            lines.append("")
+        lines += figure_tables(result)
     for name, tail in report.failed.items():
         lines += [f"**{name}: failed**", "", "```", tail, "```", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from masklab.tools.bench import figure_tables
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Training-step timings per recipe: the GPU sizes (224 px, the papers' encoders) and tiny CPU ones.
@@ -99,10 +101,6 @@ def run_step(
     return StepResult(name, command, status, seconds, tail, figures)
 
 
-def _number(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-
-
 def report_markdown(result: CheckResult) -> str:
     """The report: the device, a table of steps, then each step's figures and each failure's output."""
     total = sum(step.seconds for step in result.steps)
@@ -120,19 +118,7 @@ def report_markdown(result: CheckResult) -> str:
     for step in result.steps:
         figures = step.figures or {}
         if figures.get("comparisons") or figures.get("figures"):
-            lines += [f"## {step.name}", "", f"{figures.get('setting', '')}", ""]
-            if figures.get("comparisons"):
-                lines += ["| comparison | measured | reference | unit | speed-up |", "|---|---:|---:|---|---:|"]
-                for c in figures["comparisons"]:
-                    lines.append(
-                        f"| {c['name']} | {_number(c['ours'])} | {_number(c['reference'])} | {c['unit']} | "
-                        f"{c['ratio']:.2f}x |"
-                    )
-                lines.append("")
-            if figures.get("figures"):
-                lines += ["| figure | value | unit |", "|---|---:|---|"]
-                lines += [f"| {f['name']} | {_number(f['value'])} | {f['unit']} |" for f in figures["figures"]]
-                lines.append("")
+            lines += [f"## {step.name}", "", f"{figures.get('setting', '')}", "", *figure_tables(figures)]
     for step in result.steps:
         if step.status != "passed":
             lines += [f"## {step.name}: {step.status}", "", "```", step.tail, "```", ""]

@@ -9,17 +9,9 @@ from masklab.recipes.config import load_config
 from masklab.recipes.metrics import NonFiniteLoss
 from masklab.recipes.train import train
 
-TINY = [
-    "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-    "objective.decoder_dim=32",
-    "objective.decoder_depth=1",
-    "data.resolution=16",
-    "data.length=64",
-    "data.batch_size=16",
-    "run.epochs=2",
-    "run.progress=false",
-    "eval.at_end=false",
-]
+from .test_train import TINY as TRAIN_TINY
+
+TINY = [*TRAIN_TINY, "run.epochs=2"]
 
 
 @pytest.fixture
