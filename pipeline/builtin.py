@@ -7,6 +7,7 @@ position and textured backgrounds, so the class is told by shape alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,9 @@ __all__ = ["SHAPE_CLASSES", "Shapes", "Digits", "BUILTIN", "builtin_dataset"]
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "semicircle", "arrow")
 _SPLITS = {"train": 0, "test": 1}
 _SUPERSAMPLE = 2
+BACKGROUNDS = ("textured", "plain", "grey")
+"""``textured``: stripes, checkerboards or smooth noise in two colours; ``plain``: one colour and faint noise;
+``grey``: a grey shape on a plain grey background (no colour at all)."""
 
 
 def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
@@ -53,9 +57,11 @@ def _outline(name: str, rng: np.random.Generator) -> np.ndarray | None:
     return None
 
 
-def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A textured ``(size, size, 3)`` float background in [0, 1]."""
+def _texture(size: int, rng: np.random.Generator, plain: bool = False) -> np.ndarray:
+    """A textured ``(size, size, 3)`` float background in [0, 1] (``plain``: one colour and faint noise)."""
     c0, c1 = rng.uniform(0.15, 0.85, 3), rng.uniform(0.15, 0.85, 3)
+    if plain:
+        return c0 + rng.normal(0, 0.03, (size, size, 3))
     yy, xx = np.mgrid[0:size, 0:size] / size
     kind = rng.integers(3)
     if kind == 0:  # stripes at a random angle and frequency
@@ -71,14 +77,21 @@ def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
     return c0 * (1 - t) + c1 * t + rng.normal(0, 0.03, (size, size, 3))
 
 
-def draw_shape(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one ``(size, size, 3)`` uint8 image of class ``label``."""
+def draw_shape(label: int, size: int, rng: np.random.Generator, background: str = "textured") -> np.ndarray:
+    """Render one ``(size, size, 3)`` uint8 image of class ``label`` on a ``background`` of :data:`BACKGROUNDS`."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     big = size * _SUPERSAMPLE
-    background = _texture(big, rng)
+    grey = background == "grey"
+    background = _texture(big, rng, plain=background != "textured")
+    if grey:
+        background = background.mean(axis=2, keepdims=True).repeat(3, axis=2)
     mean = background.mean(axis=(0, 1))
     # A colour far from the background's mean so the shape is always visible.
     for _ in range(20):
         colour = rng.uniform(0, 1, 3)
+        if grey:
+            colour = np.full(3, colour.mean())
         if np.abs(colour - mean).sum() > 0.9:
             break
     radius = rng.uniform(0.22, 0.42) * big
@@ -118,6 +131,13 @@ class Shapes:
         length: number of images.
         seed: the dataset's seed.
         split: ``"train"`` or ``"test"``.
+        background: ``"textured"`` (the default: stripes, checkerboards or
+            smooth noise behind the shape, a nuisance the encoder must learn to
+            ignore), ``"plain"`` (one colour and faint noise) or ``"grey"``
+            (a grey shape on a plain grey background: no colour, so an image
+            cannot be told from the others by its colours; the study's data,
+            see ``masklab.tools.study``). ``builtin:shapes-plain`` and
+            ``builtin:shapes-grey`` name the last two as data sources.
 
     Examples:
         >>> ds = Shapes(size=32, length=16)
@@ -128,7 +148,11 @@ class Shapes:
 
     classes = SHAPE_CLASSES
 
-    def __init__(self, size: int = 32, length: int = 4000, seed: int = 0, split: str = "train") -> None:
+    def __init__(
+        self, size: int = 32, length: int = 4000, seed: int = 0, split: str = "train", background: str = "textured"
+    ) -> None:
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         if not 8 <= size <= 512:
@@ -136,6 +160,7 @@ class Shapes:
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         self.size, self.length, self.seed, self.split = size, length, seed, split
+        self.background = background
 
     def __len__(self) -> int:
         return self.length
@@ -146,7 +171,7 @@ class Shapes:
         i %= self.length
         label = i % len(SHAPE_CLASSES)
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
-        return draw_shape(label, self.size, rng), label
+        return draw_shape(label, self.size, rng, self.background), label
 
 
 class Digits:
@@ -185,11 +210,24 @@ class Digits:
         return np.repeat(big[..., None], 3, axis=2), int(self._labels[i])
 
 
-BUILTIN: dict[str, Callable[..., object]] = {"shapes": Shapes, "digits": Digits}
+def _shapes_on(background: str) -> Callable[..., Shapes]:
+    """``Shapes`` with another default ``background``, keeping its ``classes``."""
+    build = functools.partial(Shapes, background=background)
+    build.classes = Shapes.classes
+    return build
+
+
+BUILTIN: dict[str, Callable[..., object]] = {
+    "shapes": Shapes,
+    "shapes-plain": _shapes_on("plain"),
+    "shapes-grey": _shapes_on("grey"),
+    "digits": Digits,
+}
+"""Each built-in dataset by name; each has ``classes``."""
 
 
 def builtin_dataset(name: str, **kwargs) -> Shapes | Digits:
-    """Build a built-in dataset by name (``"shapes"`` or ``"digits"``)."""
+    """Build a built-in dataset by name (``"shapes"``, ``"shapes-plain"``, ``"shapes-grey"`` or ``"digits"``)."""
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")
     return BUILTIN[name](**kwargs)

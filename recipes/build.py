@@ -53,14 +53,19 @@ def _builtin(spec: str, cfg: TrainConfig):
         raise ValueError(f"data source {spec!r} must be a .beton path or builtin:NAME[:SPLIT]")
     name, split = parts[1], parts[2] if len(parts) == 3 else "train"
     kwargs = {"size": cfg.data.resolution, "split": split, "seed": 0}
-    if name == "shapes":
+    if name.startswith("shapes"):
         kwargs["length"] = cfg.data.length if split == "train" else max(1, cfg.data.length // 4)
     return builtin_dataset(name, **kwargs)
 
 
 def num_classes_of(spec: str) -> int:
     if spec.startswith("builtin:"):
-        return {"shapes": 8, "digits": 10}[spec.split(":")[1]]
+        from masklab.pipeline import BUILTIN
+
+        name = spec.split(":")[1]
+        if name not in BUILTIN:
+            raise ValueError(f"unknown built-in dataset {name!r} in {spec!r}; choose one of {sorted(BUILTIN)}")
+        return len(BUILTIN[name].classes)
     from masklab.pipeline import read_info
 
     info = read_info(spec)
@@ -178,7 +183,7 @@ def build_loader(
         common.update(scale=None, flip_p=0.0, order="sequential", drop_last=False, distributed=distributed)
     if isinstance(source, str):
         return Loader(source, stages=stages, num_workers=cfg.data.num_workers, **common)
-    return DatasetLoader(source, stages=stages, **common)
+    return DatasetLoader(source, stages=stages, num_workers=cfg.data.num_workers, **common)
 
 
 def _count(source) -> int:

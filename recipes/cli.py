@@ -39,7 +39,7 @@ def _write_dataset(args: argparse.Namespace) -> int:
         )
     if args.builtin is not None:
         kwargs = {"size": args.size, "seed": args.seed, "split": args.split}
-        if args.builtin == "shapes":
+        if args.builtin.startswith("shapes"):
             kwargs["length"] = args.length
         source = builtin_dataset(args.builtin, **kwargs)
     else:
@@ -200,11 +200,22 @@ def _study(args: argparse.Namespace) -> int:
     study, readme = _tool("study", "study"), _tool("study", "readme")
     out = Path(args.out)
     start = time.perf_counter()
-    result = study.run_study(args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick)
+    if args.curves:
+        arms = args.arms or study.CURVE_ARMS
+        epochs = args.epochs or study.CURVE_EPOCHS
+        study.run_curves(arms, args.seeds[0], out, list(args.overrides), epochs=epochs, quick=args.quick)
+        print(f"budget curves took {(time.perf_counter() - start) / 60:.1f} min: {out / 'curves.png'}")
+        return 0
+    result = study.run_study(
+        args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick, preset=args.preset
+    )
     print((out / "results.md").read_text())
     if args.readme:
         copies = {out / "results.png": study.README_PLOT, out / "results.json": study.README_FIGURES}
-        markdown = study.study_markdown(result, plot=study.README_PLOT)
+        curves = study.RunScores.load(out / "curves.json") if (out / "curves.json").exists() else None
+        if curves is not None:
+            copies.update({out / "curves.png": study.README_CURVES, out / "curves.json": study.README_CURVE_FIGURES})
+        markdown = study.study_markdown(result, plot=study.README_PLOT, curves=curves)
         readme.update_readme(Path(args.readme), "study", markdown, copies)
         print(f"updated the study section of {args.readme} ({study.README_PLOT}, {study.README_FIGURES})")
     print(
@@ -267,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a folder saved by a Hugging Face Dataset's save_to_disk",
     )
     write.add_argument("out", help="output .beton file")
-    write.add_argument("--builtin", choices=["shapes", "digits"], help="write a built-in dataset instead of SRC")
+    write.add_argument(
+        "--builtin",
+        choices=["shapes", "shapes-plain", "shapes-grey", "digits"],
+        help="write a built-in dataset instead of SRC",
+    )
     write.add_argument(
         "--labels",
         choices=["auto", "folders", "none"],
@@ -414,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser(
         "study",
         help="every method against its baseline on shapes: equal steps, 3 seeds, kNN and linear probe",
-        description="Train each arm (by default the eleven of masklab.tools.study.STUDY_ARMS) with each seed "
-        "on the built-in shapes for the same number of updates, evaluate kNN and a linear probe, and write "
-        "results.json, results.md (mean and spread) and results.png. Runs already done are kept. "
+        description="Train each arm (by default every one of masklab.tools.study.STUDY_ARMS) with each seed "
+        "on the study's shapes for the same number of updates, evaluate kNN and a linear probe (and "
+        "fine-tuning on a labelled tenth for the masked-image arms), and write results.json, results.md "
+        "(mean and spread) and results.png. Runs already done are kept, so a stopped study resumes. "
         "A tool of the source checkout (masklab/tools/study.py).",
     )
     study.add_argument("--recipes", dest="arms", nargs="+", default=None, help="arms or recipes (default: all arms)")
@@ -424,7 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--epochs", type=int, default=None, help="epochs per run, the same for all (default: the study's STUDY_EPOCHS)"
     )
-    study.add_argument("--quick", action="store_true", help="512 images, one epoch, one seed: a two-minute smoke run")
+    study.add_argument("--quick", action="store_true", help="512 images, one epoch, one seed: a smoke run")
+    study.add_argument(
+        "--preset",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu: the study's 8000 images, 3 seeds (default); gpu: 50000 images drawn by loader workers, "
+        "batch 256, one seed, sized for one GPU (make gpu-check runs it)",
+    )
+    study.add_argument(
+        "--curves",
+        action="store_true",
+        help="budget curves instead: each of --recipes (default mae simmim moco byol) trained once "
+        "(--epochs, default 20), its checkpoint every 5 epochs evaluated; curves.json and curves.png in --out",
+    )
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     study.add_argument("--readme", default=None, help="also replace this README's study section with the table")
     study.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")

@@ -140,21 +140,24 @@ def save_crop_picture(
     plt.close(fig)
 
 
-def write_shapes(folder: Path, length: int = 4000, size: int = 32) -> dict[str, Path]:
+def write_shapes(folder: Path, length: int = 4000, size: int = 32, background: str = "textured") -> dict[str, Path]:
     """The built-in shapes as ``.beton`` files in ``folder`` (written once): ``{"train": ..., "test": ...}``.
 
-    The test split has a quarter of ``length`` images. Existing files are kept.
+    The test split has a quarter of ``length`` images; ``background`` is :class:`~masklab.pipeline.Shapes`'s.
+    Existing files are kept.
     """
     from masklab.pipeline import Shapes, write_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "" if (length, size) == (4000, 32) else f"-{length}-{size}px"
+    suffix += "" if background == "textured" else f"-{background}"
     data = {"train": folder / f"shapes{suffix}.beton", "test": folder / f"shapes{suffix}-test.beton"}
     for split, path in data.items():
         if not path.exists():
             print(f"writing the built-in shapes {split} split to {path} ...")
             count = length if split == "train" else max(1, length // 4)
-            write_dataset(Shapes(size=size, length=count, seed=0, split=split), path, progress=False)
+            source = Shapes(size=size, length=count, seed=0, split=split, background=background)
+            write_dataset(source, path, progress=False)
     return data
 
 

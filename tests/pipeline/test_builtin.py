@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,23 @@ def test_shape_images_are_rgb_uint8_at_the_asked_size():
     image, label = Shapes(size=48, length=8)[5]
     assert image.shape == (48, 48, 3) and image.dtype == np.uint8 and label == 5
     assert image.std() > 10  # drawn, not blank
+
+
+def test_backgrounds_keep_the_shape_and_label_and_grey_has_no_colour():
+    textured, plain, grey = (Shapes(size=32, length=8, background=b) for b in ("textured", "plain", "grey"))
+    for i in range(8):
+        image, label = grey[i]
+        assert label == textured[i][1] == plain[i][1] == i
+        assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+        assert image.std() > 10  # the shape shows
+        corner = plain[i][0][:3, :3].reshape(-1, 3).astype(float)
+        assert corner.std(axis=0).max() < 12  # one colour and faint noise
+    assert not np.array_equal(textured[0][0], plain[0][0])
+    # The default is the textured data the demo has always used: the same pixels as before the option.
+    assert hashlib.sha256(Shapes(size=32, length=8)[3][0].tobytes()).hexdigest()[:16] == "146a8f8cdcba83e9"
+    assert builtin_dataset("shapes-grey", size=32, length=8)[2][0].tobytes() == grey[2][0].tobytes()
+    with pytest.raises(ValueError, match=r"background must be one of \('textured', 'plain', 'grey'\), got 'noisy'"):
+        Shapes(background="noisy")
 
 
 def test_digits_upsampled_to_rgb():
