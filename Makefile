@@ -45,7 +45,8 @@ bench: $(STAMP)
 
 # Every method against its baseline, 3 seeds (under an hour on 2 cores; not part of the tests).
 study: $(STAMP)
-	$(VENV)/bin/masklab study
+	$(VENV)/bin/masklab study --curves
+	$(VENV)/bin/masklab study --readme README.md
 
 # The wheels a GPU machine without network lacks (Python 3.12, linux x86_64), into .whl/ to carry along.
 # omegaconf 2.4 vendors its antlr4 runtime, so antlr4-python3-runtime is not needed; kornia needs kornia_rs.
@@ -53,12 +54,15 @@ GPU_WHEELS := kornia==0.9.0 kornia_rs==0.2.0 torchdata==0.11.0 omegaconf==2.4.0
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_WHEELS)
 
-# The prepared device check (tools/gpu_check.py): device-aware tests, stage benchmarks, training-step timings.
+# The prepared device check (tools/gpu_check.py): device-aware tests, stage benchmarks, training-step timings,
+# the study's GPU preset.
 # make gpu-check DEVICE=cpu runs it here with tiny sizes. Report: $(OUT)/gpu.md and gpu.json.
 DEVICE ?= cuda
 OUT ?= runs/gpu-check
+# CHECK_ARGS picks steps: "--skip study" (all but the study's GPU preset) or "--only study".
+CHECK_ARGS ?=
 gpu-check:
-	PYTHON=$(PYTHON) OUT=$(OUT) tools/gpu_check.sh --device $(DEVICE) --out $(OUT)
+	PYTHON=$(PYTHON) OUT=$(OUT) tools/gpu_check.sh --device $(DEVICE) --out $(OUT) $(CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info build

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from masklab.recipes.demo import RunScores
 from masklab.tools.bench import figure_tables
+from masklab.tools.study import study_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +121,8 @@ def report_markdown(result: CheckResult) -> str:
         figures = step.figures or {}
         if figures.get("comparisons") or figures.get("figures"):
             lines += [f"## {step.name}", "", f"{figures.get('setting', '')}", "", *figure_tables(figures)]
+        if figures.get("runs"):  # the study's results.json
+            lines += [f"## {step.name}", "", study_table(RunScores(figures["runs"], figures["settings"])), ""]
     for step in result.steps:
         if step.status != "passed":
             lines += [f"## {step.name}: {step.status}", "", "```", step.tail, "```", ""]
@@ -264,6 +268,10 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
             f"{{tmp}}/train_{recipe}.json",
         ]
         steps.append((f"train {recipe}", command, 300 if on_cpu else 35, f"train_{recipe}.json"))
+    study = [python, "-m", "masklab.recipes.cli", "study", "--preset", "gpu", "--out", "{tmp}/study"]
+    if on_cpu:  # the preset's path (built-in source, loader workers, fine-tuning) on 512 images, two arms
+        study += ["--quick", "--recipes", "mae", "moco"]
+    steps.append(("study (gpu preset)", study, 300 if on_cpu else 420, "study/results.json"))
     return steps
 
 
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for the local run with tiny sizes")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check", help="report folder ($OUT if set)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the steps whose names contain these")
+    parser.add_argument("--skip", nargs="*", default=None, help="leave out the steps whose names contain these")
     parser.add_argument("--time-recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, command, timeout, json_name in plan(args.device, quick=args.device == "cpu"):
             if args.only and not any(word in name for word in args.only):
+                continue
+            if args.skip and any(word in name for word in args.skip):
                 continue
             command = [part.replace("{tmp}", tmp) for part in command]
             json_path = Path(tmp) / json_name if json_name else None

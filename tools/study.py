@@ -16,6 +16,8 @@ stopped study resumes where it stopped), ``results.md`` (the table) and
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from typing import Any
 
 from masklab.recipes.demo import RunScores
 
-__all__ = ["STUDY_ARMS", "Arm", "plot_study", "run_study", "study_markdown", "study_table"]
+__all__ = ["STUDY_ARMS", "Arm", "plot_curves", "plot_study", "run_curves", "run_study", "study_markdown", "study_table"]
 
 README_PLOT = "docs/study.png"
 README_FIGURES = "docs/study.json"
@@ -45,6 +47,12 @@ class Arm:
     overrides: tuple[str, ...] = ()
     family: str = "vit"  # vit | cnn: which random-init row it is read against
     claim: str = ""  # what the method's paper reports against the baseline, at the paper's scale
+    equal_time: str | None = None  # an arm run for the updates it buys in its baseline's time (see run_study)
+
+    @property
+    def finetune(self) -> bool:
+        """Masked-image arms are also fine-tuned on a labelled tenth, where MAE-style methods show their gains."""
+        return self.family == "vit"
 
 
 STUDY_ARMS: tuple[Arm, ...] = (
@@ -59,6 +67,25 @@ STUDY_ARMS: tuple[Arm, ...] = (
     ),
     Arm("simmim", "simmim", None, VIT, "vit"),
     Arm("simmim_amt", "simmim_amt", "simmim", VIT, "vit", "better fine-tuning accuracy than SimMIM"),
+    Arm(
+        "mae_amt_equal_time",
+        "mae_amt",
+        "mae",
+        VIT,
+        "vit",
+        "throwing drops cells from encoder, decoder and loss, so a step costs less (METHODS.md); here "
+        "mae_amt gets the updates its steps buy in mae's training time",
+        equal_time="mae_amt",
+    ),
+    Arm(
+        "simmim_amt_equal_time",
+        "simmim_amt",
+        "simmim",
+        VIT,
+        "vit",
+        "as above, for SimMIM: simmim_amt gets the updates its steps buy in simmim's training time",
+        equal_time="simmim_amt",
+    ),
     Arm(
         "ehm",
         "ehm",
@@ -95,14 +122,41 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "a CutMix-like regulariser (no figure in METHODS.md)",
     ),
 )
-"""The issue-10 study: MAE, MAE+AMT, SimMIM, SimMIM+AMT, EHM, MoCo v2, MixMask-MoCo, BYOL, MaskDeep,
-supervised with and without MixMask. Supervised arms turn patch erasing off so MixMask is the only difference."""
+"""The study: MAE, MAE+AMT, SimMIM, SimMIM+AMT (each AMT arm also at equal wall-clock time), EHM, MoCo v2,
+MixMask-MoCo, BYOL, MaskDeep, supervised with and without MixMask. Supervised arms turn patch erasing off so
+MixMask is the only difference."""
 
-STUDY_EPOCHS = 4
-"""4 epochs of 4000 images at batch 128: 124 updates an arm, 33 runs in under an hour on 2 CPU cores."""
+STUDY_DATA = {"length": 8000, "size": 32, "background": "grey"}
+"""The study's data: built-in shapes, grey on plain grey backgrounds, 8000 training and 2000 test images at 32 px.
 
-QUICK = {"length": 512, "epochs": 1, "linear_epochs": 20, "seeds": (0,)}
-"""``--quick``: 512 images, one epoch (4 updates), one seed; the whole study in about two minutes."""
+Chosen by measurement (issue 20). On the textured, coloured shapes the siamese baselines stayed within a few
+points of their random-init encoder (MoCo after 930 updates: kNN 0.192 against 0.146), and the supervised
+ResNet reached 0.91 there, so the data was learnable but not by instance discrimination: each image's colours
+(shape and background, six continuous values that colour jitter only blurs) tell it apart from the others,
+so the siamese objectives could be solved without the shape. Plain coloured backgrounds did not change that
+(MoCo after 620 updates: kNN 0.191 against 0.171 at random init); grey shapes on grey backgrounds did (after 310
+updates: kNN 0.351 against 0.228, linear 0.367 against 0.267). What varies is then the shape (the class), its
+grey level and the background's, its size, rotation and position. The same data serves every arm."""
+
+STUDY_EPOCHS = 15
+"""15 epochs of 8000 images at batch 128: 930 updates an arm (the budget curves' choice, ``docs/study_curves.png``)."""
+
+FINETUNE = {"fraction": 0.1, "epochs": 30, "batch_size": 64}
+"""Fine-tuning of the masked-image arms' encoders (and the random-init ViT): ``finetune`` recipe on the first 10%
+of the training images (balanced: labels cycle), 30 epochs at batch 64, the same for every arm; top-1 on the
+test split."""
+
+QUICK = {"length": 512, "epochs": 1, "linear_epochs": 20, "seeds": (0,), "finetune_epochs": 1, "finetune_batch": 16}
+"""``--quick``: 512 images, one epoch (4 updates), one seed; the whole study in a few minutes."""
+
+CURVE_ARMS = ("mae", "simmim", "moco", "byol")
+CURVE_EPOCHS = 20
+CURVE_EVERY = 5
+"""Budget curves: each baseline trained once for ``CURVE_EPOCHS`` epochs of the study's data, its
+checkpoint every ``CURVE_EVERY`` epochs evaluated (kNN, linear probe), with its random init at 0 updates."""
+
+README_CURVES = "docs/study_curves.png"
+README_CURVE_FIGURES = "docs/study_curves.json"
 
 
 def _arm_for(name: str) -> Arm:
@@ -115,44 +169,46 @@ def _arm_for(name: str) -> Arm:
     return Arm(name, name)
 
 
-def run_study(
-    arms: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    out: Path = Path("runs/study"),
-    overrides: Sequence[str] = (),
-    epochs: int | None = None,
-    quick: bool = False,
-    log=print,
-) -> RunScores:
-    """Train every arm with every seed on the built-in shapes, evaluate kNN and a linear probe.
+GPU_PRESET = {"length": 50000, "epochs": 6, "seeds": (0,), "batch_size": 256, "num_workers": 12}
+"""``--preset gpu``: the study's shapes as a 50000-image built-in source drawn by 12 loader workers (at most one
+per CPU) on the
+machine's CPUs (``DatasetLoader``: no ``.beton`` to write, no FFCV needed), batch 256, 6 epochs (1170 updates an
+arm), bf16 where the device has it (``optim.mixed_precision=auto``), one seed; fine-tuning on the first 5000
+training images, tested on the first 1250 test images. Sized from estimates, not yet from a GPU run: about six
+minutes on one H100 is the aim."""
 
-    Args:
-        arms: names from :data:`STUDY_ARMS`, or other recipe names / YAML files
-            (run as they are); ``None`` runs all of :data:`STUDY_ARMS`.
-        seeds: one run per arm and seed.
-        out: the study's folder: data, one run folder per arm and seed, results.
-        overrides: dotted overrides applied to every run, after the arm's own.
-        epochs: epochs per run (the same for every arm, so the same updates; default :data:`STUDY_EPOCHS`).
-        quick: :data:`QUICK`'s smaller data, one epoch, one seed (a smoke run).
+PRESETS = ("cpu", "gpu")
 
-    Runs already in ``out/results.json`` with the same settings are kept, not
-    rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
-    """
-    from masklab.pipeline import read_info, write_text_atomically
+
+def _study_data(out: Path, quick: bool, preset: str = "cpu") -> tuple[dict[str, str], str, list[str], list[str]]:
+    """``(data, subset, common, subset_common)``: the train and test sources, the labelled fraction used for
+    fine-tuning, and the overrides every run and every fine-tuning run need to read them (written once)."""
+    from masklab.pipeline import Shapes, write_dataset
     from masklab.recipes.demo import write_shapes
 
-    chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
-    length = QUICK["length"] if quick else 4000
-    epochs = STUDY_EPOCHS if epochs is None else epochs
-    if quick:
-        epochs, seeds = QUICK["epochs"], QUICK["seeds"]
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if not seeds:
-        raise ValueError("give at least one seed")
-    out.mkdir(parents=True, exist_ok=True)
-    data = write_shapes(out / "data", length=length)
-    common = [
+    size, background = STUDY_DATA["size"], STUDY_DATA["background"]
+    if preset == "gpu":
+        name = f"builtin:shapes-{background}"
+        length = QUICK["length"] if quick else GPU_PRESET["length"]
+        count = round(length * FINETUNE["fraction"])
+        workers = min(GPU_PRESET["num_workers"], os.cpu_count() or 1)
+        common = [f"data.resolution={size}", f"data.batch_size={GPU_PRESET['batch_size']}"]
+        common.append(f"data.num_workers={workers}")
+        # Shapes draws image i the same for any length: data.length=count reads the first count images.
+        tune = [f"data.resolution={size}", f"data.num_workers={workers}", f"data.length={count}"]
+        return {"train": name, "test": f"{name}:test"}, name, [*common, f"data.length={length}"], tune
+    length = QUICK["length"] if quick else STUDY_DATA["length"]
+    data = write_shapes(out / "data", length=length, size=size, background=background)
+    count = max(8, round(length * FINETUNE["fraction"]))
+    subset = data["train"].with_name(data["train"].stem + f"-first{count}.beton")
+    if not subset.exists():  # the first images of the training split: Shapes draws image i the same for any length
+        source = Shapes(size=size, length=count, seed=0, split="train", background=background)
+        write_dataset(source, subset, progress=False)
+    return {split: str(path) for split, path in data.items()}, str(subset), [], []
+
+
+def _common(data: dict[str, str], epochs: int, quick: bool, overrides: Sequence[str]) -> list[str]:
+    return [
         f"data.train={data['train']}",
         f"data.test={data['test']}",
         f"run.epochs={epochs}",
@@ -163,32 +219,121 @@ def run_study(
         *([f"eval.linear_epochs={QUICK['linear_epochs']}"] if quick else []),
         *overrides,
     ]
-    settings = {"epochs": epochs, "length": length, "common": common}
+
+
+def run_study(
+    arms: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: Path = Path("runs/study"),
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    quick: bool = False,
+    log=print,
+    preset: str = "cpu",
+) -> RunScores:
+    """Train every arm with every seed on the study's shapes, evaluate kNN and a linear probe (and fine-tuning).
+
+    Args:
+        arms: names from :data:`STUDY_ARMS`, or other recipe names / YAML files
+            (run as they are); ``None`` runs all of :data:`STUDY_ARMS`.
+        seeds: one run per arm and seed.
+        out: the study's folder: data, one run folder per arm and seed, results.
+        overrides: dotted overrides applied to every run, after the arm's own.
+        epochs: epochs per run (the same for every arm, so the same updates; default :data:`STUDY_EPOCHS`).
+        quick: :data:`QUICK`'s smaller data, one epoch, one seed (a smoke run).
+        preset: ``cpu`` (:data:`STUDY_DATA`, :data:`STUDY_EPOCHS`) or ``gpu`` (:data:`GPU_PRESET`, which sets
+            the seeds and the default epochs).
+
+    Each run records its scores, its updates, its training time and images per second. Masked-image arms
+    (and the random-init ViT) are also fine-tuned on a labelled tenth (:data:`FINETUNE`). An arm with
+    ``equal_time`` gets the updates its own steps buy in its baseline's training time (same seed), so it
+    runs after both.
+
+    Runs already in ``out/results.json`` with the same settings are kept, not
+    rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
+    """
+    from masklab.pipeline import SHAPE_CLASSES, write_text_atomically
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
+    if preset == "gpu":
+        epochs, seeds = epochs or GPU_PRESET["epochs"], GPU_PRESET["seeds"]
+    epochs = STUDY_EPOCHS if epochs is None else epochs
+    if quick:
+        epochs, seeds = QUICK["epochs"], QUICK["seeds"]
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    known = {arm.name for arm in chosen}
+    for arm in chosen:
+        if arm.equal_time and not {arm.baseline, arm.equal_time} <= known:
+            raise ValueError(f"arm {arm.name!r} needs arms {arm.baseline!r} and {arm.equal_time!r} in the same study")
+    out.mkdir(parents=True, exist_ok=True)
+    data, subset, data_common, subset_common = _study_data(out, quick, preset)
+    common = _common(data, epochs, quick, [*data_common, *overrides])
+    finetune_epochs = QUICK["finetune_epochs"] if quick else FINETUNE["epochs"]
+    length = QUICK["length"] if quick else GPU_PRESET["length"] if preset == "gpu" else STUDY_DATA["length"]
+    if quick and preset == "gpu":
+        common.append(f"data.batch_size={GPU_PRESET['batch_size'] // 2}")  # 512 images make two batches
+    settings = {"epochs": epochs, "length": length, "common": common, "finetune_epochs": finetune_epochs}
+    settings["preset"] = preset
+    settings["data"] = {**STUDY_DATA, "length": length}
     path = out / "results.json"
     result = RunScores.load_or_new(path, settings)
     families, loaders = {arm.family for arm in chosen}, {}
+    ordered = [arm for arm in chosen if not arm.equal_time] + [arm for arm in chosen if arm.equal_time]
     jobs = [(f"random_{family}", None, family) for family in sorted(families)] + [
-        (arm.name, arm, arm.family) for arm in chosen
+        (arm.name, arm, arm.family) for arm in ordered
     ]
     for name, arm, family in jobs:
         for seed in seeds:
             done = result.runs.get(name, {}).get(str(seed))
             if done is not None and done.get("overrides") == list(arm.overrides if arm else ()):
                 continue
+            extra: list[str] = []
+            if arm is not None and arm.equal_time:
+                updates = equal_time_updates(result, arm, seed)
+                extra = [
+                    f"run.max_steps={updates}",
+                    f"run.epochs={math.ceil(updates / result.runs[arm.baseline][str(seed)]['updates'] * epochs)}",
+                ]
             start = time.perf_counter()
-            scores = _run_one(arm, family, seed, common, out / f"{name}-seed{seed}", loaders)
+            run_out = out / f"{name}-seed{seed}"
+            scores = _run_one(arm, family, seed, [*common, *extra], run_out, loaders)
+            if family == "vit" and (arm is None or arm.finetune):
+                tune = (finetune_epochs, QUICK["finetune_batch"] if quick else FINETUNE["batch_size"])
+                extra_tune = [*subset_common, *overrides]
+                scores["finetune"] = _finetune(arm, seed, data, subset, tune, extra_tune, run_out, scores)
+            scores.pop("checkpoint", None)
             scores["seconds"] = time.perf_counter() - start
             scores["overrides"] = list(arm.overrides if arm else ())
             result.runs.setdefault(name, {})[str(seed)] = scores
             result.save(path)
+            tuned = f", fine-tuned {scores['finetune']:.3f}" if "finetune" in scores else ""
             log(
-                f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}, "
+                f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}{tuned}, "
                 f"{scores['updates']} updates, {scores['seconds']:.0f} s"
             )
     write_text_atomically(out / "results.md", study_table(result, chosen))
 
-    plot_study(result, chosen, out / "results.png", chance=1 / read_info(data["train"]).num_classes)
+    plot_study(result, chosen, out / "results.png", chance=1 / len(SHAPE_CLASSES))
     return result
+
+
+def equal_time_updates(result: RunScores, arm: Arm, seed: int) -> int:
+    """The updates ``arm`` gets in its baseline's training time: the baseline's training seconds divided
+    by the seconds per update of the equal-updates arm ``arm.equal_time`` (same seed), at least one.
+
+    Examples:
+        >>> r = RunScores(runs={"mae": {"0": {"train_seconds": 100.0, "updates": 50}},
+        ...                     "mae_amt": {"0": {"train_seconds": 80.0, "updates": 50}}})
+        >>> equal_time_updates(r, Arm("mae_amt_time", "mae_amt", "mae", equal_time="mae_amt"), 0)
+        62
+    """
+    base, own = result.runs[arm.baseline][str(seed)], result.runs[arm.equal_time][str(seed)]
+    return max(1, math.floor(base["train_seconds"] / (own["train_seconds"] / own["updates"])))
 
 
 def _run_one(
@@ -197,28 +342,176 @@ def _run_one(
     """Train one arm (or, for ``arm=None``, build the family's random-init encoder) and evaluate it."""
     import torch
 
-    from masklab.recipes.build import build_loader, build_model, encoder_of, family_of
+    from masklab.recipes.build import build_model
     from masklab.recipes.config import load_config
-    from masklab.recipes.train import evaluate_encoder, train
+    from masklab.recipes.train import train
 
+    checkpoint = None
     if arm is None:  # the family's encoder at random initialisation, on a reference recipe's model
         recipe, extra = ("mae", VIT) if family == "vit" else ("byol", CNN)
         cfg = load_config(recipe, [*extra, *common, f"run.seed={seed}", f"run.out={run_out}"])
         torch.manual_seed(seed)
-        model, updates = build_model(cfg).eval(), 0
+        model, updates, seconds = build_model(cfg).eval(), 0, 0.0
     else:
         # A run that did not finish (its scores are not in results.json) is trained again from the start.
         again = [f"run.seed={seed}", f"run.out={run_out}", "run.overwrite=true"]
         cfg = load_config(arm.recipe, [*arm.overrides, *common, *again])
+        start = time.perf_counter()
         trained = train(cfg)
-        model, updates = trained.model.eval(), trained.updates
+        seconds = time.perf_counter() - start
+        model, updates, checkpoint = trained.model.eval(), trained.updates, trained.checkpoint
+    scores = _evaluate(cfg, model, loaders)
+    scores.update(updates=updates, train_seconds=seconds, checkpoint=checkpoint)
+    if seconds:
+        scores["images_per_s"] = updates * cfg.data.batch_size / seconds
+    return scores
+
+
+def _evaluate(cfg, model, loaders: dict) -> dict[str, float]:
+    """kNN and linear probe of ``model``'s encoder; the evaluation loaders are built once per data and device."""
+    from masklab.recipes.build import build_loader, encoder_of, family_of
+    from masklab.recipes.train import evaluate_encoder
+
     device = next(model.parameters()).device
     key = (str(device), cfg.data.train, cfg.data.test, cfg.data.resolution, cfg.data.batch_size)
     key += (tuple(cfg.data.mean), tuple(cfg.data.std))
     if key not in loaders:  # every arm evaluates on the same whole, centred images: compile them once
         loaders[key] = tuple(build_loader(cfg, split, device, train=False) for split in ("train", "test"))
-    scores = evaluate_encoder(cfg, encoder_of(model), device, family_of(model), ("knn", "linear"), loaders[key])
-    return {**scores, "updates": updates}
+    return evaluate_encoder(cfg, encoder_of(model), device, family_of(model), ("knn", "linear"), loaders[key])
+
+
+def _finetune(
+    arm: Arm | None,
+    seed: int,
+    data: dict[str, str],
+    subset: str,
+    tune: tuple[int, int],
+    overrides: Sequence[str],
+    run_out: Path,
+    scores: dict[str, Any],
+) -> float:
+    """Fine-tune the run's encoder (``None`` checkpoint: random init) on ``subset`` for ``tune = (epochs,
+    batch size)``; top-1 on the test split."""
+    from masklab.recipes.build import build_loader
+    from masklab.recipes.config import load_config
+    from masklab.recipes.evaluate import extract_features
+    from masklab.recipes.train import train
+
+    init = scores.get("checkpoint")
+    if arm is not None and init is None:
+        raise RuntimeError(f"run {run_out} left no checkpoint to fine-tune")
+    cfg = load_config(
+        "finetune",
+        [
+            *VIT,
+            f"data.train={subset}",
+            f"data.test={data['test']}",
+            f"model.init={init or 'null'}",
+            f"run.epochs={tune[0]}",
+            f"data.batch_size={tune[1]}",
+            "run.progress=false",
+            "run.ckpt_every=100000",
+            "run.keep=1",
+            *overrides,
+            f"run.seed={seed}",
+            f"run.out={run_out}-finetune",
+            "run.overwrite=true",
+        ],
+    )
+    trained = train(cfg)
+    classifier = trained.model.model.eval()
+    device = next(classifier.parameters()).device
+    logits, labels = extract_features(classifier, build_loader(cfg, "test", device, train=False))
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def run_curves(
+    arms: Sequence[str] = CURVE_ARMS,
+    seed: int = 0,
+    out: Path = Path("runs/study"),
+    overrides: Sequence[str] = (),
+    epochs: int = CURVE_EPOCHS,
+    every: int = CURVE_EVERY,
+    quick: bool = False,
+    log=print,
+) -> RunScores:
+    """Budget curves: each arm trained once for ``epochs`` on the study's data, evaluated every ``every`` epochs.
+
+    Each arm's checkpoints (one every ``every`` epochs) are evaluated by kNN and a linear probe, and so is its
+    encoder at random initialisation (0 updates). Every checkpoint comes from the same run, whose learning-rate
+    schedule is set for ``epochs``: a run planned for fewer epochs would have decayed its rate sooner, so the
+    early points understate what that shorter budget gives. Results go to ``out/curves.json``
+    (``runs[arm][str(updates)]``, resumable per arm) and ``out/curves.png``.
+    """
+    import torch
+
+    from masklab.recipes.build import build_model
+    from masklab.recipes.checkpoint import list_checkpoints
+    from masklab.recipes.config import load_config
+    from masklab.recipes.train import train
+    from masklab.recipes.trained import load_trained
+
+    if epochs < 1 or not 1 <= every <= epochs:
+        raise ValueError(f"need epochs >= 1 and 1 <= every <= epochs, got epochs={epochs}, every={every}")
+    chosen = [_arm_for(name) for name in arms]
+    out.mkdir(parents=True, exist_ok=True)
+    data, _, _, _ = _study_data(out, quick)
+    common = _common(data, epochs, quick, overrides)
+    length = QUICK["length"] if quick else STUDY_DATA["length"]
+    settings = {"epochs": epochs, "every": every, "seed": seed, "length": length, "common": common}
+    path = out / "curves.json"
+    result, loaders = RunScores.load_or_new(path, settings), {}
+    for arm in chosen:
+        if arm.name in result.runs:
+            continue
+        run_out = out / f"curve-{arm.name}"
+        cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
+        torch.manual_seed(seed)
+        points = {"0": {**_evaluate(cfg, build_model(cfg).eval(), loaders), "updates": 0}}
+        per_epoch = length // cfg.data.batch_size  # the loader drops the last partial batch
+        again = [f"run.ckpt_every={every * per_epoch}", "run.keep=1000", "run.overwrite=true"]
+        start = time.perf_counter()
+        train(load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}", *again]))
+        seconds = time.perf_counter() - start
+        for checkpoint in list_checkpoints(run_out / "checkpoints"):
+            cfg, model = load_trained(checkpoint)
+            updates = int(checkpoint.name.split("-")[-1].split(".")[0])
+            points[str(updates)] = {**_evaluate(cfg, model, loaders), "updates": updates}
+            log(
+                f"{arm.name} at {updates} updates: kNN {points[str(updates)]['knn']:.3f}, linear "
+                f"{points[str(updates)]['linear']:.3f}"
+            )
+        points["0"]["train_seconds"] = seconds
+        result.runs[arm.name] = points
+        result.save(path)
+    plot_curves(result, out / "curves.png", budget=STUDY_EPOCHS * (length // 128))
+    return result
+
+
+def plot_curves(result: RunScores, path: Path, budget: int | None = None) -> None:
+    """kNN and linear-probe accuracy against updates, one line per arm; a dotted line at the study's ``budget``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, metric, title in zip(axes, ("knn", "linear"), ("kNN accuracy", "linear-probe accuracy"), strict=True):
+        for name, points in result.runs.items():
+            rows = sorted(points.values(), key=lambda r: r["updates"])
+            ax.plot([r["updates"] for r in rows], [r[metric] for r in rows], "o-", ms=3, label=name)
+        if budget:
+            ax.axvline(budget, color="k", ls=":", lw=1, label=f"study budget ({budget} updates)")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer updates (0: random init)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"budget curves on the study's data: checkpoints of one run per baseline, seed {result.settings.get('seed', 0)}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -229,23 +522,45 @@ def _mean(result: RunScores, name: str, metric: str) -> float:
     return _summary([r[metric] for r in result.runs[name].values()])[0]
 
 
+BAR = 0.05
+"""Issue 20's bar: every self-supervised arm at least this far above its backbone's random-init row."""
+
+
+def _metrics(result: RunScores) -> tuple[str, ...]:
+    has_finetune = any("finetune" in run for runs in result.runs.values() for run in runs.values())
+    return ("knn", "linear", "finetune") if has_finetune else ("knn", "linear")
+
+
+def _values(result: RunScores, name: str, metric: str) -> list[float]:
+    return [r[metric] for r in result.runs[name].values() if metric in r]
+
+
 def study_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
-    """The Markdown table: per arm, updates, kNN and linear accuracy (mean ± std over seeds), and the
-    difference of the means from its baseline."""
+    """The Markdown table: per arm, updates, images/s, kNN, linear and (masked-image arms) fine-tuned accuracy
+    (mean ± std over seeds), and the difference of the means from its baseline."""
     names = [n for n in result.runs if n.startswith("random_")] + [a.name for a in arms if a.name in result.runs]
     baseline = {a.name: a.baseline for a in arms}
-    lines = [
-        "| arm | baseline | updates | kNN (mean ± std) | Δ kNN | linear (mean ± std) | Δ linear | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    metrics = _metrics(result)
+    titles = {"knn": "kNN", "linear": "linear", "finetune": "fine-tuned"}
+    header = ["arm", "baseline", "updates", "images/s"]
+    for metric in metrics:
+        header += [f"{titles[metric]} (mean ± std)", f"Δ {titles[metric]}"]
+    lines = ["| " + " | ".join([*header, "seeds"]) + " |", "|---|---|" + "---:|" * (len(header) - 1)]
     for name in names:
         runs = list(result.runs[name].values())
-        cells = [name, baseline.get(name) or "", str(int(runs[0]["updates"]))]
-        for metric in ("knn", "linear"):
-            mean, std = _summary([r[metric] for r in runs])
+        speed = [r["images_per_s"] for r in runs if "images_per_s" in r]
+        updates = sorted({int(r["updates"]) for r in runs})
+        shown = str(updates[0]) if len(updates) == 1 else f"{updates[0]}-{updates[-1]}"
+        cells = [name, baseline.get(name) or "", shown, f"{statistics.mean(speed):.0f}" if speed else ""]
+        for metric in metrics:
+            values = _values(result, name, metric)
+            if not values:
+                cells += ["", ""]
+                continue
+            mean, std = _summary(values)
             cells.append(f"{mean:.3f} ± {std:.3f}")
             base = baseline.get(name)
-            if base in result.runs:
+            if base in result.runs and _values(result, base, metric):
                 cells.append(f"{mean - _mean(result, base, metric):+.3f}")
             else:
                 cells.append("")
@@ -254,37 +569,113 @@ def study_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study_markdown(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS, plot: str | None = "results.png") -> str:
-    """The table, the scale it was measured at, and the plot: what ``masklab study --readme`` puts in a README."""
+def family_metrics(arm: Arm) -> tuple[str, ...]:
+    """The evaluations an arm's family is known for: the linear probe and fine-tuning for masked-image
+    arms, kNN and the linear probe for siamese and supervised ones."""
+    return ("linear", "finetune") if arm.family == "vit" else ("knn", "linear")
+
+
+def verdict(result: RunScores, name: str, base: str, metric: str) -> str:
+    """``Δ`` of the means and whether it is beyond the seed spread (the sum of the two standard deviations).
+
+    Examples:
+        >>> r = RunScores(runs={"a": {"0": {"knn": 0.5}, "1": {"knn": 0.7}}, "b": {"0": {"knn": 0.1}, "1": {"knn": 0.1}}})
+        >>> verdict(r, "a", "b", "knn")
+        '+0.500, above (spread 0.141)'
+    """
+    arm, other = _values(result, name, metric), _values(result, base, metric)
+    (mean, std), (base_mean, base_std) = _summary(arm), _summary(other)
+    delta, spread = mean - base_mean, std + base_std
+    word = "above" if delta > spread else "below" if delta < -spread else "within the spread"
+    return f"{delta:+.3f}, {word} (spread {spread:.3f})"
+
+
+def reading_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
+    """Per arm, on its family's evaluations: its gain over the random-init encoder (against :data:`BAR`), and
+    against its baseline whether the difference is beyond the seed spread, next to the published claim."""
+    lines = [
+        "| arm | evaluation | over random init | against its baseline | published claim, at its scale |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        if arm.name not in result.runs:
+            continue
+        random = f"random_{arm.family}"
+        for metric in family_metrics(arm):
+            if not _values(result, arm.name, metric):
+                continue
+            cells = [arm.name, {"knn": "kNN", "linear": "linear", "finetune": "fine-tuned"}[metric]]
+            if random in result.runs and _values(result, random, metric):
+                gain = _mean(result, arm.name, metric) - _mean(result, random, metric)
+                cells.append(f"{gain:+.3f} ({'clears' if gain >= BAR else 'below'} +{BAR:.2f})")
+            else:
+                cells.append("")
+            has_base = arm.baseline in result.runs and _values(result, arm.baseline, metric)
+            cells.append(f"{arm.baseline}: {verdict(result, arm.name, arm.baseline, metric)}" if has_base else "")
+            cells.append(arm.claim if metric == family_metrics(arm)[0] else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_table(curves: RunScores) -> str:
+    """Per budget-curve arm, kNN / linear at each evaluated number of updates."""
+    updates = sorted({int(k) for points in curves.runs.values() for k in points})
+    lines = ["| arm | " + " | ".join(f"{u} updates" for u in updates) + " |", "|---|" + "---:|" * len(updates)]
+    for name, points in curves.runs.items():
+        cells = [
+            f"{points[str(u)]['knn']:.3f} / {points[str(u)]['linear']:.3f}" if str(u) in points else "" for u in updates
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study_markdown(
+    result: RunScores,
+    arms: Sequence[Arm] = STUDY_ARMS,
+    plot: str | None = "results.png",
+    curves: RunScores | None = None,
+    curves_plot: str | None = README_CURVES,
+) -> str:
+    """What ``masklab study --readme`` puts in a README: the data and budget, the budget curves (if given),
+    the table, the plot and the reading against random init, baselines and the papers' claims."""
     settings = result.settings
+    data = settings.get("data", {})
     seeds = sorted({seed for runs in result.runs.values() for seed in runs})
     minutes = sum(run["seconds"] for runs in result.runs.values() for run in runs.values() if "seconds" in run) / 60
+    length = settings.get("length", 4000)
     lines = [
-        f"Built-in shapes, 32 px, {settings.get('length', '?')} training and {settings.get('length', 4) // 4} test "
-        f"images, {settings.get('epochs', '?')} epochs at batch 128 for every arm, seeds {', '.join(seeds)}; "
-        f"{minutes:.0f} min of runs. Δ: the arm's mean minus its baseline's.",
-        "",
-        study_table(result, arms).rstrip(),
+        f"Built-in shapes ({data.get('background', 'textured')} backgrounds), {data.get('size', 32)} px, "
+        f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch 128 "
+        f"for every arm; seeds {', '.join(seeds)}; {minutes:.0f} min of runs on this machine. Masked-image arms "
+        f"are also fine-tuned on the first {FINETUNE['fraction']:.0%} of the training images for "
+        f"{settings.get('finetune_epochs', FINETUNE['epochs'])} epochs. Δ: the arm's mean minus its baseline's.",
         "",
     ]
+    if curves is not None:
+        minutes_curves = sum(p.get("train_seconds", 0) for points in curves.runs.values() for p in points.values()) / 60
+        lines += [
+            f"Budget curves (kNN / linear; one run per baseline for {curves.settings.get('epochs')} epochs, seed "
+            f"{curves.settings.get('seed')}, a checkpoint every {curves.settings.get('every')} epochs; "
+            f"{minutes_curves:.0f} min of training):",
+            "",
+            curves_table(curves).rstrip(),
+            "",
+        ]
+        if curves_plot:
+            lines += [f"![budget curves]({curves_plot})", ""]
+    lines += [study_table(result, arms).rstrip(), ""]
     if plot:
         lines += [f"![study]({plot})", ""]
-    claims = claims_table(result, arms)
-    if claims:
-        lines += ["Next to what the papers report (METHODS.md; the AMT and EHM figures are from their abstracts):", ""]
-        lines += [claims.rstrip(), ""]
+    lines += [
+        f"The reading, on each family's evaluations: the gain over the random-init encoder of the same family "
+        f"(the bar: +{BAR:.2f}), and the difference from the baseline, called above or below only when it "
+        "exceeds the sum of the two seed standard deviations; next to what the papers report (METHODS.md; the "
+        "AMT and EHM figures are from their abstracts):",
+        "",
+        reading_table(result, arms).rstrip(),
+        "",
+    ]
     return "\n".join(lines)
-
-
-def claims_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
-    """Each arm with a published claim: the claim, and its Δ kNN / Δ linear against its baseline here."""
-    lines = ["| arm against baseline | published claim, at its scale | here: Δ kNN / Δ linear |", "|---|---|---:|"]
-    for arm in arms:
-        if not arm.claim or arm.name not in result.runs or arm.baseline not in result.runs:
-            continue
-        deltas = [f"{_mean(result, arm.name, m) - _mean(result, arm.baseline, m):+.3f}" for m in ("knn", "linear")]
-        lines.append(f"| {arm.name} against {arm.baseline} | {arm.claim} | {' / '.join(deltas)} |")
-    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def plot_study(result: RunScores, arms: Sequence[Arm], path: Path, chance: float | None = None) -> None:
@@ -296,10 +687,15 @@ def plot_study(result: RunScores, arms: Sequence[Arm], path: Path, chance: float
 
     names = [n for n in result.runs if n.startswith("random_")] + [a.name for a in arms if a.name in result.runs]
     is_baseline = {a.name: a.baseline is None for a in arms}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.42 * len(names) + 1.4), sharey=True)
-    for ax, metric, title in zip(axes, ("knn", "linear"), ("kNN accuracy", "linear-probe accuracy"), strict=True):
+    metrics = _metrics(result)
+    titles = {"knn": "kNN accuracy", "linear": "linear-probe accuracy", "finetune": "fine-tuned (10% labels)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.42 * len(names) + 1.4), sharey=True)
+    for ax, metric in zip(axes, metrics, strict=True):
+        title = titles[metric]
         for row, name in enumerate(names):
-            values = [r[metric] for r in result.runs[name].values()]
+            values = _values(result, name, metric)
+            if not values:
+                continue
             mean, std = _summary(values)
             colour = "0.6" if name.startswith("random_") else ("tab:blue" if is_baseline.get(name) else "tab:orange")
             ax.barh(row, mean, xerr=std, color=colour, alpha=0.8, capsize=3)
@@ -308,7 +704,7 @@ def plot_study(result: RunScores, arms: Sequence[Arm], path: Path, chance: float
             ax.axvline(chance, color="k", ls=":", lw=1, label=f"chance ({chance:.3f})")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title)
-        top = max(r[m] for runs in result.runs.values() for r in runs.values() for m in ("knn", "linear"))
+        top = max(r[m] for runs in result.runs.values() for r in runs.values() for m in metrics if m in r)
         ax.set_xlim(0, min(1.0, 1.2 * top))
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), names)

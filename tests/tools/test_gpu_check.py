@@ -69,10 +69,14 @@ def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
     assert {n for n in names if n.startswith("train")} == {
         f"train {r}" for r in ("mae", "mae_amt", "ehm", "moco", "mixmask_moco", "maskdeep")
     }
-    assert all(command[command.index("--device") + 1] == "cuda" for _, command, *_ in gpu[1:])
+    assert all(command[command.index("--device") + 1] == "cuda" for _, command, *_ in gpu[1:-1])
     assert gpu[0][1][-1] == "device" and cpu[0][1][-1] == "device and not slow"
-    # Every step at its timeout still ends inside a 540 s call of the device tool (its limit is 600 s).
-    assert sum(timeout for _, _, timeout, _ in gpu) <= 540
+    assert names[-1] == "study (gpu preset)" and gpu[-1][1][-4:] == ["--preset", "gpu", "--out", "{tmp}/study"]
+    assert cpu[-1][1][-5:] == ["{tmp}/study", "--quick", "--recipes", "mae", "moco"]
+    # Two calls of the device tool (its limit is 600 s): every step but the study, then the study (--only
+    # study), each inside 540 s with every step at its timeout.
+    assert sum(timeout for name, _, timeout, _ in gpu if "study" not in name) <= 540
+    assert gpu[-1][2] <= 540
 
 
 def test_the_bootstrap_imports_masklab_from_a_folder_of_another_name(tmp_path):

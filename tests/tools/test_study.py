@@ -16,6 +16,8 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "mae_amt",
         "simmim",
         "simmim_amt",
+        "mae_amt_equal_time",
+        "simmim_amt_equal_time",
         "ehm",
         "moco",
         "mixmask_moco",
@@ -62,8 +64,62 @@ def test_table_means_spreads_and_differences_by_hand():
     text = study_table(result, [Arm("mae", "mae"), Arm("ehm", "ehm", "mae")])
     lines = text.splitlines()
     # std of (0.1, 0.3) is 0.1414 (n - 1); ehm's kNN mean 0.5 is 0.3 above mae's 0.2; linear 0.2 is 0.1 below 0.3.
-    assert lines[2] == "| mae |  | 4 | 0.200 ± 0.141 |  | 0.300 ± 0.141 |  | 2 |"
-    assert lines[3] == "| ehm | mae | 4 | 0.500 ± 0.000 | +0.300 | 0.200 ± 0.141 | -0.100 | 2 |"
+    assert lines[2] == "| mae |  | 4 |  | 0.200 ± 0.141 |  | 0.300 ± 0.141 |  | 2 |"
+    assert lines[3] == "| ehm | mae | 4 |  | 0.500 ± 0.000 | +0.300 | 0.200 ± 0.141 | -0.100 | 2 |"
+
+
+def test_table_has_fine_tuning_and_speed_where_runs_have_them():
+    run = {"knn": 0.2, "linear": 0.3, "updates": 10, "images_per_s": 100.0}
+    result = RunScores(
+        runs={
+            "random_vit": {"0": {"knn": 0.1, "linear": 0.2, "updates": 0, "finetune": 0.25}},
+            "mae": {"0": {**run, "finetune": 0.5}, "1": {**run, "finetune": 0.7, "images_per_s": 200.0}},
+            "moco": {"0": run},
+        }
+    )
+    lines = study_table(result, [Arm("mae", "mae"), Arm("moco", "moco", family="cnn")]).splitlines()
+    assert lines[0].endswith("| fine-tuned (mean ± std) | Δ fine-tuned | seeds |")
+    assert lines[3] == "| mae |  | 10 | 150 | 0.200 ± 0.000 |  | 0.300 ± 0.000 |  | 0.600 ± 0.141 |  | 2 |"
+    assert lines[4] == "| moco |  | 10 | 100 | 0.200 ± 0.000 |  | 0.300 ± 0.000 |  |  |  | 1 |"
+
+
+def test_reading_says_above_only_beyond_the_seed_spread_and_checks_the_bar():
+    result = RunScores(
+        runs={
+            "random_vit": {s: {"knn": 0.1, "linear": 0.2, "finetune": 0.3} for s in "012"},
+            "mae": {s: {"knn": 0.2, "linear": 0.30 + 0.01 * int(s), "finetune": 0.4} for s in "012"},
+            "mae_amt": {s: {"knn": 0.2, "linear": 0.33 + 0.01 * int(s), "finetune": 0.41} for s in "012"},
+        }
+    )
+    arms = [Arm("mae", "mae"), Arm("mae_amt", "mae_amt", "mae", claim="+3")]
+    table = study.reading_table(result, arms).splitlines()
+    # mae's linear 0.31 is 0.11 over random (0.2): clears the 0.05 bar; mae_amt is 0.03 above mae with
+    # spreads of 0.01 each (sum 0.02): above. Fine-tuned: +0.01 with no spread: above.
+    assert table[2] == "| mae | linear | +0.110 (clears +0.05) |  |  |"
+    assert table[4] == "| mae_amt | linear | +0.140 (clears +0.05) | mae: +0.030, above (spread 0.020) | +3 |"
+    assert table[5] == "| mae_amt | fine-tuned | +0.110 (clears +0.05) | mae: +0.010, above (spread 0.000) |  |"
+    assert study.verdict(result, "mae", "mae_amt", "linear") == "-0.030, below (spread 0.020)"
+    result.runs["mae_amt"] = {s: {"linear": 0.315 + 0.01 * int(s)} for s in "012"}
+    assert study.verdict(result, "mae_amt", "mae", "linear") == "+0.015, within the spread (spread 0.020)"
+
+
+def test_equal_time_arm_runs_after_its_pair_for_the_updates_its_steps_buy(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(arm, family, seed, common, run_out, loaders):
+        name = arm.name if arm else f"random_{family}"
+        seen.append((name, [c for c in common if c.startswith(("run.max_steps", "run.epochs"))]))
+        seconds = {"mae": 100.0, "mae_amt": 50.0}.get(name, 0.0)
+        return {"knn": 0.5, "linear": 0.25, "updates": 0 if arm is None else 4, "train_seconds": seconds}
+
+    monkeypatch.setattr(study, "_run_one", fake)
+    monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
+    run_study(["mae_amt_equal_time", "mae", "mae_amt"], out=tmp_path, quick=True, log=lambda *_: None)
+    assert [name for name, _ in seen] == ["random_vit", "mae", "mae_amt", "mae_amt_equal_time"]
+    # mae trained 100 s; mae_amt 4 updates in 50 s: 12.5 s each, so 8 updates in mae's time, 2 epochs of 4.
+    assert seen[-1][1] == ["run.epochs=1", "run.max_steps=8", "run.epochs=2"]
+    with pytest.raises(ValueError, match="arm 'mae_amt_equal_time' needs arms 'mae' and 'mae_amt' in the same study"):
+        run_study(["mae_amt_equal_time"], out=tmp_path, quick=True)
 
 
 def test_bad_arm_and_epochs_are_clear_errors(tmp_path):
@@ -81,6 +137,7 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
         return {"knn": 0.5, "linear": 0.25, "updates": 0 if arm is None else 4}
 
     monkeypatch.setattr(study, "_run_one", fake)
+    monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
     run_study(["mae", "moco"], out=tmp_path, quick=True, log=lambda *_: None)
     assert calls == ["random_cnn", "random_vit", "mae", "moco"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -93,14 +150,35 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quick_study_trains_every_arm_for_the_same_updates(tmp_path):
-    result = run_study(out=tmp_path, quick=True, log=lambda *_: None)
-    assert list(result.runs) == ["random_cnn", "random_vit", *[arm.name for arm in STUDY_ARMS]]
+def test_quick_study_trains_its_arms_for_the_same_updates_and_fine_tunes_the_masked_image_ones(tmp_path):
+    arms = ["mae", "mae_amt", "mae_amt_equal_time", "moco"]  # every kind of arm; the full list is in the test above
+    result = run_study(arms, out=tmp_path, quick=True, log=lambda *_: None)
+    assert list(result.runs) == ["random_cnn", "random_vit", *arms]
     for name, runs in result.runs.items():
         (run,) = runs.values()
-        assert run["updates"] == (0 if name.startswith("random_") else 4), name  # 512 images, batch 128, one epoch
+        trained = not name.startswith("random_")
+        if name != "mae_amt_equal_time":  # its updates are what its steps buy in mae's time
+            assert run["updates"] == (4 if trained else 0), name  # 512 images, batch 128, one epoch
         assert 0.0 <= run["knn"] <= 1.0 and 0.0 <= run["linear"] <= 1.0
+        assert ("finetune" in run) == (name not in ("moco", "random_cnn")), name
+        assert ("images_per_s" in run) == trained and run["train_seconds"] >= 0
+    assert result.settings["data"] == {**study.STUDY_DATA, "length": 512}
     table = (tmp_path / "results.md").read_text()
-    assert len(table.splitlines()) == 2 + 2 + len(STUDY_ARMS)
-    assert "| mae_amt | mae | 4 |" in table and "| supervised_mixmask | supervised | 4 |" in table
+    assert len(table.splitlines()) == 2 + 2 + len(arms)
+    assert "| mae_amt | mae | 4 |" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "data" / "shapes-512-32px-plain-first51.beton").is_file()  # the labelled tenth
+
+
+@pytest.mark.slow
+def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
+    curves = study.run_curves(["mae"], out=tmp_path, epochs=2, every=1, quick=True, log=lambda *_: None)
+    assert sorted(curves.runs["mae"], key=int) == ["0", "4", "8"]  # 4 updates an epoch
+    assert [p["updates"] for p in curves.runs["mae"].values()] == [0, 4, 8]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    again = study.run_curves(["mae"], out=tmp_path, epochs=2, every=1, quick=True, log=lambda *_: None)
+    assert again.runs == curves.runs  # kept, not rerun
+    table = study.curves_table(curves).splitlines()
+    assert table[0] == "| arm | 0 updates | 4 updates | 8 updates |"
+    with pytest.raises(ValueError, match="need epochs >= 1 and 1 <= every <= epochs, got epochs=2, every=3"):
+        study.run_curves(["mae"], out=tmp_path, epochs=2, every=3)
