@@ -13,6 +13,7 @@ from ._mask_stage import PatchMaskStage, erase_patches
 from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
+from .color_noise_mask import COLORS, ColorNoiseMask, ColorNoiseMaskOptions, color_filter, color_noise, color_noise_mask
 from .feature_mask import (
     FeatureMask,
     FeatureMaskOptions,
@@ -57,6 +58,7 @@ __all__ = [
     "GuidedStage",
     "ProgressAware",
     "RefreshesCache",
+    "COLORS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MASKED",
@@ -70,6 +72,8 @@ __all__ = [
     "BlockDraw",
     "BlockMask",
     "BlockMaskOptions",
+    "ColorNoiseMask",
+    "ColorNoiseMaskOptions",
     "FeatureMask",
     "FeatureMaskOptions",
     "FeatureMasks",
@@ -103,6 +107,9 @@ __all__ = [
     "ceil_count",
     "check_groups",
     "check_ratio",
+    "color_filter",
+    "color_noise",
+    "color_noise_mask",
     "draw_view_params",
     "erase_patches",
     "feature_masks",
