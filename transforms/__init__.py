@@ -34,6 +34,14 @@ from .hierarchical_mask import (
     regions_at,
 )
 from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params, own_cell_count
+from .multiblock_mask import (
+    MultiBlockDraw,
+    MultiBlockMask,
+    MultiBlockMaskOptions,
+    block_sizes,
+    multiblock_cells,
+    multiblock_patch_mask,
+)
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
 from .protocols import Guide, GuidedStage, ProgressAware, RefreshesCache
@@ -86,6 +94,9 @@ __all__ = [
     "MixMask",
     "MixMaskOptions",
     "MixParams",
+    "MultiBlockDraw",
+    "MultiBlockMask",
+    "MultiBlockMaskOptions",
     "Normalize",
     "PatchMask",
     "PatchMaskStage",
@@ -104,6 +115,7 @@ __all__ = [
     "attention_patch_mask",
     "block_cells",
     "block_patch_mask",
+    "block_sizes",
     "ceil_count",
     "check_groups",
     "check_ratio",
@@ -122,6 +134,8 @@ __all__ = [
     "mix_images",
     "mix_targets",
     "mixmask_params",
+    "multiblock_cells",
+    "multiblock_patch_mask",
     "normalize",
     "option_names",
     "own_cell_count",
