@@ -206,7 +206,10 @@ def multiblock_cells(
     need = (min_keep - free[pick, choice]).clamp(min=0)
     need = torch.minimum(need, torch.minimum(overlap.sum(1), union.flatten(1).sum(1) - 1))
     scores = torch.rand((batch, overlap.shape[1]), generator=generator, device=device) + 2 * overlap.float()
-    back = top_cells(scores, need).view_as(union)
+    # At most min_keep cells go back: a top-k of that many, not a sort of every cell.
+    ranked = torch.topk(scores, min(min_keep, overlap.shape[1]), dim=1).indices
+    taken = torch.arange(ranked.shape[1], device=device) < need[:, None]
+    back = torch.zeros_like(overlap).scatter_(1, ranked, taken).view_as(union)
     masked = union & ~back
     return MultiBlockDraw(
         targets=targets,
