@@ -85,7 +85,7 @@ def block_sizes(
 def _corners(sizes: torch.Tensor, shape: tuple[int, ...], grid, generator, device) -> torch.Tensor:
     """``(*shape, 2)`` uniform ``(top, left)`` corners of blocks of ``sizes`` (``(2,)``) that fit ``grid``."""
     u = torch.rand((*shape, 2), generator=generator, device=device)
-    room = torch.tensor(grid, device=device) - sizes + 1
+    room = torch.stack([grid[0] - sizes[0], grid[1] - sizes[1]]) + 1  # on the device: no host copy
     return torch.floor(u * room).long()
 
 
