@@ -1,4 +1,10 @@
-"""I-JEPA's multi-block masks: target blocks and a context block, batched on the device."""
+"""I-JEPA's multi-block masks: target blocks and a context block, batched on the device.
+
+Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
+Predictive Architecture", CVPR 2023: the encoder sees one large context
+block with the target blocks cut out, and the targets are predicted. Here the
+blocks become a :class:`PatchMask` for the masked-image objectives.
+"""
 
 from __future__ import annotations
 
@@ -162,7 +168,7 @@ def multiblock_cells(
     context overlap the targets; we take the try with the most such cells
     and give back, from the targets to the context, random target cells
     inside the context until ``min_keep`` are visible (never a sample's last
-    target cell). Positions cover the whole grid (the reference's
+    target cell; the reference asks for more than ``min_keep``). Positions cover the whole grid (the reference's
     ``randint(0, side - h)`` never reaches the last row or column, and it
     shrinks a block that spans a side by one).
 
