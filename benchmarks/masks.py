@@ -10,7 +10,16 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
 - ``MixMask`` (8x8 layout, 0.5; the draw of masks and partners) against the
   BEiT-style generator on the 8x8 layout, per sample, upsampled to pixels;
 - ``FeatureMask`` (strides 8/16/32, 0.5, 4 groups) against the SimMIM-style
-  generator per sample and group, upsampled to every stride.
+  generator per sample and group, upsampled to every stride;
+- ``ColorNoiseMask`` (green, 0.75: fresh noise filtered by FFT on the
+  device) against a ColorMAE-style generator: a precomputed NumPy bank of
+  green-noise textures (64x64 cells, one per sample of the batch), cropped
+  and flipped once for the whole stack and ranked per sample, as ColorMAE's
+  code does (its cheapest case: a bank at least as deep as the batch);
+- ``MultiBlockMask`` (4 targets, I-JEPA's scales) against an I-JEPA
+  collator-style generator: a Python loop per sample placing the blocks
+  with torch ops (retrying the context until it keeps ``min_keep`` cells),
+  then trimming every index list to the batch's shortest.
 
 Then each stage's cost as a share of one ViT-tiny forward + backward on the
 same batch (B=32 with ``--quick``). Run: ``python benchmarks/masks.py [--quick]``.
@@ -27,7 +36,17 @@ import torch
 from _timing import Figures, add_json_argument, median_ms
 
 from masklab.pipeline import Batch
-from masklab.transforms import BlockMask, FeatureMask, MixMask, RandomMask, SimMIMMask, mix_images
+from masklab.transforms import (
+    BlockMask,
+    ColorNoiseMask,
+    FeatureMask,
+    MixMask,
+    MultiBlockMask,
+    RandomMask,
+    SimMIMMask,
+    color_noise,
+    mix_images,
+)
 
 BATCH, SIZE, PATCH = 256, 224, 16
 
@@ -84,6 +103,76 @@ def feature_style(batch: int, groups: int, strides=(8, 16, 32), ratio: float = 0
     return [base.repeat(strides[-1] // s, 2).repeat(strides[-1] // s, 3) for s in strides]
 
 
+def green_noise_bank(depth: int, side: int = 64) -> np.ndarray:
+    """ColorMAE's precomputed textures (built once, not timed): ``depth`` green-noise fields of ``side`` cells."""
+    return color_noise(depth, (side, side), "green", generator=torch.Generator().manual_seed(0)).numpy()
+
+
+def colormae_style(bank: np.ndarray, batch: int, grid: int, ratio: float) -> np.ndarray:
+    """Windows of the texture bank, one random crop and flips per pass over the stack; keep each highest."""
+    depth, side, _ = bank.shape
+    windows = []
+    for start in range(0, batch, depth):
+        top, left = np.random.randint(0, side - grid + 1, size=2)
+        window = bank[:, top : top + grid, left : left + grid]
+        if np.random.rand() < 0.5:
+            window = window[:, :, ::-1]
+        if np.random.rand() < 0.5:
+            window = window[:, ::-1, :]
+        window = window / window.max(axis=(1, 2), keepdims=True)
+        windows.append(window[: batch - start])
+    flat = np.concatenate(windows).reshape(batch, grid * grid)
+    keep = int(grid * grid * (1 - ratio))
+    mask = np.ones_like(flat, dtype=np.uint8)
+    np.put_along_axis(mask, np.argsort(-flat, axis=1)[:, :keep], 0, axis=1)
+    return mask.reshape(batch, grid, grid)
+
+
+def ijepa_style(
+    batch: int,
+    grid: int,
+    targets: int = 4,
+    target_scale=(0.15, 0.2),
+    aspect=(0.75, 1.5),
+    context_scale=(0.85, 1.0),
+    min_keep: int = 10,
+    seed: int = 0,
+):
+    """An I-JEPA-collator-style draw: sizes once per batch, then a Python loop over samples and blocks."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def size(scale, ratio_range):
+        u = torch.rand(1, generator=generator).item()
+        cells = int(grid * grid * (scale[0] + u * (scale[1] - scale[0])))
+        ratio = ratio_range[0] + u * (ratio_range[1] - ratio_range[0])
+        return min(round(math.sqrt(cells * ratio)), grid - 1), min(round(math.sqrt(cells / ratio)), grid - 1)
+
+    def place(h, w, allowed=()):
+        for attempt in range(10**6):
+            top, left = torch.randint(0, grid - h, (1,)), torch.randint(0, grid - w, (1,))
+            block = torch.zeros((grid, grid), dtype=torch.int32)
+            block[top : top + h, left : left + w] = 1
+            for region in allowed[: max(len(allowed) - attempt // 20, 0)]:
+                block *= region
+            cells = torch.nonzero(block.flatten()).squeeze(1)
+            if len(cells) > min_keep:
+                outside = torch.ones((grid, grid), dtype=torch.int32)
+                outside[top : top + h, left : left + w] = 0
+                return cells, outside
+        raise RuntimeError("no block found")
+
+    target_size, context_size = size(target_scale, aspect), size(context_scale, (1.0, 1.0))
+    all_targets, contexts = [], []
+    for _ in range(batch):
+        placed = [place(*target_size) for _ in range(targets)]
+        all_targets.append([cells for cells, _ in placed])
+        contexts.append(place(*context_size, [outside for _, outside in placed])[0])
+    shortest_target = min(len(c) for sample in all_targets for c in sample)
+    shortest_context = min(len(c) for c in contexts)
+    target_ids = torch.stack([torch.stack([c[:shortest_target] for c in sample]) for sample in all_targets])
+    return torch.stack([c[:shortest_context] for c in contexts]), target_ids
+
+
 def vit_step_ms(batch: torch.Tensor, name: str = "vit_tiny_patch16_224", bf16: bool = False) -> float:
     import timm
 
@@ -112,6 +201,9 @@ def stage_rows(images: torch.Tensor):
     def mix_draw():  # the masks and partners; mixing the pixels is timed apart
         return mixer.draw(images, generator)
 
+    bank = green_noise_bank(batch)
+    collations = iter(range(10**9))
+
     return [
         ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(batch, grid, 0.75)),
         (
@@ -127,6 +219,18 @@ def stage_rows(images: torch.Tensor):
             stage_fn(FeatureMask((8, 16, 32), 0.5, 4)),
             "SimMIM-style x G",
             lambda: feature_style(batch, 4),
+        ),
+        (
+            "ColorNoise green",
+            stage_fn(ColorNoiseMask(0.75, PATCH)),
+            "ColorMAE bank",
+            lambda: colormae_style(bank, batch, grid, 0.75),
+        ),
+        (
+            "MultiBlockMask",
+            stage_fn(MultiBlockMask(PATCH)),
+            "I-JEPA collator",
+            lambda: ijepa_style(batch, grid, seed=next(collations)),
         ),
     ]
 

@@ -13,6 +13,7 @@ from ._mask_stage import PatchMaskStage, erase_patches
 from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
+from .color_noise_mask import COLORS, ColorNoiseMask, ColorNoiseMaskOptions, color_filter, color_noise, color_noise_mask
 from .feature_mask import (
     FeatureMask,
     FeatureMaskOptions,
@@ -33,6 +34,14 @@ from .hierarchical_mask import (
     regions_at,
 )
 from .mix_mask import MixMask, MixMaskOptions, MixParams, mix_images, mix_targets, mixmask_params, own_cell_count
+from .multiblock_mask import (
+    MultiBlockDraw,
+    MultiBlockMask,
+    MultiBlockMaskOptions,
+    block_sizes,
+    multiblock_cells,
+    multiblock_patch_mask,
+)
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize
 from .patch_mask import MASKED, THROWN, VISIBLE, PatchMask
 from .protocols import Guide, GuidedStage, ProgressAware, RefreshesCache
@@ -57,6 +66,7 @@ __all__ = [
     "GuidedStage",
     "ProgressAware",
     "RefreshesCache",
+    "COLORS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MASKED",
@@ -70,6 +80,8 @@ __all__ = [
     "BlockDraw",
     "BlockMask",
     "BlockMaskOptions",
+    "ColorNoiseMask",
+    "ColorNoiseMaskOptions",
     "FeatureMask",
     "FeatureMaskOptions",
     "FeatureMasks",
@@ -82,6 +94,9 @@ __all__ = [
     "MixMask",
     "MixMaskOptions",
     "MixParams",
+    "MultiBlockDraw",
+    "MultiBlockMask",
+    "MultiBlockMaskOptions",
     "Normalize",
     "PatchMask",
     "PatchMaskStage",
@@ -100,9 +115,13 @@ __all__ = [
     "attention_patch_mask",
     "block_cells",
     "block_patch_mask",
+    "block_sizes",
     "ceil_count",
     "check_groups",
     "check_ratio",
+    "color_filter",
+    "color_noise",
+    "color_noise_mask",
     "draw_view_params",
     "erase_patches",
     "feature_masks",
@@ -115,6 +134,8 @@ __all__ = [
     "mix_images",
     "mix_targets",
     "mixmask_params",
+    "multiblock_cells",
+    "multiblock_patch_mask",
     "normalize",
     "option_names",
     "own_cell_count",
