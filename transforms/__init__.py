@@ -9,7 +9,7 @@ its options (a dataclass that is also the config's ``mask`` section), what it
 emits, the guidance it needs and a small-image factory (:mod:`.registry`).
 """
 
-from ._mask_stage import PatchMaskStage, erase_patches
+from ._mask_stage import FollowsProgress, GuidedPatchMaskStage, PatchMaskStage, erase_patches
 from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
@@ -73,6 +73,8 @@ __all__ = [
     "FeatureMask",
     "FeatureMaskOptions",
     "FeatureMasks",
+    "FollowsProgress",
+    "GuidedPatchMaskStage",
     "HierarchicalMask",
     "HierarchicalMaskOptions",
     "HierarchyDraw",
