@@ -22,7 +22,7 @@ from .compat import Support, check_compatible, compatibility, compatibility_tabl
 from .ema import EMATeacher, cosine_decay
 from .heads import HeadOptions, predictor_mlp, projection_mlp
 from .infonce import KeyQueue, infonce_loss
-from .mae import MAE, MAEOptions, mae_loss
+from .mae import MAE, MAEOptions, mae_loss, mae_patch_losses
 from .maskdeep import TARGETS, MaskDeep, MaskDeepOptions, maskdeep_loss, masked_pool
 from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
@@ -75,6 +75,7 @@ __all__ = [
     "create_timm",
     "infonce_loss",
     "mae_loss",
+    "mae_patch_losses",
     "mask_table",
     "minmax",
     "sincos_pos_embed",
