@@ -21,6 +21,7 @@ from .feature_mask import (
     feature_masks,
     feature_strides,
 )
+from .hard_patch_mask import HardPatchDraw, HardPatchMask, HardPatchMaskOptions, hard_fraction_at, hard_patch_mask
 from .hierarchical_mask import (
     SCHEDULES,
     HierarchicalMask,
@@ -75,6 +76,9 @@ __all__ = [
     "FeatureMasks",
     "FollowsProgress",
     "GuidedPatchMaskStage",
+    "HardPatchDraw",
+    "HardPatchMask",
+    "HardPatchMaskOptions",
     "HierarchicalMask",
     "HierarchicalMaskOptions",
     "HierarchyDraw",
@@ -110,6 +114,8 @@ __all__ = [
     "feature_masks",
     "feature_strides",
     "grid_edges",
+    "hard_fraction_at",
+    "hard_patch_mask",
     "hierarchical_patch_mask",
     "import_modules",
     "mask_count",
