@@ -10,7 +10,13 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
 - ``MixMask`` (8x8 layout, 0.5; the draw of masks and partners) against the
   BEiT-style generator on the 8x8 layout, per sample, upsampled to pixels;
 - ``FeatureMask`` (strides 8/16/32, 0.5, 4 groups) against the SimMIM-style
-  generator per sample and group, upsampled to every stride.
+  generator per sample and group, upsampled to every stride;
+- ``HardPatchMask`` (HPM: 0.75, at the end of its schedule, half the masked
+  cells the hardest) on a stand-in difficulty map (the model's pass that
+  predicts it is not timed: it is a no-grad forward of the encoder on every
+  patch plus the loss predictor) against an HPM-style generator: one argsort
+  of the map, then per sample the hardest cells set apart and the rest
+  shuffled with NumPy on the host, as the authors' released code does.
 
 Then each stage's cost as a share of one ViT-tiny forward + backward on the
 same batch (B=32 with ``--quick``). Run: ``python benchmarks/masks.py [--quick]``.
@@ -27,7 +33,7 @@ import torch
 from _timing import Figures, add_json_argument, median_ms
 
 from masklab.pipeline import Batch
-from masklab.transforms import BlockMask, FeatureMask, MixMask, RandomMask, SimMIMMask, mix_images
+from masklab.transforms import BlockMask, FeatureMask, HardPatchMask, MixMask, RandomMask, SimMIMMask, mix_images
 
 BATCH, SIZE, PATCH = 256, 224, 16
 
@@ -84,6 +90,23 @@ def feature_style(batch: int, groups: int, strides=(8, 16, 32), ratio: float = 0
     return [base.repeat(strides[-1] // s, 2).repeat(strides[-1] // s, 3) for s in strides]
 
 
+def hpm_style(difficulty: torch.Tensor, ratio: float = 0.75, hard_fraction: float = 0.5) -> torch.Tensor:
+    """One argsort of the ``(B, N)`` map; per sample, the hardest cells last and the others shuffled on the host."""
+    batch, cells = difficulty.shape
+    keep = int(cells * (1 - ratio))
+    hard = int((cells - keep) * hard_fraction)
+    by_difficulty = torch.argsort(difficulty, dim=1)
+    order = torch.empty_like(by_difficulty)
+    for i in range(batch):
+        hardest = by_difficulty[i, cells - hard :]
+        others = np.delete(np.arange(cells), hardest.cpu().numpy())
+        np.random.shuffle(others)
+        order[i, : cells - hard] = torch.from_numpy(others).to(difficulty.device)
+        order[i, cells - hard :] = hardest
+    masked = (torch.arange(cells, device=difficulty.device) >= keep).expand(batch, cells)
+    return masked.gather(1, order.argsort(dim=1))
+
+
 def vit_step_ms(batch: torch.Tensor, name: str = "vit_tiny_patch16_224", bf16: bool = False) -> float:
     import timm
 
@@ -112,6 +135,11 @@ def stage_rows(images: torch.Tensor):
     def mix_draw():  # the masks and partners; mixing the pixels is timed apart
         return mixer.draw(images, generator)
 
+    difficulty = torch.rand(batch, grid, grid, generator=generator, device=images.device)  # a stand-in map
+    hpm = HardPatchMask(0.75, PATCH)
+    hpm.bind(lambda x, cells: difficulty)
+    hpm.set_progress(1.0)
+
     return [
         ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(batch, grid, 0.75)),
         (
@@ -128,6 +156,7 @@ def stage_rows(images: torch.Tensor):
             "SimMIM-style x G",
             lambda: feature_style(batch, 4),
         ),
+        ("HardPatchMask 0.75", stage_fn(hpm), "HPM-style", lambda: hpm_style(difficulty.flatten(1))),
     ]
 
 

@@ -121,7 +121,14 @@ def test_real_mask_benchmark_reports_every_stage(tmp_path):
     report = run_bench(BENCHMARKS, quick=True, only=["masks"], log=lambda *_: None)
     assert not report.failed
     (masks,) = report.results
-    stages = ["RandomMask 0.75", "SimMIMMask 0.6", "BlockMask 0.4", "MixMask 8x8", "FeatureMask G=4"]
+    stages = [
+        "RandomMask 0.75",
+        "SimMIMMask 0.6",
+        "BlockMask 0.4",
+        "MixMask 8x8",
+        "FeatureMask G=4",
+        "HardPatchMask 0.75",
+    ]
     assert [c["name"].split(" vs ")[0] for c in masks["comparisons"]] == stages
     assert all(c["ratio"] > 0 for c in masks["comparisons"])
     shares = [f for f in masks["figures"] if f["unit"] == "%"]
