@@ -20,6 +20,12 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
   collator-style generator: a Python loop per sample placing the blocks
   with torch ops (retrying the context until it keeps ``min_keep`` cells),
   then trimming every index list to the batch's shortest.
+- ``HardPatchMask`` (HPM: 0.75, at the end of its schedule, half the masked
+  cells the hardest) on a stand-in difficulty map (the model's pass that
+  predicts it is not timed: it is a no-grad forward of the encoder on every
+  patch plus the loss predictor) against an HPM-style generator: one argsort
+  of the map, then per sample the hardest cells set apart and the rest
+  shuffled with NumPy on the host, as the authors' released code does.
 
 Then each stage's cost as a share of one ViT-tiny forward + backward on the
 same batch (B=32 with ``--quick``). Run: ``python benchmarks/masks.py [--quick]``.
@@ -40,6 +46,7 @@ from masklab.transforms import (
     BlockMask,
     ColorNoiseMask,
     FeatureMask,
+    HardPatchMask,
     MixMask,
     MultiBlockMask,
     RandomMask,
@@ -173,6 +180,23 @@ def ijepa_style(
     return torch.stack([c[:shortest_context] for c in contexts]), target_ids
 
 
+def hpm_style(difficulty: torch.Tensor, ratio: float = 0.75, hard_fraction: float = 0.5) -> torch.Tensor:
+    """One argsort of the ``(B, N)`` map; per sample, the hardest cells last and the others shuffled on the host."""
+    batch, cells = difficulty.shape
+    keep = int(cells * (1 - ratio))
+    hard = int((cells - keep) * hard_fraction)
+    by_difficulty = torch.argsort(difficulty, dim=1)
+    order = torch.empty_like(by_difficulty)
+    for i in range(batch):
+        hardest = by_difficulty[i, cells - hard :]
+        others = np.delete(np.arange(cells), hardest.cpu().numpy())
+        np.random.shuffle(others)
+        order[i, : cells - hard] = torch.from_numpy(others).to(difficulty.device)
+        order[i, cells - hard :] = hardest
+    masked = (torch.arange(cells, device=difficulty.device) >= keep).expand(batch, cells)
+    return masked.gather(1, order.argsort(dim=1))
+
+
 def vit_step_ms(batch: torch.Tensor, name: str = "vit_tiny_patch16_224", bf16: bool = False) -> float:
     import timm
 
@@ -203,6 +227,10 @@ def stage_rows(images: torch.Tensor):
 
     bank = green_noise_bank(batch)
     collations = iter(range(10**9))
+    difficulty = torch.rand(batch, grid, grid, generator=generator, device=images.device)  # a stand-in map
+    hpm = HardPatchMask(0.75, PATCH)
+    hpm.bind(lambda x, cells: difficulty)
+    hpm.set_progress(1.0)
 
     return [
         ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(batch, grid, 0.75)),
@@ -232,6 +260,7 @@ def stage_rows(images: torch.Tensor):
             "I-JEPA collator",
             lambda: ijepa_style(batch, grid, seed=next(collations)),
         ),
+        ("HardPatchMask 0.75", stage_fn(hpm), "HPM-style", lambda: hpm_style(difficulty.flatten(1))),
     ]
 
 

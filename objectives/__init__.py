@@ -21,8 +21,9 @@ from .backbones import (
 from .compat import Support, check_compatible, compatibility, compatibility_table, mask_table, supported_triples
 from .ema import EMATeacher, cosine_decay
 from .heads import HeadOptions, predictor_mlp, projection_mlp
+from .hpm import HPM, HPMOptions, pairwise_order_loss
 from .infonce import KeyQueue, infonce_loss
-from .mae import MAE, MAEOptions, mae_loss
+from .mae import MAE, MAEOptions, mae_loss, mae_patch_losses
 from .maskdeep import TARGETS, MaskDeep, MaskDeepOptions, maskdeep_loss, masked_pool
 from .mixmask import MixMaskSiamese, mixmask_loss, mixmask_terms
 from .negative_cosine import negative_cosine
@@ -44,6 +45,8 @@ __all__ = [
     "maskdeep_loss",
     "masked_pool",
     "BASES",
+    "HPM",
+    "HPMOptions",
     "MAE",
     "MAEOptions",
     "OBJECTIVES",
@@ -75,6 +78,8 @@ __all__ = [
     "create_timm",
     "infonce_loss",
     "mae_loss",
+    "mae_patch_losses",
+    "pairwise_order_loss",
     "mask_table",
     "minmax",
     "sincos_pos_embed",

@@ -120,7 +120,9 @@ class GuidanceMixin:
 
     def guidance(self, kind: str):
         if kind not in self.guides:
-            raise ValueError(f"unknown guidance {kind!r}; objectives offer 'saliency' and 'affinity'")
+            raise ValueError(
+                f"unknown guidance {kind!r}; {type(self).__name__} offers {', '.join(map(repr, self.guides))}"
+            )
         teacher = getattr(self, "teacher", None)
         backbone = teacher.module if kind == "affinity" and teacher is not None else self.backbone
 

@@ -17,11 +17,13 @@ from .backbones import ViTBackbone, sincos_pos_embed
 from .compat import check_family
 from .registry import register_objective
 
-__all__ = ["MAE", "MAEOptions", "mae_loss"]
+__all__ = ["MAE", "MAEOptions", "mae_loss", "mae_patch_losses"]
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch mean squared error, averaged over the given (masked) patches.
+def mae_patch_losses(
+    pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Each patch's mean squared error: ``(B, n)``; :func:`mae_loss` is their mean.
 
     Args:
         pred: ``(B, n, p * p * C)`` predictions of the masked patches.
@@ -35,7 +37,12 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, ep
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + eps).sqrt()
-    return (pred - target).pow(2).mean(dim=-1).mean()
+    return (pred - target).pow(2).mean(dim=-1)
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch mean squared error, averaged over the given (masked) patches (see :func:`mae_patch_losses`)."""
+    return mae_patch_losses(pred, target, norm_pix, eps).mean()
 
 
 def _init_decoder(module: nn.Module) -> None:
@@ -136,7 +143,8 @@ class MAE(GuidanceMixin, nn.Module):
         self.add_teacher(teacher_decay, teacher_final_decay)
 
     @classmethod
-    def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions) -> MAE:
+    def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions, **extra) -> MAE:
+        """Build from the config's sections; ``extra``: a subclass's own arguments."""
         return cls(
             backbone,
             options.decoder_dim,
@@ -144,26 +152,43 @@ class MAE(GuidanceMixin, nn.Module):
             norm_pix=options.norm_pix,
             fixed_pos_embed=options.fixed_pos_embed,
             **options.teacher(mask),
+            **extra,
         )
 
-    def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
-        """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
+    def decoder_tokens(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """The decoder's input: ``(B, P + n_visible + n_masked, D)``, the prefix tokens, the encoded VISIBLE
+        patches (``mask.ids_keep`` order) and a mask token at each MASKED cell (``mask.ids_masked`` order),
+        each with its sine-cosine position."""
         latent = self.decoder_embed(self.backbone.encode_visible(images, mask))
         p = self.backbone.num_prefix
         pos = sincos_pos_embed(mask.grid, latent.shape[-1], device=images.device, dtype=latent.dtype)  # (Gh * Gw, D)
         visible = latent[:, p:] + pos[mask.ids_keep]
         masked = self.mask_token.to(latent.dtype) + pos[mask.ids_masked]
         # A transformer is order-free given positions: no un-shuffling needed, and THROWN cells never enter.
-        tokens = torch.cat([latent[:, :p], visible, masked], dim=1)
-        out = self.decoder_pred(self.decoder_norm(self.decoder(tokens)))
-        return out[:, p + mask.num_visible :]
+        return torch.cat([latent[:, :p], visible, masked], dim=1)
 
-    def forward(self, batch: Batch) -> ObjectiveOutput:
+    def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
+        return self.reconstruct_tokens(self.decoder_tokens(images, mask), mask)
+
+    def reconstruct_tokens(self, tokens: torch.Tensor, mask: PatchMask) -> torch.Tensor:
+        """The decoder on :meth:`decoder_tokens`: ``(B, n_masked, p * p * 3)`` for the MASKED cells."""
+        out = self.decoder_pred(self.decoder_norm(self.decoder(tokens)))
+        return out[:, self.backbone.num_prefix + mask.num_visible :]
+
+    def patch_mask(self, batch: Batch) -> PatchMask:
+        """``batch.mask``, or a ``ValueError`` saying what is missing."""
         mask = batch.mask
         if not isinstance(mask, PatchMask):
-            raise ValueError("MAE needs a PatchMask in batch.mask: add a mask stage (RandomMask, BlockMask, ...)")
+            raise ValueError(
+                f"{type(self).__name__} needs a PatchMask in batch.mask: add a mask stage (RandomMask, BlockMask, ...)"
+            )
         if mask.num_masked == 0:
-            raise ValueError("MAE needs at least one MASKED cell per sample")
+            raise ValueError(f"{type(self).__name__} needs at least one MASKED cell per sample")
+        return mask
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        mask = self.patch_mask(batch)
         pred = self.predict(batch.images, mask)
         patches = patchify(batch.images, self.backbone.patch_size)
         target = gather_tokens(patches, mask.ids_masked)

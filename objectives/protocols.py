@@ -34,7 +34,7 @@ class OffersGuidance(Protocol):
     """An objective whose model can guide stages."""
 
     def guidance(self, kind: str) -> Guide:
-        """The guide of ``kind`` (``saliency`` or ``affinity``); ``ValueError`` for a kind it lacks."""
+        """The guide of ``kind`` (one of ``masklab.transforms.registry.GUIDES``); ``ValueError`` for a kind it lacks."""
 
 
 @runtime_checkable

@@ -46,7 +46,7 @@ class ObjectiveEntry:
         takes: what it reads from the mask stage (one of ``masklab.transforms.registry.EMITS``), or
             ``None``: no mask stage.
         families: the backbone families it supports.
-        guides: the guidance it offers mask stages (``"saliency"``, ``"affinity"``).
+        guides: the guidance it offers mask stages (of ``masklab.transforms.registry.GUIDES``).
         views: the augmented views it needs per image (0: the image itself).
         objective: the class.
     """

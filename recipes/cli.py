@@ -335,10 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--ratio", type=float, default=None, help="mask ratio (default: the stage's)")
     show.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     show.add_argument(
-        "--checkpoint", default=None, help="amt / ehm: a trained checkpoint whose saliency / affinity drives the masks"
+        "--checkpoint",
+        default=None,
+        help="amt / ehm / hpm: a trained checkpoint whose saliency / affinity / difficulty drives the masks",
     )
     show.add_argument(
-        "--progress", default="0.1,0.5,0.9", help="ehm: training progress values to draw, comma-separated"
+        "--progress", default="0.1,0.5,0.9", help="ehm / hpm: training progress values to draw, comma-separated"
     )
     show.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     show.set_defaults(func=_show_masks)

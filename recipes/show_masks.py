@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from masklab.pipeline import Batch, DatasetLoader, Loader, Shapes
-from masklab.transforms import MASKED, MASKS, THROWN, MaskContext, PatchMask
+from masklab.transforms import MASKED, MASKS, THROWN, MaskContext, MaskOptions, PatchMask
 
 __all__ = ["MASK_PICTURES", "build_mask_stage", "draw_mask_picture", "load_images", "overlay", "show_masks"]
 
@@ -116,7 +116,9 @@ def _guide(images: torch.Tensor, trained, patch_size: int, kind: str):
         backbone = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=size, patch_size=patch_size, depth=4).eval()
         if kind == "saliency":
             return (lambda x, grid: backbone.saliency(x, grid)), images, patch_size
-        return (lambda x, grid: backbone.affinity(x)), images, patch_size
+        if kind == "affinity":
+            return (lambda x, grid: backbone.affinity(x)), images, patch_size
+        return _random_init_model(backbone, kind).guidance(kind), images, patch_size
     cfg, model = trained
     if cfg.data.resolution != size:
         raise ValueError(f"the checkpoint was trained at {cfg.data.resolution} px; pass --size {cfg.data.resolution}")
@@ -126,6 +128,21 @@ def _guide(images: torch.Tensor, trained, patch_size: int, kind: str):
 
     images_in = Normalize(cfg.data.mean, cfg.data.std)(Batch(images=images)).images
     return model.guidance(kind), images_in, patch_size_of(cfg, model.backbone.family)
+
+
+def _random_init_model(backbone, kind: str):
+    """The first registered objective that offers ``kind`` of guidance (HPM's ``difficulty``), at random
+    initialisation on ``backbone``: guidance that only an objective's own heads give."""
+    from masklab.objectives import OBJECTIVES
+
+    entry = next(e for e in OBJECTIVES if kind in e.guides and backbone.family in e.families)
+    return entry.build(backbone, entry.small(), MaskOptions()).eval()
+
+
+def heat_over(images: torch.Tensor, maps: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, Gh, Gw)`` maps in ``[0, 1]`` as a blue-to-orange heat map blended over ``(B, 3, H, W)`` images."""
+    heat = maps.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    return 0.5 * images + 0.5 * torch.stack([heat, heat * 0.4, 1 - heat], dim=1)
 
 
 def _saliency_rows(mask: str, images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int):
@@ -138,14 +155,12 @@ def _saliency_rows(mask: str, images: torch.Tensor, trained, patch_size: int, ra
     index = torch.arange(len(images))
     stage.refresh([Batch(images=images_in, index=index)], grid)
     out = stage(Batch(images=images, index=index, seed=seed))
-    heat = stage.cache.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-    heat_rgb = torch.stack([heat, heat * 0.4, 1 - heat], dim=1)
     m = out.mask
     label = f"{m.grid[0]}x{m.grid[1]}: masked {m.num_masked}, thrown {m.num_thrown}"
     source = "trained saliency" if trained else "saliency (random init)"
     return [
         ("image", images),
-        (source, 0.5 * images + 0.5 * heat_rgb),
+        (source, heat_over(images, stage.cache, patch_size)),
         (label, overlay(images, m.to_pixels(size, size))),
     ]
 
@@ -182,6 +197,38 @@ def _affinity_rows(
     return rows
 
 
+def _guided_rows(
+    mask: str,
+    images: torch.Tensor,
+    trained,
+    patch_size: int,
+    ratio: float | None,
+    seed: int,
+    progress: tuple[float, ...],
+    kind: str,
+):
+    """A model's per-cell guidance map (e.g. HPM's predicted difficulty) as a heat map, and the masks it
+    drives at each point of training (one draw, if the stage does not follow training progress)."""
+    from masklab.objectives import minmax
+    from masklab.transforms import ProgressAware
+
+    size = images.shape[-1]
+    guide, images_in, patch_size = _guide(images, trained, patch_size, kind)
+    grid = (size // patch_size, size // patch_size)
+    stage = build_mask_stage(mask, patch_size, ratio, size)
+    stage.bind(guide)
+    heat = minmax(guide(images_in, grid).float().cpu(), dims=(1, 2))
+    source = f"trained {kind}" if trained else f"{kind} (random init)"
+    rows = [("image", images), (source, heat_over(images, heat, patch_size))]
+    for t in progress if isinstance(stage, ProgressAware) else (None,):
+        if t is not None:
+            stage.set_progress(t)
+        m = stage(Batch(images=images_in, seed=seed)).mask
+        label = ("" if t is None else f"t={t:g}: ") + f"masked {m.num_masked}"
+        rows.append((label, overlay(images, m.to_pixels(size, size))))
+    return rows
+
+
 def show_masks(
     mask: str,
     out: Path,
@@ -201,7 +248,10 @@ def show_masks(
     ``checkpoint``'s model (a random-init ViT without one), drawn as a heat
     map too. For one guided by affinity (``ehm``) the regions of the model's
     affinity tree and the masks are drawn at each training ``progress`` (the
-    checkpoint's EMA teacher, or a random-init ViT).
+    checkpoint's EMA teacher, or a random-init ViT). For one guided by a
+    per-cell map of the objective's own (``hpm``: its predicted difficulty)
+    the map is drawn as a heat map and the masks at each ``progress`` (the
+    checkpoint's model, or a random-init one of an objective offering it).
     The checkpoint's weights and config are read without unpickling anything
     unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`).
     """
@@ -213,28 +263,32 @@ def show_masks(
     kind = MASKS[mask].guide
     images = load_images(n, size, data, seed)
     trained = load_trained(checkpoint, trust=trust_checkpoint) if checkpoint and kind else None
-    if trained is not None and not hasattr(trained[1], "guidance"):
+    offers = () if trained is None or not hasattr(trained[1], "guidance") else getattr(trained[1], "guides", (kind,))
+    if trained is not None and kind not in offers:
         from masklab.objectives import compatibility
 
         cfg, model = trained
         guided = [name for name, support in compatibility().items() if mask in support.masks]
         raise ValueError(
             f"--mask {mask} needs a model's {kind} guidance, and checkpoint {checkpoint} holds a "
-            f"{type(model).__name__} model (task {cfg.task!r}) that offers none; give a pretraining checkpoint "
-            f"(objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
+            f"{type(model).__name__} model (task {cfg.task!r}) that offers {' and '.join(offers) or 'none'}; give a "
+            f"pretraining checkpoint (objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
         )
+    if kind not in (None, "saliency") and not (progress and all(0 <= t <= 1 for t in progress)):
+        raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
     if kind == "saliency":
         rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed)
         title = f"{mask}: ratio={stage.ratio}, throw_ratio={stage.throw_ratio}, " + (
             "trained saliency" if trained else "random-init saliency"
         )
     elif kind == "affinity":
-        if not progress or not all(0 <= t <= 1 for t in progress):
-            raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
         rows = _affinity_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress))
         title = f"{mask}: ratio={stage.ratio}, " + (
             "the checkpoint's affinity (its EMA teacher's, if any)" if trained else "random-init affinity"
         )
+    elif kind is not None:
+        rows = _guided_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress), kind)
+        title = f"{mask}: ratio={stage.ratio}, " + (f"the checkpoint's {kind}" if trained else f"random-init {kind}")
     else:
         rows = _rows_for(stage, images, seed)
         title = f"{mask}: {stage.extra_repr()}"

@@ -9,7 +9,7 @@ its options (a dataclass that is also the config's ``mask`` section), what it
 emits, the guidance it needs and a small-image factory (:mod:`.registry`).
 """
 
-from ._mask_stage import PatchMaskStage, erase_patches
+from ._mask_stage import FollowsProgress, GuidedPatchMaskStage, PatchMaskStage, erase_patches
 from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
@@ -22,6 +22,7 @@ from .feature_mask import (
     feature_masks,
     feature_strides,
 )
+from .hard_patch_mask import HardPatchDraw, HardPatchMask, HardPatchMaskOptions, hard_fraction_at, hard_patch_mask
 from .hierarchical_mask import (
     SCHEDULES,
     HierarchicalMask,
@@ -85,6 +86,11 @@ __all__ = [
     "FeatureMask",
     "FeatureMaskOptions",
     "FeatureMasks",
+    "FollowsProgress",
+    "GuidedPatchMaskStage",
+    "HardPatchDraw",
+    "HardPatchMask",
+    "HardPatchMaskOptions",
     "HierarchicalMask",
     "HierarchicalMaskOptions",
     "HierarchyDraw",
@@ -127,6 +133,8 @@ __all__ = [
     "feature_masks",
     "feature_strides",
     "grid_edges",
+    "hard_fraction_at",
+    "hard_patch_mask",
     "hierarchical_patch_mask",
     "import_modules",
     "mask_count",

@@ -1,15 +1,17 @@
-"""The shell shared by patch-mask stages: hyper-parameters, the grid, ``erase``."""
+"""The shells shared by patch-mask stages: hyper-parameters, the grid, ``erase``; a model's guide read per
+batch; training progress."""
 
 from __future__ import annotations
 
 import torch
 
-from masklab.pipeline import Batch, Stage
+from masklab.pipeline import Batch, Stage, clamp_progress
 
 from ._sampling import patch_grid
 from .patch_mask import VISIBLE, PatchMask
+from .protocols import Guide
 
-__all__ = ["PatchMaskStage", "erase_patches"]
+__all__ = ["FollowsProgress", "GuidedPatchMaskStage", "PatchMaskStage", "erase_patches"]
 
 
 def erase_patches(images: torch.Tensor, mask: PatchMask, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
@@ -64,3 +66,73 @@ class PatchMaskStage(Stage):
         """Draw a mask for ``images`` (``(B, C, H, W)``) and erase its hidden patches (supervised reuse)."""
         mask = self.sample(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
         return erase_patches(images, mask, fill)
+
+
+class GuidedPatchMaskStage(PatchMaskStage):
+    """Base of the stages that read a model's guide on every batch's images (EHM's affinity, HPM's difficulty).
+
+    Subclasses set ``guide_kind`` and implement :meth:`draw` (``images, generator -> params`` with a
+    ``mask``); the loop binds the guide (:class:`~masklab.transforms.protocols.GuidedStage`).
+    """
+
+    guide_kind: str
+
+    def __init__(self, patch_size: int) -> None:
+        super().__init__(patch_size)
+        self.guide: Guide | None = None
+
+    def bind(self, guide: Guide) -> None:
+        """The objective's ``guidance(guide_kind)``, read on every batch."""
+        self.guide = guide
+
+    def read_guide(self, images: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The guide's maps for ``(B, C, H, W)`` images, read under ``no_grad``; each sample's must be ``shape``."""
+        if self.guide is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no guide: the training loop binds the objective's {self.guide_kind} "
+                f"(stage.bind(objective.guidance({self.guide_kind!r})))"
+            )
+        grid = self.grid_for(images)
+        with torch.no_grad():
+            maps = self.guide(images, grid)
+        expected = (images.shape[0], *shape)
+        if tuple(maps.shape) != expected:
+            raise ValueError(
+                f"the guide returned {self.guide_kind} of shape {tuple(maps.shape)}; the {grid[0]}x{grid[1]} grid "
+                f"of patch_size={self.patch_size} needs {expected}"
+            )
+        return maps
+
+    def draw(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        raise NotImplementedError
+
+    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+        raise TypeError(
+            f"{type(self).__name__} draws from the images' {self.guide_kind}: call it on a Batch, or use erase(images)"
+        )
+
+    def make_params(self, batch: Batch, generator: torch.Generator | None):
+        return self.draw(batch.images, generator)
+
+    def erase(
+        self, images: torch.Tensor, fill: float | torch.Tensor = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw a mask from ``images`` and erase its hidden patches (supervised reuse)."""
+        return erase_patches(images, self.draw(images, generator).mask, fill)
+
+
+class FollowsProgress:
+    """Training progress for a stage whose draw evolves with it (:class:`~masklab.transforms.protocols.ProgressAware`),
+    saved with the stage's state."""
+
+    progress: float = 0.0  # a Python float, set by the loop, so reading it never syncs a device
+
+    def set_progress(self, progress: float) -> None:
+        """Where training is, in [0, 1]."""
+        self.progress = clamp_progress(progress)
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"progress": self.progress}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.progress = float(state["progress"])

@@ -10,10 +10,9 @@ import torch
 
 from masklab.pipeline import Batch, clamp_progress
 
-from ._mask_stage import PatchMaskStage, erase_patches
+from ._mask_stage import FollowsProgress, GuidedPatchMaskStage
 from ._sampling import check_ratio, mask_count, top_cells
 from .patch_mask import PatchMask
-from .protocols import Guide
 from .registry import MaskContext, MaskOptions, register_mask
 
 __all__ = [
@@ -285,7 +284,7 @@ class HierarchicalMaskOptions(MaskOptions):
     emits="patch",
     small=lambda patch_size, image_size: HierarchicalMaskOptions(ratio=0.75),
 )
-class HierarchicalMask(PatchMaskStage):
+class HierarchicalMask(FollowsProgress, GuidedPatchMaskStage):
     """Evolved hierarchical masking as a loader stage (Feng and Zhang, "Evolved
     Hierarchical Masking for Self-Supervised Learning", 2025), our reading.
 
@@ -345,26 +344,10 @@ class HierarchicalMask(PatchMaskStage):
             raise ValueError(f"tie_break must be >= 0, got {tie_break}")
         self.schedule, self.start_regions, self.end_regions = schedule, float(start_regions), float(end_regions)
         self.tie_break = float(tie_break)
-        self.progress = 0.0  # a Python float, set by the loop, so reading it never syncs a device
-        self.guide: Guide | None = None
 
     @classmethod
     def from_options(cls, options: HierarchicalMaskOptions, context: MaskContext) -> HierarchicalMask:
         return cls(options.ratio, context.patch_size, options.schedule, options.start_regions, options.end_regions)
-
-    def bind(self, guide: Guide) -> None:
-        """The affinity function ``guide(images, grid) -> (B, N, N)`` (the EMA teacher's)."""
-        self.guide = guide
-
-    def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1]; it selects the tree level."""
-        self.progress = clamp_progress(progress)
-
-    def get_extra_state(self) -> dict[str, float]:
-        return {"progress": self.progress}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.progress = float(state["progress"])
 
     def num_regions(self, num_cells: int, progress: float | None = None) -> int:
         """Regions of the level in use at ``progress`` (default: the current progress)."""
@@ -373,20 +356,9 @@ class HierarchicalMask(PatchMaskStage):
 
     def affinity(self, images: torch.Tensor) -> torch.Tensor:
         """The guide's ``(B, N, N)`` affinity for ``images``, checked against the mask grid."""
-        if self.guide is None:
-            raise RuntimeError(
-                "HierarchicalMask has no guide: the training loop binds the objective's affinity "
-                "(stage.bind(objective.guidance('affinity')))"
-            )
         grid = self.grid_for(images)
-        affinity = self.guide(images, grid)
         cells = grid[0] * grid[1]
-        if tuple(affinity.shape) != (images.shape[0], cells, cells):
-            raise ValueError(
-                f"the guide returned affinity of shape {tuple(affinity.shape)}; the {grid[0]}x{grid[1]} grid of "
-                f"patch_size={self.patch_size} needs ({images.shape[0]}, {cells}, {cells})"
-            )
-        return affinity
+        return self.read_guide(images, (cells, cells))
 
     def draw(self, images: torch.Tensor, generator: torch.Generator | None = None) -> HierarchyDraw:
         """Tree, level and mask for ``(B, C, H, W)`` images."""
@@ -397,20 +369,8 @@ class HierarchicalMask(PatchMaskStage):
         mask = hierarchical_patch_mask(regions, grid, self.ratio, generator)
         return HierarchyDraw(mask, regions.view(-1, *grid))
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
-        raise TypeError("HierarchicalMask draws from the images' affinity: call it on a Batch, or use erase(images)")
-
-    def make_params(self, batch: Batch, generator: torch.Generator | None) -> HierarchyDraw:
-        return self.draw(batch.images, generator)
-
     def apply(self, batch: Batch, params: HierarchyDraw) -> Batch:
         return batch.replace(mask=params.mask).with_extras(regions=params.regions)
-
-    def erase(
-        self, images: torch.Tensor, fill: float | torch.Tensor = 0.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Draw a hierarchical mask for ``images`` and erase its hidden patches (supervised reuse)."""
-        return erase_patches(images, self.draw(images, generator).mask, fill)
 
     def extra_repr(self) -> str:
         return (

@@ -35,10 +35,11 @@ Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 
 @runtime_checkable
 class GuidedStage(Protocol):
-    """A stage that reads a model (AMT's saliency, EHM's affinity); the loop binds the objective's guide.
+    """A stage that reads a model (AMT's saliency, EHM's affinity, HPM's difficulty); the loop binds the
+    objective's guide.
 
     Attributes:
-        guide_kind: the guidance it needs, as objectives name it (``saliency`` or ``affinity``).
+        guide_kind: the guidance it needs, as objectives name it (one of ``masklab.transforms.registry.GUIDES``).
     """
 
     guide_kind: str
@@ -49,7 +50,7 @@ class GuidedStage(Protocol):
 
 @runtime_checkable
 class ProgressAware(Protocol):
-    """A stage that evolves with training (EHM's hierarchy level)."""
+    """A stage that evolves with training (EHM's hierarchy level, HPM's share of hard cells)."""
 
     def set_progress(self, progress: float) -> None:
         """Where training is, in [0, 1]."""

@@ -33,7 +33,9 @@ EMITS = ("patch", "mix", "feature")
 ``batch.extras``. An objective declares which of these it takes (``None``: none, two clean views)."""
 
 FAMILIES = ("vit", "cnn")
-GUIDES = ("saliency", "affinity")
+GUIDES = ("saliency", "affinity", "difficulty")
+"""The guidance an objective may offer a stage (``guidance(kind)``): ``saliency`` ``(B, Gh, Gw)`` (AMT),
+``affinity`` ``(B, N, N)`` (EHM), ``difficulty`` ``(B, Gh, Gw)``, each patch's predicted loss (HPM)."""
 
 
 @dataclass
@@ -77,7 +79,7 @@ class MaskEntry:
         small: ``(patch_size, image_size) -> options`` that suit small images (tests, pictures).
         emits: one of :data:`EMITS`, or ``None`` (no mask).
         families: the backbone families the stage works with.
-        guide: the model guidance the stage needs (``"saliency"``, ``"affinity"``), or ``None``.
+        guide: the model guidance the stage needs (one of :data:`GUIDES`), or ``None``.
         coarse_cell: an option holding a cell side in pixels coarser than the patch, which the
             image must tile and whose cells the ratio counts (SimMIM's and AMT's ``mask_patch_size``;
             ``None`` in the options: single patches).

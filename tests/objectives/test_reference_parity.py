@@ -1,6 +1,7 @@
 """Each loss against its reference formula, transcribed here in a few lines from the paper and the
 authors' code (facebookresearch/mae, microsoft/SimMIM, facebookresearch/moco, kirill-vish/MixMask,
-BYOL's and SimSiam's papers), on fixed seeded tensors, to 1e-6.
+Haochen-Wang409/HPM, BYOL's and SimSiam's papers), on fixed seeded tensors, to 1e-6 (HPM's to 1e-4: its
+reference takes the log of a sigmoid plus 1e-6).
 
 The transcriptions use none of masklab's helpers: patches, logits and cosines are written out, so a
 missing normalisation, a swapped partner or a changed scale shows up as a mismatch.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masklab.objectives import (
+    HPM,
     MAE,
     MixMaskSiamese,
     Siamese,
@@ -23,6 +25,7 @@ from masklab.objectives import (
     mae_loss,
     mixmask_loss,
     negative_cosine,
+    pairwise_order_loss,
     simmim_loss,
 )
 from masklab.pipeline import Batch
@@ -86,6 +89,57 @@ def test_the_mae_objective_scores_its_predictions_as_maes_forward_loss():
     torch.testing.assert_close(got, mae_forward_loss(imgs, pred, removed, 4, norm_pix=True), **TOL)
     # The per-patch normalisation matters: without it the loss differs.
     assert not torch.allclose(got, mae_forward_loss(imgs, pred, removed, 4, norm_pix=False), atol=1e-3)
+
+
+# -- HPM ----------------------------------------------------------------------------------------------
+
+
+def hpm_relative_loss(loss_pred: torch.Tensor, loss_target: torch.Tensor) -> torch.Tensor:
+    """HPM's relative learning loss: for each sample, the L x L matrix of predicted differences, a
+    log-sigmoid term for every pair ordered one way and a log(1 - sigmoid) term for every pair ordered
+    the other, summed and divided by the count of ordered (untied) pairs."""
+    positive = (loss_target.unsqueeze(1) > loss_target.unsqueeze(2)).float()
+    negative = (loss_target.unsqueeze(1) < loss_target.unsqueeze(2)).float()
+    difference = loss_pred.unsqueeze(1) - loss_pred.unsqueeze(2)
+    terms = -positive * torch.log(torch.sigmoid(difference) + 1e-6) - negative * torch.log(
+        1 - torch.sigmoid(difference) + 1e-6
+    )
+    return terms.sum() / (positive + negative).sum()
+
+
+def test_pairwise_order_loss_is_hpms_relative_loss():
+    predicted, target = seeded(4, 12), seeded(4, 12, seed=1).abs()
+    target[:, 1] = target[:, 0]  # a tie, left out by both
+    torch.testing.assert_close(
+        pairwise_order_loss(predicted, target), hpm_relative_loss(predicted, target), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_the_hpm_objective_adds_maes_forward_loss_and_hpms_relative_loss_on_the_masked_patches():
+    """HPM.forward with the decoder's and the predictor's outputs fixed: the reconstruction term is MAE's
+    forward_loss and the order term HPM's relative loss on each removed patch's predicted and true loss."""
+    torch.manual_seed(0)
+    model = HPM(build_backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1), 32, 1, predictor_depth=1)
+    imgs, pred, scores = seeded(3, 3, 16, 16), seeded(3, 16, 48, seed=1), seeded(3, 16, seed=2)
+    removed = random_masking(3, 16, 12)
+    mask = PatchMask.from_masked(removed.bool().view(3, 4, 4))
+    model.reconstruct_tokens = lambda tokens, mask: pred.gather(1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, 48))
+
+    class FixedScores(nn.Module):  # the predictor's output: a score per cell, in the decoder's token order
+        def forward(self, tokens):
+            order = torch.cat([torch.zeros(3, 1, dtype=torch.long), 1 + mask.ids_keep, 1 + mask.ids_masked], dim=1)
+            return torch.cat([torch.zeros(3, 1), scores], dim=1).gather(1, order).unsqueeze(-1)
+
+    model.loss_predictor = FixedScores()
+    out = model(Batch(images=imgs, mask=mask))
+    target = mae_patchify(imgs, 4)
+    target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (N, L)
+    ids = torch.nonzero(removed)[:, 1].view(3, 12)  # the removed patches, ascending, as the reference's mask gather
+    want_order = hpm_relative_loss(scores.gather(1, ids), per_patch.gather(1, ids))
+    torch.testing.assert_close(out.logs["reconstruction"], mae_forward_loss(imgs, pred, removed, 4, True), **TOL)
+    torch.testing.assert_close(out.logs["order"], want_order, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.loss, out.logs["reconstruction"] + out.logs["order"], **TOL)
 
 
 # -- SimMIM -------------------------------------------------------------------------------------------

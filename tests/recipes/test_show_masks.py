@@ -100,7 +100,7 @@ def test_guided_masks_refuse_a_checkpoint_whose_model_offers_no_guidance(
     err = capsys.readouterr().err
     assert (
         f"error: --mask {mask} needs a model's {kind} guidance, and checkpoint {supervised_checkpoint} holds a "
-        "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives mae, "
+        "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives hpm, mae, "
         "simmim)" in err
     )
     assert "Traceback" not in err
@@ -120,3 +120,15 @@ def test_amt_is_drawn_on_the_cells_simmim_is_drawn_on(tmp_path, monkeypatch):
         assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
         cells = blocks[:, :, 0, :, 0].flatten(1)
         assert (cells == MASKED).sum(1).tolist() == [masked] * 2 and (cells == THROWN).sum(1).tolist() == [thrown] * 2
+
+
+def test_hpm_picture_has_the_difficulty_map_and_masks_per_progress(tmp_path, monkeypatch):
+    from masklab.recipes import show_masks as module
+
+    drawn = {}
+    monkeypatch.setattr(module, "draw_mask_picture", lambda rows, path, title: drawn.update(rows=rows, title=title))
+    module.show_masks("hpm", tmp_path / "hpm.png", n=2, size=32, patch_size=4, progress=(0.0, 1.0))
+    labels = [label for label, _ in drawn["rows"]]
+    assert labels == ["image", "difficulty (random init)", "t=0: masked 48", "t=1: masked 48"]
+    assert all(images.shape == (2, 3, 32, 32) for _, images in drawn["rows"])
+    assert drawn["title"] == "hpm: ratio=0.75, random-init difficulty"

@@ -296,17 +296,29 @@ def test_ehm_recipes_evolve_the_level_and_step_the_teacher(recipe, backbone, tmp
     assert fractions == {round(round(cells * cfg.mask.ratio) / cells, 4)}
 
 
-def test_ehm_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    ehm = [*TINY, "run.ckpt_every=100"]
-    full = train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'full'}"]))
-    train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=6"]))
-    resumed = train(load_config("ehm", [*ehm, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
+@pytest.mark.parametrize("recipe", ["ehm", "mae_hpm"])  # the guide reads the resumed model, the stage its progress
+def test_guided_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path):
+    guided = [*TINY, "run.ckpt_every=100"]
+    full = train(load_config(recipe, [*guided, f"run.out={tmp_path / 'full'}"]))
+    train(load_config(recipe, [*guided, f"run.out={tmp_path / 'cut'}", "run.ckpt_every=3", "run.stop_at=6"]))
+    resumed = train(load_config(recipe, [*guided, f"run.out={tmp_path / 'cut'}", "run.resume=auto"]))
     a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "cut")
     assert sorted(b) == list(range(1, 13))
     for update in range(7, 13):
         assert b[update] == pytest.approx(a[update], abs=1e-6), update
     for name, value in full.model.state_dict().items():  # the teacher included
         torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_mae_hpm_binds_the_difficulty_guide_and_ends_at_half_the_masked_cells_hard(tmp_path):
+    cfg = load_config("mae_hpm", [*TINY, f"run.out={tmp_path}", "run.max_steps=6"])
+    result = train(cfg)
+    stage = list(result.stages)[1]
+    assert type(stage).__name__ == "HardPatchMask" and stage.guide is not None
+    assert stage.progress == 1.0 and stage.hard_count(16) == 6 > stage.hard_count(16, 0.0) == 0  # 12 masked of 16
+    assert result.updates == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    with open(tmp_path / "metrics.csv") as f:
+        assert {float(r["masked_fraction"]) for r in csv.DictReader(f)} == {0.75}
 
 
 def test_ehm_without_a_teacher_is_refused(tmp_path):

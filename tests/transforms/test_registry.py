@@ -39,7 +39,8 @@ def test_every_stage_builds_from_its_small_options_and_draws_what_it_declares(na
     assert isinstance(stage, entry.stage)
     if entry.guide is not None:
         cells = 64 // 8
-        shapes = {"saliency": (cells, cells), "affinity": (cells * cells, cells * cells)}[entry.guide]
+        per_cell = (cells, cells)
+        shapes = {"saliency": per_cell, "difficulty": per_cell, "affinity": (cells * cells, cells * cells)}[entry.guide]
         stage.bind(lambda images, grid: torch.rand(len(images), *shapes))
     batch = Views(2, "byol")(Batch(images=torch.rand(4, 3, 64, 64), index=torch.arange(4), seed=0))
     out = stage(batch)
