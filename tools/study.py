@@ -94,6 +94,18 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "vit",
         "+1.1 points on ImageNet-1K classification and +1.4 on ADE20K segmentation at equal epochs",
     ),
+    Arm(
+        "mae_colormae",
+        "mae_colormae",
+        "mae",
+        VIT,
+        "vit",
+        "green-noise masks: +2.72 mIoU on ADE20K over MAE's random masks (ViT-B/16)",
+    ),
+    Arm(
+        "mae_multiblock", "mae_multiblock", "mae", VIT, "vit", "none for MAE (I-JEPA's blocks serve its own objective)"
+    ),
+    Arm("mae_hpm", "mae_hpm", "mae", VIT, "vit", "better ImageNet-1K fine-tuning than MAE at equal epochs (ViT-B/16)"),
     Arm("moco", "moco", None, CNN, "cnn"),
     Arm(
         "mixmask_moco",
@@ -122,7 +134,8 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "a CutMix-like regulariser (no figure in METHODS.md)",
     ),
 )
-"""The study: MAE, MAE+AMT, SimMIM, SimMIM+AMT (each AMT arm also at equal wall-clock time), EHM, MoCo v2,
+"""The study: MAE, MAE+AMT, SimMIM, SimMIM+AMT (each AMT arm also at equal wall-clock time), EHM, MAE with
+ColorMAE's green-noise masks, I-JEPA's multi-block masks and HPM's hard patches, MoCo v2,
 MixMask-MoCo, BYOL, MaskDeep, supervised with and without MixMask. Supervised arms turn patch erasing off so
 MixMask is the only difference."""
 
