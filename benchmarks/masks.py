@@ -20,6 +20,9 @@ B=256 images of 224 px, patch 16: a 14x14 grid. Contenders, side by side:
   collator-style generator: a Python loop per sample placing the blocks
   with torch ops (retrying the context until it keeps ``min_keep`` cells),
   then trimming every index list to the batch's shortest.
+- ``AttMask`` (hint mode, 0.75, 10% hints) on a stand-in saliency map (the model's pass is not timed)
+  against a per-sample loop of the same ranking: AttMask computes its mask inside the model, so it has no
+  per-sample generator of its own to compare with;
 - ``HardPatchMask`` (HPM: 0.75, at the end of its schedule, half the masked
   cells the hardest) on a stand-in difficulty map (the model's pass that
   predicts it is not timed: it is a no-grad forward of the encoder on every
@@ -43,6 +46,7 @@ from _timing import Figures, add_json_argument, median_ms
 
 from masklab.pipeline import Batch
 from masklab.transforms import (
+    AttMask,
     BlockMask,
     ColorNoiseMask,
     FeatureMask,
@@ -197,6 +201,18 @@ def hpm_style(difficulty: torch.Tensor, ratio: float = 0.75, hard_fraction: floa
     return masked.gather(1, order.argsort(dim=1))
 
 
+def per_sample_attmask(saliency: torch.Tensor, ratio: float = 0.75, hint: float = 0.1) -> torch.Tensor:
+    """AttMask-Hint per sample (a loop of the same ranking; AttMask computes it inside its model, no peer generator)."""
+    batch, cells = saliency.shape
+    count = int(round(cells * ratio))
+    shown = int(round(count * hint))
+    out = torch.zeros_like(saliency, dtype=torch.bool)
+    for i in range(batch):
+        top = torch.argsort(saliency[i], descending=True)[:count]
+        out[i, top[torch.randperm(count, device=saliency.device)[shown:]]] = True
+    return out
+
+
 def vit_step_ms(batch: torch.Tensor, name: str = "vit_tiny_patch16_224", bf16: bool = False) -> float:
     import timm
 
@@ -231,6 +247,9 @@ def stage_rows(images: torch.Tensor):
     hpm = HardPatchMask(0.75, PATCH)
     hpm.bind(lambda x, cells: difficulty)
     hpm.set_progress(1.0)
+    saliency = torch.rand(batch, grid, grid, generator=generator, device=images.device)  # a stand-in map
+    attmask = AttMask(0.75, PATCH, "hint", 0.1)
+    attmask.bind(lambda x, cells: saliency)
 
     return [
         ("RandomMask 0.75", stage_fn(RandomMask(0.75, PATCH)), "SimMIM-style", lambda: simmim_style(batch, grid, 0.75)),
@@ -261,6 +280,7 @@ def stage_rows(images: torch.Tensor):
             lambda: ijepa_style(batch, grid, seed=next(collations)),
         ),
         ("HardPatchMask 0.75", stage_fn(hpm), "HPM-style", lambda: hpm_style(difficulty.flatten(1))),
+        ("AttMask 0.75 hint", stage_fn(attmask), "per-sample loop", lambda: per_sample_attmask(saliency.flatten(1))),
     ]
 
 

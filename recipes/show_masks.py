@@ -244,8 +244,8 @@ def show_masks(
 ) -> Path:
     """Draw ``mask`` over ``n`` images and save the picture to ``out``.
 
-    For a stage guided by saliency (``amt``) the masks follow the saliency of
-    ``checkpoint``'s model (a random-init ViT without one), drawn as a heat
+    For a stage guided by saliency (``amt``'s cache, ``attmask`` read per batch) the masks follow the
+    saliency of ``checkpoint``'s model (a random-init ViT without one), drawn as a heat
     map too. For one guided by affinity (``ehm``) the regions of the model's
     affinity tree and the masks are drawn at each training ``progress`` (the
     checkpoint's EMA teacher, or a random-init ViT). For one guided by a
@@ -255,6 +255,8 @@ def show_masks(
     The checkpoint's weights and config are read without unpickling anything
     unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`).
     """
+    from masklab.transforms import RefreshesCache
+
     from .train import load_trained
 
     if n < 1:
@@ -274,9 +276,9 @@ def show_masks(
             f"{type(model).__name__} model (task {cfg.task!r}) that offers {' and '.join(offers) or 'none'}; give a "
             f"pretraining checkpoint (objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
         )
-    if kind not in (None, "saliency") and not (progress and all(0 <= t <= 1 for t in progress)):
+    if kind is not None and not isinstance(stage, RefreshesCache) and not (progress and all(0 <= t <= 1 for t in progress)):
         raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
-    if kind == "saliency":
+    if kind == "saliency" and isinstance(stage, RefreshesCache):  # AMT's per-image cache
         rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed)
         title = f"{mask}: ratio={stage.ratio}, throw_ratio={stage.throw_ratio}, " + (
             "trained saliency" if trained else "random-init saliency"

@@ -103,6 +103,14 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "green-noise masks: +2.72 mIoU on ADE20K over MAE's random masks (ViT-B/16)",
     ),
     Arm(
+        "mae_attmask",
+        "mae_attmask",
+        "mae",
+        VIT,
+        "vit",
+        "AttMask-Hint on iBOT: better kNN, linear-probe and fine-tuning accuracy than random masks (ViT-S/16)",
+    ),
+    Arm(
         "mae_multiblock", "mae_multiblock", "mae", VIT, "vit", "none for MAE (I-JEPA's blocks serve its own objective)"
     ),
     Arm("mae_hpm", "mae_hpm", "mae", VIT, "vit", "better ImageNet-1K fine-tuning than MAE at equal epochs (ViT-B/16)"),
@@ -135,7 +143,7 @@ STUDY_ARMS: tuple[Arm, ...] = (
     ),
 )
 """The study: MAE, MAE+AMT, SimMIM, SimMIM+AMT (each AMT arm also at equal wall-clock time), EHM, MAE with
-ColorMAE's green-noise masks, I-JEPA's multi-block masks and HPM's hard patches, MoCo v2,
+AttMask's attended cells, ColorMAE's green-noise masks, I-JEPA's multi-block masks and HPM's hard patches, MoCo v2,
 MixMask-MoCo, BYOL, MaskDeep, supervised with and without MixMask. Supervised arms turn patch erasing off so
 MixMask is the only difference."""
 

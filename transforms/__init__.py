@@ -12,6 +12,7 @@ emits, the guidance it needs and a small-image factory (:mod:`.registry`).
 from ._mask_stage import FollowsProgress, GuidedPatchMaskStage, PatchMaskStage, erase_patches
 from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
 from .attention_mask import AttentionMask, AttentionMaskOptions, align_maps, amt_refresh_epochs, attention_patch_mask
+from .attmask import ATTMASK_MODES, AttMask, AttMaskOptions, attmask_patch_mask
 from .block_mask import BlockDraw, BlockMask, BlockMaskOptions, block_cells, block_patch_mask
 from .color_noise_mask import COLORS, ColorNoiseMask, ColorNoiseMaskOptions, color_filter, color_noise, color_noise_mask
 from .feature_mask import (
@@ -90,6 +91,10 @@ __all__ = [
     "GuidedPatchMaskStage",
     "HardPatchDraw",
     "HardPatchMask",
+    "ATTMASK_MODES",
+    "AttMask",
+    "AttMaskOptions",
+    "attmask_patch_mask",
     "HardPatchMaskOptions",
     "HierarchicalMask",
     "HierarchicalMaskOptions",

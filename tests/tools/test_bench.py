@@ -130,6 +130,7 @@ def test_real_mask_benchmark_reports_every_stage(tmp_path):
         "ColorNoise green",
         "MultiBlockMask",
         "HardPatchMask 0.75",
+        "AttMask 0.75 hint",
     ]
     assert [c["name"].split(" vs ")[0] for c in masks["comparisons"]] == stages
     assert all(c["ratio"] > 0 for c in masks["comparisons"])

@@ -20,6 +20,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "simmim_amt_equal_time",
         "ehm",
         "mae_colormae",
+        "mae_attmask",
         "mae_multiblock",
         "mae_hpm",
         "moco",

@@ -1,0 +1,148 @@
+"""AttMask: mask the patches the model attends to most, read on every batch, batched on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._mask_stage import GuidedPatchMaskStage, erase_patches
+from ._sampling import check_ratio, mask_count
+from .patch_mask import PatchMask
+from .random_mask import mask_from_scores
+from .registry import MaskContext, MaskOptions, register_mask
+
+__all__ = ["ATTMASK_MODES", "AttMask", "AttMaskOptions", "attmask_patch_mask"]
+
+ATTMASK_MODES = ("high", "hint", "low")
+"""``high``: the most attended cells; ``hint``: the same with a random share of them revealed; ``low``: the
+least attended (the paper's ablation)."""
+
+
+def attmask_patch_mask(
+    saliency: torch.Tensor,
+    ratio: float = 0.5,
+    mode: str = "high",
+    hint: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> PatchMask:
+    """AttMask's mask from per-cell ``saliency`` (Kakogeorgiou et al., "What to Hide from Your Students:
+    Attention-Guided Masked Image Modeling", ECCV 2022).
+
+    With ``M = round(N * ratio)``: ``high`` masks the ``M`` most salient cells of each sample; ``low`` the
+    ``M`` least salient; ``hint`` takes the ``M`` most salient and reveals ``round(M * hint)`` of them,
+    chosen uniformly at random, as hints, so ``M - round(M * hint)`` cells are masked. Exact ties in the
+    saliency are broken at random. Every sample gets the same counts.
+
+    Args:
+        saliency: ``(B, Gh, Gw)``; higher is more attended.
+        ratio: fraction of cells in the most (or least) attended set, in ``[0, 1)``.
+        mode: one of :data:`ATTMASK_MODES`.
+        hint: share of that set revealed in ``hint`` mode, in ``[0, 1]``.
+        generator: a ``torch.Generator`` on ``saliency``'s device.
+
+    Examples:
+        >>> import torch
+        >>> saliency = torch.arange(16.0).view(1, 4, 4)  # the last cells are the most attended
+        >>> g = torch.Generator().manual_seed(0)
+        >>> attmask_patch_mask(saliency, 0.25, "high", generator=g).masked.flatten(1).nonzero()[:, 1].tolist()
+        [12, 13, 14, 15]
+        >>> attmask_patch_mask(saliency, 0.25, "low", generator=g).masked.flatten(1).nonzero()[:, 1].tolist()
+        [0, 1, 2, 3]
+        >>> attmask_patch_mask(saliency, 0.5, "hint", hint=0.25, generator=g).counts
+        (10, 6, 0)
+    """
+    check_ratio("ratio", ratio)
+    if mode not in ATTMASK_MODES:
+        raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
+    if not 0 <= hint <= 1:
+        raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
+    if saliency.ndim != 3:
+        raise ValueError(f"saliency must be (B, Gh, Gw), got shape {tuple(saliency.shape)}")
+    batch, gh, gw = saliency.shape
+    cells = gh * gw
+    count = mask_count(cells, ratio)
+    flat = saliency.flatten(1).float()
+    # A random order of the cells first, so the stable sort by saliency breaks exact ties at random.
+    order = torch.rand((batch, cells), generator=generator, device=saliency.device).argsort(dim=1, stable=True)
+    ranked = order.gather(1, flat.gather(1, order).argsort(dim=1, descending=mode != "low", stable=True))
+    chosen = torch.zeros((batch, cells), dtype=torch.bool, device=saliency.device)
+    chosen = chosen.scatter(1, ranked[:, :count], True)
+    if mode == "hint":
+        shown = mask_count(count, hint)
+        # Random scores inside the chosen set, -1 outside: the top count - shown of them stay masked.
+        scores = torch.where(chosen, torch.rand((batch, cells), generator=generator, device=saliency.device), -1.0)
+        return mask_from_scores(scores, (gh, gw), count - shown)
+    return PatchMask.from_masked(chosen.view(batch, gh, gw), count)
+
+
+@dataclass
+class AttMaskOptions(MaskOptions):
+    """``mask.name: attmask``: the fraction of cells in the attended set, which set (``mode``), and the share of
+    it revealed as hints (``hint`` mode)."""
+
+    ratio: float = 0.5
+    mode: str = "hint"
+    hint: float = 0.1
+
+
+@register_mask("attmask", options=AttMaskOptions, emits="patch", small=lambda patch_size, image_size: AttMaskOptions())
+class AttMask(GuidedPatchMaskStage):
+    """AttMask as a loader stage: the model's saliency, read on every batch, picks the cells to mask.
+
+    For every batch, the bound guide (the recipe binds the objective's ``saliency``: the ViT's last-block
+    CLS-to-patch attention, or a CNN's last-stage activation norm, as AMT reads it) scores the batch's
+    cells under ``no_grad``, and :func:`attmask_patch_mask` masks the most attended (``high``), the most
+    attended less a random share revealed as hints (``hint``, the paper's best), or the least attended
+    (``low``) (Kakogeorgiou et al., ECCV 2022).
+
+    Our choices beyond the paper: the paper (on iBOT) reads its EMA teacher's attention; here the guide is
+    the objective's, so the online model as of the previous update (MAE and SimMIM have no teacher); the
+    paper draws a masking ratio per image from a range as iBOT does, we use one ``ratio`` (0.5, the middle
+    of iBOT's range) so counts are exact; hints are drawn uniformly from the attended set
+    (``hint`` 0.1 of it), and exact ties in the saliency are broken at random.
+
+    Args:
+        ratio: fraction of cells in the attended (or least attended) set.
+        patch_size: the mask cell in pixels (the ViT's patch; for CNNs the recipe gives 1/8 of the side).
+        mode: one of :data:`ATTMASK_MODES`.
+        hint: share of the set revealed in ``hint`` mode.
+
+    Examples:
+        >>> import torch
+        >>> from masklab.pipeline import Batch
+        >>> stage = AttMask(0.5, patch_size=8, mode="hint", hint=0.25)
+        >>> stage.bind(lambda images, grid: torch.rand(len(images), *grid))
+        >>> stage(Batch(images=torch.rand(2, 3, 32, 32), seed=0)).mask.counts
+        (10, 6, 0)
+    """
+
+    guide_kind = "saliency"
+
+    def __init__(self, ratio: float = 0.5, patch_size: int = 16, mode: str = "hint", hint: float = 0.1) -> None:
+        super().__init__(patch_size)
+        self.ratio = check_ratio("ratio", ratio)
+        if mode not in ATTMASK_MODES:
+            raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
+        if not 0 <= hint <= 1:
+            raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
+        self.mode, self.hint = mode, float(hint)
+
+    @classmethod
+    def from_options(cls, options: AttMaskOptions, context: MaskContext) -> AttMask:
+        return cls(options.ratio, context.patch_size, options.mode, options.hint)
+
+    def draw(self, images: torch.Tensor, generator: torch.Generator | None = None) -> PatchMask:
+        """The mask for ``(B, C, H, W)`` images, from their saliency."""
+        grid = self.grid_for(images)
+        return attmask_patch_mask(self.read_guide(images, grid), self.ratio, self.mode, self.hint, generator)
+
+    def erase(
+        self, images: torch.Tensor, fill: float | torch.Tensor = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw a mask from ``images`` and erase its hidden patches (supervised reuse)."""
+        return erase_patches(images, self.draw(images, generator), fill)
+
+    def extra_repr(self) -> str:
+        hint = f", hint={self.hint}" if self.mode == "hint" else ""
+        return f"ratio={self.ratio}, patch_size={self.patch_size}, mode={self.mode!r}{hint}"
