@@ -1,13 +1,16 @@
-"""The study: every method against its baseline on the built-in shapes, equal steps, several seeds.
+"""The study: every method against its baseline on the study's shapes, equal updates, several seeds.
 
 Each *arm* is a recipe plus the overrides that put it on its family's
-backbone: the masked-image-modelling arms (MAE, SimMIM, AMT, EHM) train a
-4-block ViT-tiny at patch 4, the siamese arms (MoCo v2, MixMask, BYOL,
-MaskDeep) and the supervised ones a narrow ResNet-18 (widths 16-128, the
-small-image stem). Every arm sees the same data with the same batch size
-for the same number of epochs, so the same number of optimizer updates;
-then kNN and a linear probe on the frozen encoder. A random-init row per
-family says what the encoder gives before any training.
+backbone: the masked-image-modelling arms (MAE, SimMIM, AMT, EHM, AttMask,
+ColorMAE, multi-block, HPM) train a 4-block ViT-tiny at patch 4, the
+siamese arms (MoCo v2, MixMask, BYOL, MaskDeep) and the supervised ones a
+narrow ResNet-18 (widths 16-128, the small-image stem). Every arm sees the
+same data (:data:`STUDY_DATA`) with the same batch size for the same number
+of epochs, so the same number of optimizer updates (the equal-wall-clock AMT
+arms excepted); then kNN and a linear probe on the frozen encoder, and for
+the masked-image arms fine-tuning on a labelled tenth. A random-init row per
+family says what the encoder gives before any training. :func:`run_curves`
+draws the budget curves that chose :data:`STUDY_EPOCHS`.
 
 Results go to ``results.json`` (every run, rewritten after each one, so a
 stopped study resumes where it stopped), ``results.md`` (the table) and
