@@ -78,7 +78,7 @@ def test_unsupported_pairs_say_what_is_supported():
         MAE(CNNBackbone.from_name("resnet18"))
     with pytest.raises(
         ValueError,
-        match=r"does not take the 'mixmask' mask; it supports masks \['amt', 'block', 'ehm', 'random', 'simmim'\]",
+        match=r"does not take the 'mixmask' mask; it supports masks \['amt', 'attmask', 'block', 'colormae', 'ehm', 'multiblock', 'random', 'simmim'\]",
     ):
         check_compatible("simmim", mask="mixmask")
     with pytest.raises(ValueError, match=r"unknown objective 'dino'"):
