@@ -25,13 +25,15 @@ def attmask_patch_mask(
     mode: str = "high",
     hint: float = 0.1,
     generator: torch.Generator | None = None,
+    hint_pool: float = 0.1,
 ) -> PatchMask:
     """AttMask's mask from per-cell ``saliency`` (Kakogeorgiou et al., "What to Hide from Your Students:
     Attention-Guided Masked Image Modeling", ECCV 2022).
 
     With ``M = round(N * ratio)``: ``high`` masks the ``M`` most salient cells of each sample; ``low`` the
-    ``M`` least salient; ``hint`` takes the ``M`` most salient and reveals ``round(M * hint)`` of them,
-    chosen uniformly at random, as hints, so ``M - round(M * hint)`` cells are masked. Exact ties in the
+    ``M`` least salient; ``hint`` takes the ``M`` most salient and reveals ``round(M * hint)`` of them as
+    hints, drawn uniformly from the ``round(N * hint_pool)`` most salient cells of all (the authors'
+    ``show_ratio`` and ``show_max``, 0.1 each), so ``M - round(M * hint)`` cells are masked. Exact ties in the
     saliency are broken at random. Every sample gets the same counts.
 
     Args:
@@ -40,6 +42,7 @@ def attmask_patch_mask(
         mode: one of :data:`ATTMASK_MODES`.
         hint: share of that set revealed in ``hint`` mode, in ``[0, 1]``.
         generator: a ``torch.Generator`` on ``saliency``'s device.
+        hint_pool: share of all cells, the most salient, that the hints come from.
 
     Examples:
         >>> import torch
@@ -57,6 +60,8 @@ def attmask_patch_mask(
         raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
     if not 0 <= hint <= 1:
         raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
+    if not 0 <= hint_pool <= 1:
+        raise ValueError(f"hint_pool must be a share of the cells in [0, 1], got {hint_pool}")
     if saliency.ndim != 3:
         raise ValueError(f"saliency must be (B, Gh, Gw), got shape {tuple(saliency.shape)}")
     batch, gh, gw = saliency.shape
@@ -69,9 +74,12 @@ def attmask_patch_mask(
     chosen = torch.zeros((batch, cells), dtype=torch.bool, device=saliency.device)
     chosen = chosen.scatter(1, ranked[:, :count], True)
     if mode == "hint":
-        shown = mask_count(count, hint)
-        # Random scores inside the chosen set, -1 outside: the top count - shown of them stay masked.
-        scores = torch.where(chosen, torch.rand((batch, cells), generator=generator, device=saliency.device), -1.0)
+        pool = min(mask_count(cells, hint_pool), count)
+        shown = min(mask_count(count, hint), pool)
+        in_pool = torch.zeros_like(chosen).scatter(1, ranked[:, :pool], True)
+        # The chosen cells outside the pool stay masked (2); the pool's ranked at random, shown of them revealed.
+        noise = torch.rand((batch, cells), generator=generator, device=saliency.device)
+        scores = torch.where(in_pool, noise, torch.where(chosen, 2.0, -1.0))
         return mask_from_scores(scores, (gh, gw), count - shown)
     return PatchMask.from_masked(chosen.view(batch, gh, gw), count)
 
@@ -79,11 +87,12 @@ def attmask_patch_mask(
 @dataclass
 class AttMaskOptions(MaskOptions):
     """``mask.name: attmask``: the fraction of cells in the attended set, which set (``mode``), and the share of
-    it revealed as hints (``hint`` mode)."""
+    it revealed as hints (``hint`` mode), drawn from the ``hint_pool`` most attended share of all cells."""
 
     ratio: float = 0.5
     mode: str = "hint"
     hint: float = 0.1
+    hint_pool: float = 0.1
 
 
 @register_mask("attmask", options=AttMaskOptions, emits="patch", small=lambda patch_size, image_size: AttMaskOptions())
@@ -100,18 +109,20 @@ class AttMask(GuidedPatchMaskStage):
     the objective's, so the online model as of the previous update (MAE and SimMIM have no teacher); the
     paper draws a masking ratio per image from a range as iBOT does, we use one ``ratio`` (0.5, the middle
     of iBOT's range) so counts are exact; hints are drawn uniformly from the attended set
-    (``hint`` 0.1 of it), and exact ties in the saliency are broken at random.
+    (``hint`` 0.1 of them, from the most attended ``hint_pool`` 0.1 of all cells, as the authors' code), and
+    exact ties in the saliency are broken at random.
 
     Args:
         ratio: fraction of cells in the attended (or least attended) set.
         patch_size: the mask cell in pixels (the ViT's patch; for CNNs the recipe gives 1/8 of the side).
         mode: one of :data:`ATTMASK_MODES`.
         hint: share of the set revealed in ``hint`` mode.
+        hint_pool: share of all cells, the most attended, the hints are drawn from.
 
     Examples:
         >>> import torch
         >>> from masklab.pipeline import Batch
-        >>> stage = AttMask(0.5, patch_size=8, mode="hint", hint=0.25)
+        >>> stage = AttMask(0.5, patch_size=8, mode="hint", hint=0.25, hint_pool=0.25)
         >>> stage.bind(lambda images, grid: torch.rand(len(images), *grid))
         >>> stage(Batch(images=torch.rand(2, 3, 32, 32), seed=0)).mask.counts
         (10, 6, 0)
@@ -119,23 +130,28 @@ class AttMask(GuidedPatchMaskStage):
 
     guide_kind = "saliency"
 
-    def __init__(self, ratio: float = 0.5, patch_size: int = 16, mode: str = "hint", hint: float = 0.1) -> None:
+    def __init__(
+        self, ratio: float = 0.5, patch_size: int = 16, mode: str = "hint", hint: float = 0.1, hint_pool: float = 0.1
+    ) -> None:
         super().__init__(patch_size)
         self.ratio = check_ratio("ratio", ratio)
         if mode not in ATTMASK_MODES:
             raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
         if not 0 <= hint <= 1:
             raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
-        self.mode, self.hint = mode, float(hint)
+        if not 0 <= hint_pool <= 1:
+            raise ValueError(f"hint_pool must be a share of the cells in [0, 1], got {hint_pool}")
+        self.mode, self.hint, self.hint_pool = mode, float(hint), float(hint_pool)
 
     @classmethod
     def from_options(cls, options: AttMaskOptions, context: MaskContext) -> AttMask:
-        return cls(options.ratio, context.patch_size, options.mode, options.hint)
+        return cls(options.ratio, context.patch_size, options.mode, options.hint, options.hint_pool)
 
     def draw(self, images: torch.Tensor, generator: torch.Generator | None = None) -> PatchMask:
         """The mask for ``(B, C, H, W)`` images, from their saliency."""
         grid = self.grid_for(images)
-        return attmask_patch_mask(self.read_guide(images, grid), self.ratio, self.mode, self.hint, generator)
+        saliency = self.read_guide(images, grid)
+        return attmask_patch_mask(saliency, self.ratio, self.mode, self.hint, generator, self.hint_pool)
 
     def erase(
         self, images: torch.Tensor, fill: float | torch.Tensor = 0.0, generator: torch.Generator | None = None

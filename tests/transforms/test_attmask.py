@@ -27,15 +27,24 @@ def test_high_and_low_mask_exactly_the_most_and_least_attended_cells(mode, devic
     assert torch.equal(mask.masked.flatten(1), extreme_cells(saliency, 48, largest=mode == "high"))
 
 
-def test_hint_reveals_a_random_share_of_the_most_attended(device):
-    # 8x8, ratio 0.5: the 32 most attended; hint 0.25 reveals 8 of them, so 24 masked, all among the 32.
+def test_hint_reveals_a_random_share_of_the_most_attended_from_the_top_of_all_cells(device):
+    # 8x8, ratio 0.5: the 32 most attended; hint 0.25 reveals 8 of them, drawn from the 16 most attended of
+    # all cells (hint_pool 0.25): cells 17-32 by rank always masked, the top 16 masked half the time.
     saliency = ranked_map(1, device=device).expand(4000, -1, -1)
-    mask = attmask_patch_mask(saliency, 0.5, "hint", 0.25, torch.Generator(device=device).manual_seed(0))
-    top = extreme_cells(saliency[:1], 32)[0]
+    g = torch.Generator(device=device).manual_seed(0)
+    mask = attmask_patch_mask(saliency, 0.5, "hint", 0.25, g, hint_pool=0.25)
+    top, pool = extreme_cells(saliency[:1], 32)[0], extreme_cells(saliency[:1], 16)[0]
     assert mask.counts == (40, 24, 0) and mask.masked.flatten(1).sum(1).tolist() == [24] * 4000
     frequency = mask.masked.float().mean(0).flatten()
     assert bool((frequency[~top] == 0).all())  # never outside the attended set
-    assert torch.allclose(frequency[top], torch.full_like(frequency[top], 24 / 32), atol=0.04)  # hints uniform
+    assert bool((frequency[top & ~pool] == 1).all())  # hints only from the pool
+    assert torch.allclose(frequency[pool], torch.full_like(frequency[pool], 0.5), atol=0.04)  # uniform there
+    # The authors' defaults on the study's grid: 48 chosen, 5 hints from the 6 most attended cells.
+    default = attmask_patch_mask(saliency[:1], 0.75, "hint", 0.1, g)
+    assert default.counts == (21, 43, 0)
+    assert bool(
+        default.masked.flatten(1)[0][extreme_cells(saliency[:1], 48)[0] & ~extreme_cells(saliency[:1], 6)[0]].all()
+    )
 
 
 def test_equal_saliency_is_broken_at_random(device):
@@ -70,7 +79,7 @@ def test_the_registry_entry_builds_the_defaults_and_needs_saliency():
     entry = MASKS["attmask"]
     assert entry.guide == "saliency" and entry.emits == "patch" and set(entry.families) == {"vit", "cnn"}
     stage = entry.build(entry.section(), MaskContext(patch_size=4, image_size=32))
-    assert (stage.ratio, stage.mode, stage.hint, stage.patch_size) == (0.5, "hint", 0.1, 4)
+    assert (stage.ratio, stage.mode, stage.hint, stage.hint_pool, stage.patch_size) == (0.5, "hint", 0.1, 0.1, 4)
 
 
 def test_errors_name_the_bad_value():
@@ -78,5 +87,7 @@ def test_errors_name_the_bad_value():
         AttMask(mode="middle")
     with pytest.raises(ValueError, match=r"hint must be a share of the masked cells in \[0, 1\], got 1.5"):
         AttMask(hint=1.5)
+    with pytest.raises(ValueError, match=r"hint_pool must be a share of the cells in \[0, 1\], got -0.1"):
+        AttMask(hint_pool=-0.1)
     with pytest.raises(ValueError, match="saliency must be"):
         attmask_patch_mask(torch.zeros(8, 8))
