@@ -98,13 +98,25 @@ def test_readme_performance_section_is_the_bench_report_of_its_figures():
 
 def test_readme_study_section_is_the_study_of_its_figures():
     from masklab.recipes.demo import RunScores
-    from masklab.tools.study import README_FIGURES, README_PLOT, STUDY_ARMS, study_markdown
+    from masklab.tools import study
 
-    result = RunScores.load(README.parent / README_FIGURES)
-    assert set(result.runs) == {"random_cnn", "random_vit", *(arm.name for arm in STUDY_ARMS)}
+    result = RunScores.load(README.parent / study.README_FIGURES)
+    curves = RunScores.load(README.parent / study.README_CURVE_FIGURES)
     assert all(len(runs) == 3 for runs in result.runs.values())  # three seeds each
-    assert _section("study") == study_markdown(result, plot=README_PLOT)
-    assert (README.parent / README_PLOT).is_file()
+    assert _section("study") == study.study_markdown(result, plot=study.README_PLOT, curves=curves)
+    assert (README.parent / study.README_PLOT).is_file() and (README.parent / study.README_CURVES).is_file()
+    # The budget curves are at the study's setting, for every baseline, each from random init on.
+    assert curves.settings["length"] == study.STUDY_DATA["length"] and set(curves.runs) == set(study.CURVE_ARMS)
+    assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
+    if result.settings.get("data") == study.STUDY_DATA:  # a study at the current setting: every arm, over the bar
+        assert set(result.runs) == {"random_cnn", "random_vit", *(arm.name for arm in study.STUDY_ARMS)}
+        for arm in study.STUDY_ARMS:
+            if arm.family == "vit" or arm.name in ("moco", "mixmask_moco", "byol", "maskdeep"):
+                best = max(
+                    study._mean(result, arm.name, m) - study._mean(result, f"random_{arm.family}", m)
+                    for m in (("linear",) if arm.family == "vit" else ("knn", "linear"))
+                )
+                assert best >= study.BAR, arm.name
 
 
 def test_readme_demo_section_is_the_demo_of_its_figures():
