@@ -671,9 +671,14 @@ def study_markdown(
     lines = [
         f"Built-in shapes ({data.get('background', 'textured')} backgrounds), {data.get('size', 32)} px, "
         f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch 128 "
-        f"for every arm; seeds {', '.join(seeds)}; {minutes:.0f} min of runs on this machine. Masked-image arms "
-        f"are also fine-tuned on the first {FINETUNE['fraction']:.0%} of the training images for "
-        f"{settings.get('finetune_epochs', FINETUNE['epochs'])} epochs. Δ: the arm's mean minus its baseline's.",
+        f"for every arm; seeds {', '.join(seeds)}; {minutes:.0f} min of runs on this machine."
+        + (
+            f" Masked-image arms are also fine-tuned on the first {FINETUNE['fraction']:.0%} of the training images "
+            f"for {settings.get('finetune_epochs', FINETUNE['epochs'])} epochs."
+            if "finetune" in _metrics(result)
+            else ""
+        )
+        + " Δ: the arm's mean minus its baseline's.",
         "",
     ]
     if curves is not None:
