@@ -113,8 +113,12 @@ def registered():
 def test_the_new_entries_join_the_derived_matrix_the_listing_and_the_config(registered):
     assert "centre" in compatibility()["mae"].masks and "centre" in compatibility()["simmim"].masks
     # Patch masks that need no guidance (it offers none), on both families.
-    assert compatibility()["masked_colour"] == Support(("vit", "cnn"), ("block", "centre", "random", "simmim"))
-    assert "| `masked_colour` | vit, cnn | block, centre, random, simmim |" in compatibility_table()
+    assert compatibility()["masked_colour"] == Support(
+        ("vit", "cnn"), ("block", "centre", "colormae", "multiblock", "random", "simmim")
+    )
+    assert (
+        "| `masked_colour` | vit, cnn | block, centre, colormae, multiblock, random, simmim |" in compatibility_table()
+    )
     assert "| `centre` | `CentreMask` | ratio, jitter | - |" in mask_table()
     cfg = load_config(None, ["mask.name=centre", "mask.jitter=0.1", "objective.name=masked_colour"])
     assert cfg.mask == CentreMaskOptions(name="centre", ratio=0.5, jitter=0.1)
