@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["ceil_count", "check_ratio", "cumulative_or", "mask_count", "patch_grid", "top_cells"]
+__all__ = ["ceil_count", "check_ratio", "cumulative_or", "mask_count", "patch_grid", "rank_cells", "top_cells"]
 
 
 def check_ratio(name: str, ratio: float, allow_zero: bool = True) -> float:
@@ -83,3 +83,16 @@ def cumulative_or(flags: torch.Tensor, dim: int = 1) -> torch.Tensor:
         out = torch.cat([out[:step], out[step:] | out[:-step]], dim=0)
         step *= 2
     return out.transpose(0, dim)
+
+
+def rank_cells(scores: torch.Tensor, noise: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """The cell indices of each row of ``(B, N)`` ``scores``, highest first (``descending``), exact ties
+    broken by the random order of ``noise`` (``(B, N)`` uniform draws): both sorts are stable.
+
+    Examples:
+        >>> import torch
+        >>> rank_cells(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), torch.tensor([[0.1, 0.9, 0.2, 0.5]])).tolist()
+        [[2, 1, 0, 3]]
+    """
+    order = noise.argsort(dim=1, stable=True)
+    return order.gather(1, scores.gather(1, order).argsort(dim=1, descending=descending, stable=True))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._mask_stage import GuidedPatchMaskStage, erase_patches
-from ._sampling import check_ratio, mask_count
+from ._sampling import check_ratio, mask_count, rank_cells
 from .patch_mask import PatchMask
 from .random_mask import mask_from_scores
 from .registry import MaskContext, MaskOptions, register_mask
@@ -17,6 +17,18 @@ __all__ = ["ATTMASK_MODES", "AttMask", "AttMaskOptions", "attmask_patch_mask"]
 ATTMASK_MODES = ("high", "hint", "low")
 """``high``: the most attended cells; ``hint``: the same with a random share of them revealed; ``low``: the
 least attended (the paper's ablation)."""
+
+
+def _check_options(ratio: float, mode: str, hint: float, hint_pool: float) -> float:
+    """Raise on a bad option, naming it and what is allowed; return ``ratio``."""
+    check_ratio("ratio", ratio)
+    if mode not in ATTMASK_MODES:
+        raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
+    if not 0 <= hint <= 1:
+        raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
+    if not 0 <= hint_pool <= 1:
+        raise ValueError(f"hint_pool must be a share of the cells in [0, 1], got {hint_pool}")
+    return ratio
 
 
 def attmask_patch_mask(
@@ -55,22 +67,15 @@ def attmask_patch_mask(
         >>> attmask_patch_mask(saliency, 0.5, "hint", hint=0.25, generator=g).counts
         (10, 6, 0)
     """
-    check_ratio("ratio", ratio)
-    if mode not in ATTMASK_MODES:
-        raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
-    if not 0 <= hint <= 1:
-        raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
-    if not 0 <= hint_pool <= 1:
-        raise ValueError(f"hint_pool must be a share of the cells in [0, 1], got {hint_pool}")
+    _check_options(ratio, mode, hint, hint_pool)
     if saliency.ndim != 3:
         raise ValueError(f"saliency must be (B, Gh, Gw), got shape {tuple(saliency.shape)}")
     batch, gh, gw = saliency.shape
     cells = gh * gw
     count = mask_count(cells, ratio)
     flat = saliency.flatten(1).float()
-    # A random order of the cells first, so the stable sort by saliency breaks exact ties at random.
-    order = torch.rand((batch, cells), generator=generator, device=saliency.device).argsort(dim=1, stable=True)
-    ranked = order.gather(1, flat.gather(1, order).argsort(dim=1, descending=mode != "low", stable=True))
+    noise = torch.rand((batch, cells), generator=generator, device=saliency.device)
+    ranked = rank_cells(flat, noise, descending=mode != "low")  # exact ties broken at random
     chosen = torch.zeros((batch, cells), dtype=torch.bool, device=saliency.device)
     chosen = chosen.scatter(1, ranked[:, :count], True)
     if mode == "hint":
@@ -134,13 +139,7 @@ class AttMask(GuidedPatchMaskStage):
         self, ratio: float = 0.5, patch_size: int = 16, mode: str = "hint", hint: float = 0.1, hint_pool: float = 0.1
     ) -> None:
         super().__init__(patch_size)
-        self.ratio = check_ratio("ratio", ratio)
-        if mode not in ATTMASK_MODES:
-            raise ValueError(f"mode must be one of {ATTMASK_MODES}, got {mode!r}")
-        if not 0 <= hint <= 1:
-            raise ValueError(f"hint must be a share of the masked cells in [0, 1], got {hint}")
-        if not 0 <= hint_pool <= 1:
-            raise ValueError(f"hint_pool must be a share of the cells in [0, 1], got {hint_pool}")
+        self.ratio = _check_options(ratio, mode, hint, hint_pool)
         self.mode, self.hint, self.hint_pool = mode, float(hint), float(hint_pool)
 
     @classmethod

@@ -9,7 +9,7 @@ import torch
 from masklab.pipeline import Batch, clamp_progress
 
 from ._mask_stage import FollowsProgress, GuidedPatchMaskStage
-from ._sampling import check_ratio, mask_count
+from ._sampling import check_ratio, mask_count, rank_cells
 from .patch_mask import PatchMask
 from .random_mask import mask_from_scores
 from .registry import MaskContext, MaskOptions, register_mask
@@ -74,9 +74,7 @@ def hard_patch_mask(
     if hard_count:
         # A random order of the cells, so the stable sort by difficulty breaks ties at random. (Both sorts
         # stable: on the CPU torch's stable sort of short rows is several times faster than its default.)
-        order = noise.argsort(dim=1, stable=True)
-        by_difficulty = difficulty.flatten(1).float().gather(1, order).argsort(dim=1, descending=True, stable=True)
-        hard = hard.scatter(1, order.gather(1, by_difficulty[:, :hard_count]), True)
+        hard = hard.scatter(1, rank_cells(difficulty.flatten(1).float(), noise)[:, :hard_count], True)
     # The hard cells outrank every random score in [0, 1): they are masked, then M - K random others.
     mask = mask_from_scores(torch.where(hard, 2.0, noise), (gh, gw), count)
     return mask, hard.view(batch, gh, gw)
