@@ -225,8 +225,9 @@ print(tuple(batch.images.shape))
 @pytest.mark.slow
 @pytest.mark.ffcv
 def test_a_script_that_takes_one_batch_and_exits_exits_cleanly(shapes_beton):
-    """Before the loader stopped FFCV's thread, about half these processes aborted (exit code 134)."""
-    cases = [(workers, stages) for workers in (1, 2) for stages in ("none", "stages")] * 5
+    """Before the loader stopped FFCV's thread, about half these processes aborted (exit code 134): eight runs
+    would all pass with that defect about once in 256 times."""
+    cases = [(workers, stages) for workers in (1, 2) for stages in ("none", "stages")] * 2
 
     def one_run(case):
         workers, stages = case
@@ -235,7 +236,7 @@ def test_a_script_that_takes_one_batch_and_exits_exits_cleanly(shapes_beton):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(one_run, cases))
-    assert len(results) == 20
+    assert len(results) == 8
     for (workers, stages), result in results:
         assert (result.returncode, result.stdout.strip()) == (0, "(16, 3, 32, 32)"), (
             f"num_workers={workers}, {stages}: exit code {result.returncode}\n{result.stderr[-2000:]}"
