@@ -19,6 +19,7 @@ stopped study resumes where it stopped), ``results.md`` (the table) and
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import statistics
@@ -348,17 +349,43 @@ def run_study(
 
 
 def equal_time_updates(result: RunScores, arm: Arm, seed: int) -> int:
-    """The updates ``arm`` gets in its baseline's training time: the baseline's training seconds divided
-    by the seconds per update of the equal-updates arm ``arm.equal_time`` (same seed), at least one.
+    """The updates ``arm`` gets in its baseline's training time, at least one.
+
+    The baseline's updates times the ratio of the two runs' steady speeds (``step_images_per_s``, from
+    :func:`steady_images_per_s`: a median, so the first window, which pays the loader's compilation, and
+    a stretch in which the machine was busy with other work do not move it; the study runs over several
+    sittings on a shared machine). Runs recorded without it fall back to whole training times: the
+    baseline's training seconds over the equal-updates arm's (``arm.equal_time``, same seed) seconds per
+    update.
 
     Examples:
-        >>> r = RunScores(runs={"mae": {"0": {"train_seconds": 100.0, "updates": 50}},
-        ...                     "mae_amt": {"0": {"train_seconds": 80.0, "updates": 50}}})
+        >>> r = RunScores(runs={"mae": {"0": {"step_images_per_s": 400.0, "updates": 50}},
+        ...                     "mae_amt": {"0": {"step_images_per_s": 500.0, "updates": 50}}})
         >>> equal_time_updates(r, Arm("mae_amt_time", "mae_amt", "mae", equal_time="mae_amt"), 0)
         62
     """
     base, own = result.runs[arm.baseline][str(seed)], result.runs[arm.equal_time][str(seed)]
+    if "step_images_per_s" in base and "step_images_per_s" in own:
+        return max(1, math.floor(base["updates"] * own["step_images_per_s"] / base["step_images_per_s"]))
     return max(1, math.floor(base["train_seconds"] / (own["train_seconds"] / own["updates"])))
+
+
+def steady_images_per_s(metrics_csv: Path) -> float | None:
+    """The median over a run's updates of its logged training speed (``metrics.csv``'s ``images_per_s``: each
+    update carries the speed of its logged window), or ``None`` when it logged none.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = path.write_text("update,images_per_s\\n1,10\\n2,10\\n3,90\\n4,90\\n5,100\\n6,100\\n")
+        >>> steady_images_per_s(path)
+        90.0
+    """
+    if not metrics_csv.exists():
+        return None
+    with open(metrics_csv, newline="") as f:
+        rates = [float(row["images_per_s"]) for row in csv.DictReader(f) if row.get("images_per_s")]
+    return statistics.median(rates) if rates else None
 
 
 def _run_one(
@@ -389,6 +416,9 @@ def _run_one(
     scores.update(updates=updates, train_seconds=seconds, checkpoint=checkpoint)
     if seconds:
         scores["images_per_s"] = updates * cfg.data.batch_size / seconds
+        steady = steady_images_per_s(Path(cfg.run.out) / "metrics.csv")
+        if steady is not None:
+            scores["step_images_per_s"] = steady
     return scores
 
 

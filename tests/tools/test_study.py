@@ -122,6 +122,21 @@ def test_equal_time_arm_runs_after_its_pair_for_the_updates_its_steps_buy(tmp_pa
     assert [name for name, _ in seen] == ["random_vit", "mae", "mae_amt", "mae_amt_equal_time"]
     # mae trained 100 s; mae_amt 4 updates in 50 s: 12.5 s each, so 8 updates in mae's time, 2 epochs of 4.
     assert seen[-1][1] == ["run.epochs=1", "run.max_steps=8", "run.epochs=2"]
+
+    # With the runs' steady speeds (median logged images/s) recorded, their ratio decides, not the whole times:
+    # mae_amt's steps run at 250 images/s against mae's 100, so 4 updates of mae buy 10 of mae_amt.
+    seen.clear()
+    speeds = {"mae": 100.0, "mae_amt": 250.0}
+
+    def fake_steady(arm, family, seed, common, run_out, loaders):
+        scores = fake(arm, family, seed, common, run_out, loaders)
+        if arm is not None and arm.name in speeds:
+            scores["step_images_per_s"] = speeds[arm.name]
+        return scores
+
+    monkeypatch.setattr(study, "_run_one", fake_steady)
+    run_study(["mae_amt_equal_time", "mae", "mae_amt"], out=tmp_path / "steady", quick=True, log=lambda *_: None)
+    assert seen[-1] == ("mae_amt_equal_time", ["run.epochs=1", "run.max_steps=10", "run.epochs=3"])
     with pytest.raises(ValueError, match="arm 'mae_amt_equal_time' needs arms 'mae' and 'mae_amt' in the same study"):
         run_study(["mae_amt_equal_time"], out=tmp_path, quick=True)
 
@@ -165,7 +180,7 @@ def test_quick_study_trains_its_arms_for_the_same_updates_and_fine_tunes_the_mas
             assert run["updates"] == (4 if trained else 0), name  # 512 images, batch 128, one epoch
         assert 0.0 <= run["knn"] <= 1.0 and 0.0 <= run["linear"] <= 1.0
         assert ("finetune" in run) == (name not in ("moco", "random_cnn")), name
-        assert ("images_per_s" in run) == trained and run["train_seconds"] >= 0
+        assert ("images_per_s" in run) == ("step_images_per_s" in run) == trained and run["train_seconds"] >= 0
     assert result.settings["data"] == {**study.STUDY_DATA, "length": 512}
     table = (tmp_path / "results.md").read_text()
     assert len(table.splitlines()) == 2 + 2 + len(arms)
