@@ -276,7 +276,11 @@ def show_masks(
             f"{type(model).__name__} model (task {cfg.task!r}) that offers {' and '.join(offers) or 'none'}; give a "
             f"pretraining checkpoint (objectives {', '.join(guided)}), or no --checkpoint for a random-init ViT's"
         )
-    if kind is not None and not isinstance(stage, RefreshesCache) and not (progress and all(0 <= t <= 1 for t in progress)):
+    if (
+        kind is not None
+        and not isinstance(stage, RefreshesCache)
+        and not (progress and all(0 <= t <= 1 for t in progress))
+    ):
         raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
     if kind == "saliency" and isinstance(stage, RefreshesCache):  # AMT's per-image cache
         rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed)
