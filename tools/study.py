@@ -316,7 +316,9 @@ def run_study(
     for name, arm, family in jobs:
         for seed in seeds:
             done = result.runs.get(name, {}).get(str(seed))
-            if done is not None and done.get("overrides") == list(arm.overrides if arm else ()):
+            config = None if arm is None else arm_fingerprint(arm, common)
+            kept = done is not None and done.get("overrides") == list(arm.overrides if arm else ())
+            if kept and done.get("config") == config:
                 continue
             extra: list[str] = []
             if arm is not None and arm.equal_time:
@@ -335,6 +337,8 @@ def run_study(
             scores.pop("checkpoint", None)
             scores["seconds"] = time.perf_counter() - start
             scores["overrides"] = list(arm.overrides if arm else ())
+            if config is not None:
+                scores["config"] = config
             result.runs.setdefault(name, {})[str(seed)] = scores
             result.save(path)
             tuned = f", fine-tuned {scores['finetune']:.3f}" if "finetune" in scores else ""
@@ -346,6 +350,28 @@ def run_study(
 
     plot_study(result, chosen, out / "results.png", chance=1 / len(SHAPE_CLASSES))
     return result
+
+
+def arm_fingerprint(arm: Arm, common: Sequence[str]) -> str:
+    """A short hash of the arm's whole resolved config (its recipe file as it is now, its overrides, the
+    study's), ``run`` section aside: a recorded run whose recipe has changed since is trained again, not kept.
+
+    Examples:
+        >>> a = arm_fingerprint(Arm("mae", "mae"), ["run.epochs=2"])
+        >>> a == arm_fingerprint(Arm("mae", "mae"), ["run.epochs=2", "run.seed=5"]), len(a)
+        (True, 16)
+        >>> a == arm_fingerprint(Arm("mae", "mae"), ["run.epochs=2", "optim.lr=0.1"])
+        False
+    """
+    import dataclasses
+    import hashlib
+    import json
+
+    from masklab.recipes.config import load_config
+
+    cfg = dataclasses.asdict(load_config(arm.recipe, [*arm.overrides, *common]))
+    cfg.pop("run")
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def equal_time_updates(result: RunScores, arm: Arm, seed: int) -> int:

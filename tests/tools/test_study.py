@@ -165,6 +165,15 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
     assert len(calls) == 4  # nothing rerun
     run_study(["mae"], out=tmp_path, quick=True, overrides=["optim.lr=1e-3"], log=lambda *_: None)
     assert calls[4:] == ["random_vit", "mae"]  # other settings: a new study
+    # A recipe edited after its runs were recorded: those runs are trained again, the others kept.
+    recipe = tmp_path / "my_mae.yaml"
+    recipe.write_text("task: pretrain\nobjective:\n  name: mae\noptim:\n  lr: 0.001\n")
+    run_study([str(recipe)], out=tmp_path / "edit", quick=True, log=lambda *_: None)
+    run_study([str(recipe)], out=tmp_path / "edit", quick=True, log=lambda *_: None)
+    assert calls[6:] == ["random_vit", str(recipe)]
+    recipe.write_text("task: pretrain\nobjective:\n  name: mae\noptim:\n  lr: 0.002\n")
+    run_study([str(recipe)], out=tmp_path / "edit", quick=True, log=lambda *_: None)
+    assert calls[8:] == [str(recipe)]
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
