@@ -522,7 +522,8 @@ def run_curves(
     encoder at random initialisation (0 updates). Every checkpoint comes from the same run, whose learning-rate
     schedule is set for ``epochs``: a run planned for fewer epochs would have decayed its rate sooner, so the
     early points understate what that shorter budget gives. Results go to ``out/curves.json``
-    (``runs[arm][str(updates)]``, resumable per arm) and ``out/curves.png``.
+    (``runs[arm][str(updates)]``, resumable per arm: an arm is drawn again when its recipe has changed, see
+    :func:`arm_fingerprint`) and ``out/curves.png``.
     """
     import torch
 
@@ -543,8 +544,9 @@ def run_curves(
     path = out / "curves.json"
     result, loaders = RunScores.load_or_new(path, settings), {}
     for arm in chosen:
-        if arm.name in result.runs:
-            continue
+        config = arm_fingerprint(arm, common)
+        if result.runs.get(arm.name, {}).get("0", {}).get("config") == config:
+            continue  # drawn already, with the recipe as it is now
         run_out = out / f"curve-{arm.name}"
         cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
         torch.manual_seed(seed)
@@ -562,7 +564,7 @@ def run_curves(
                 f"{arm.name} at {updates} updates: kNN {points[str(updates)]['knn']:.3f}, linear "
                 f"{points[str(updates)]['linear']:.3f}"
             )
-        points["0"]["train_seconds"] = seconds
+        points["0"].update(train_seconds=seconds, config=config)
         result.runs[arm.name] = points
         result.save(path)
     plot_curves(result, out / "curves.png", budget=STUDY_EPOCHS * (length // 128))
