@@ -3,7 +3,10 @@ batch; training progress."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from einops import reduce
 
 from masklab.pipeline import Batch, Stage, clamp_progress
 
@@ -11,7 +14,14 @@ from ._sampling import patch_grid
 from .patch_mask import VISIBLE, PatchMask
 from .protocols import Guide
 
-__all__ = ["FollowsProgress", "GuidedPatchMaskStage", "PatchMaskStage", "erase_patches"]
+__all__ = [
+    "FollowsProgress",
+    "GuidedPatchMaskStage",
+    "PatchMaskStage",
+    "cell_grid",
+    "draw_on_cells",
+    "erase_patches",
+]
 
 
 def erase_patches(images: torch.Tensor, mask: PatchMask, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
@@ -31,6 +41,41 @@ def erase_patches(images: torch.Tensor, mask: PatchMask, fill: float | torch.Ten
     hidden = (mask.to_pixels(*images.shape[-2:]) != VISIBLE).unsqueeze(1)
     fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
     return torch.where(hidden, fill, images)
+
+
+def cell_grid(image_size: tuple[int, int], patch_size: int, mask_patch_size: int | None) -> tuple[int, int]:
+    """``(Ch, Cw)``: the grid a ratio counts, of ``mask_patch_size`` cells (SimMIM's), or of patches (``None``)."""
+    if mask_patch_size is None:
+        return patch_grid(*image_size, patch_size)
+    return patch_grid(*image_size, mask_patch_size, what="mask_patch_size")
+
+
+def draw_on_cells(
+    weights: torch.Tensor, cells: tuple[int, int], draw: Callable[[torch.Tensor], PatchMask]
+) -> PatchMask:
+    """A mask drawn from per-cell weights on a coarser grid, on the patch grid of ``weights``.
+
+    ``weights`` ``(B, Gh, Gw)`` (saliency on the patch grid) are summed over each cell of the ``cells`` grid
+    (which must divide the patch grid), ``draw`` makes a :class:`PatchMask` on the cell grid from the sums, and
+    the mask is regridded to the patch grid, so every patch of a cell has the cell's state (SimMIM's coarse
+    cells, as AMT and AttMask read them). With ``cells`` the patch grid, ``draw(weights)`` as is.
+
+    Examples:
+        >>> import torch
+        >>> from masklab.transforms import mask_from_scores
+        >>> weights = torch.zeros(1, 4, 4)
+        >>> weights[0, 0, 3] = 1.0  # one hot patch: its 2x2 cell (top right) sums highest
+        >>> mask = draw_on_cells(weights, (2, 2), lambda sums: mask_from_scores(sums.flatten(1), (2, 2), 1))
+        >>> mask.grid, mask.counts, mask.masked[0].int().tolist()
+        ((4, 4), (12, 4, 0), [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    """
+    grid = tuple(weights.shape[-2:])
+    if cells == grid:
+        return draw(weights)
+    if grid[0] % cells[0] or grid[1] % cells[1]:
+        raise ValueError(f"the {cells[0]}x{cells[1]} cell grid does not divide the {grid[0]}x{grid[1]} patch grid")
+    p, q = grid[0] // cells[0], grid[1] // cells[1]
+    return draw(reduce(weights, "b (h p) (w q) -> b h w", "sum", p=p, q=q)).regrid(*grid)
 
 
 class PatchMaskStage(Stage):

@@ -6,7 +6,16 @@ import math
 
 import torch
 
-__all__ = ["ceil_count", "check_ratio", "cumulative_or", "mask_count", "patch_grid", "rank_cells", "top_cells"]
+__all__ = [
+    "ceil_count",
+    "check_mask_patch_size",
+    "check_ratio",
+    "cumulative_or",
+    "mask_count",
+    "patch_grid",
+    "rank_cells",
+    "top_cells",
+]
 
 
 def check_ratio(name: str, ratio: float, allow_zero: bool = True) -> float:
@@ -45,6 +54,28 @@ def patch_grid(height: int, width: int, patch_size: int, what: str = "patch_size
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {height}x{width} is not divisible by {what}={patch_size}")
     return height // patch_size, width // patch_size
+
+
+def check_mask_patch_size(mask_patch_size: int | None, patch_size: int, optional: bool = True) -> int | None:
+    """Return ``mask_patch_size`` (SimMIM's coarse cell side in pixels) as an int if it is a positive multiple of
+    ``patch_size``, ``None`` as is where ``optional`` (single patches), else raise naming both.
+
+    Examples:
+        >>> check_mask_patch_size(8, 4), check_mask_patch_size(None, 4)
+        (8, None)
+        >>> check_mask_patch_size(6, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: mask_patch_size=6 must be a positive multiple of patch_size=4 (or None for single patches)
+    """
+    if mask_patch_size is None and optional:
+        return None
+    if mask_patch_size is None or mask_patch_size < 1 or mask_patch_size % patch_size:
+        single = " (or None for single patches)" if optional else ""
+        raise ValueError(
+            f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}{single}"
+        )
+    return int(mask_patch_size)
 
 
 def top_cells(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import reduce
 
 from masklab.pipeline import Batch
 
-from ._mask_stage import PatchMaskStage
-from ._sampling import ceil_count, check_ratio, mask_count, patch_grid
+from ._mask_stage import PatchMaskStage, cell_grid, draw_on_cells
+from ._sampling import ceil_count, check_mask_patch_size, check_ratio, mask_count, patch_grid
 from .patch_mask import PatchMask
 from .protocols import Guide
 from .random_mask import mask_from_scores, random_patch_mask
@@ -276,12 +275,7 @@ class AttentionMask(PatchMaskStage):
         self.warmup_ratio = check_ratio("warmup_ratio", warmup_ratio)
         if not (0 < refresh_start <= 1 and 0 < refresh_every <= 1):
             raise ValueError(f"refresh_start and refresh_every must be in (0, 1], got {refresh_start}, {refresh_every}")
-        if mask_patch_size is not None and (mask_patch_size < 1 or mask_patch_size % self.patch_size):
-            raise ValueError(
-                f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={self.patch_size} "
-                "(or None for single patches)"
-            )
-        self.mask_patch_size = None if mask_patch_size is None else int(mask_patch_size)
+        self.mask_patch_size = check_mask_patch_size(mask_patch_size, self.patch_size)
         self.refresh_start, self.refresh_every, self.epsilon = refresh_start, refresh_every, epsilon
         self.num_samples = int(num_samples)
         self.register_buffer("cache", torch.ones(self.num_samples, *(grid or (1, 1))))
@@ -311,9 +305,7 @@ class AttentionMask(PatchMaskStage):
 
     def cell_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """``(Ch, Cw)``: the grid the ratios count (``mask_patch_size`` cells, else patches)."""
-        if self.mask_patch_size is None:
-            return patch_grid(*image_size, self.patch_size)
-        return patch_grid(*image_size, self.mask_patch_size, what="mask_patch_size")
+        return cell_grid(image_size, self.patch_size, self.mask_patch_size)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"refreshes": self.refreshes}
@@ -381,11 +373,13 @@ class AttentionMask(PatchMaskStage):
         maps = self.cache[batch.index]
         weights = align_maps(maps, grid, batch.crops, batch.flips, batch.source_sizes)  # (B, Gh, Gw)
         cells = self.cell_grid(tuple(batch.images.shape[-2:]))
-        if cells != grid:
-            p, q = grid[0] // cells[0], grid[1] // cells[1]
-            weights = reduce(weights, "b (h p) (w q) -> b h w", "sum", p=p, q=q)
-        mask = attention_patch_mask(weights, self.ratio, self.throw_ratio, generator, self.epsilon, self.counting)
-        return mask if cells == grid else mask.regrid(*grid)
+        return draw_on_cells(
+            weights,
+            cells,
+            lambda sums: attention_patch_mask(
+                sums, self.ratio, self.throw_ratio, generator, self.epsilon, self.counting
+            ),
+        )
 
     def extra_repr(self) -> str:
         cells = "" if self.mask_patch_size is None else f"mask_patch_size={self.mask_patch_size}, "

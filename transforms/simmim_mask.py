@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._mask_stage import PatchMaskStage
-from ._sampling import ceil_count, check_ratio, patch_grid
+from ._sampling import ceil_count, check_mask_patch_size, check_ratio, patch_grid
 from .patch_mask import PatchMask
 from .random_mask import mask_from_scores
 from .registry import MaskContext, MaskOptions, register_mask
@@ -93,11 +93,7 @@ class SimMIMMask(PatchMaskStage):
     def __init__(self, ratio: float = 0.6, mask_patch_size: int = 32, patch_size: int = 16) -> None:
         super().__init__(patch_size)
         self.ratio = check_ratio("ratio", ratio)
-        if mask_patch_size < 1 or mask_patch_size % patch_size:
-            raise ValueError(
-                f"mask_patch_size={mask_patch_size} must be a positive multiple of patch_size={patch_size}"
-            )
-        self.mask_patch_size = int(mask_patch_size)
+        self.mask_patch_size = check_mask_patch_size(mask_patch_size, patch_size, optional=False)
 
     @classmethod
     def from_options(cls, options: SimMIMMaskOptions, context: MaskContext) -> SimMIMMask:
