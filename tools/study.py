@@ -165,7 +165,8 @@ grey level and the background's, its size, rotation and position. The same data 
 
 STUDY_EPOCHS = 15
 """15 epochs of 8000 images at batch 128: 930 updates an arm. From the budget curves (``docs/study_curves.png``):
-MAE, SimMIM and MoCo are past their random init by more than :data:`BAR` there; BYOL is not (issue 20, open)."""
+MAE, SimMIM, MoCo and BYOL (with LARS at a base rate of 1.0, ``byol.yaml``) are past their random init by more
+than :data:`BAR` there."""
 
 FINETUNE = {"fraction": 0.1, "epochs": 30, "batch_size": 64}
 """Fine-tuning of the masked-image arms' encoders (and the random-init ViT): ``finetune`` recipe on the first 10%
