@@ -55,8 +55,8 @@ def draw_on_cells(
 ) -> PatchMask:
     """A mask drawn from per-cell weights on a coarser grid, on the patch grid of ``weights``.
 
-    ``weights`` ``(B, Gh, Gw)`` (saliency on the patch grid) are summed over each cell of the ``cells`` grid
-    (which must divide the patch grid), ``draw`` makes a :class:`PatchMask` on the cell grid from the sums, and
+    ``weights`` ``(B, Gh, Gw)`` (saliency on the patch grid) are summed in float32 over each cell of the
+    ``cells`` grid (which must divide the patch grid), ``draw`` makes a :class:`PatchMask` on the cell grid from the sums, and
     the mask is regridded to the patch grid, so every patch of a cell has the cell's state (SimMIM's coarse
     cells, as AMT and AttMask read them). With ``cells`` the patch grid, ``draw(weights)`` as is.
 
@@ -75,7 +75,7 @@ def draw_on_cells(
     if grid[0] % cells[0] or grid[1] % cells[1]:
         raise ValueError(f"the {cells[0]}x{cells[1]} cell grid does not divide the {grid[0]}x{grid[1]} patch grid")
     p, q = grid[0] // cells[0], grid[1] // cells[1]
-    return draw(reduce(weights, "b (h p) (w q) -> b h w", "sum", p=p, q=q)).regrid(*grid)
+    return draw(reduce(weights.float(), "b (h p) (w q) -> b h w", "sum", p=p, q=q)).regrid(*grid)
 
 
 class PatchMaskStage(Stage):

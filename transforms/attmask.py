@@ -182,9 +182,8 @@ class AttMask(GuidedPatchMaskStage):
         """The mask for ``(B, C, H, W)`` images, from their saliency (summed per cell on coarse cells)."""
         grid = self.grid_for(images)
         cells = cell_grid(tuple(images.shape[-2:]), self.patch_size, self.mask_patch_size)
-        saliency = self.read_guide(images, grid)
         return draw_on_cells(
-            saliency if cells == grid else saliency.float(),
+            self.read_guide(images, grid),
             cells,
             lambda sums: attmask_patch_mask(sums, self.ratio, self.mode, self.hint, generator, self.hint_pool),
         )
