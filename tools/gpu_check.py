@@ -55,7 +55,7 @@ CPU_RECIPES: dict[str, list[str]] = {
 
 @dataclass
 class StepResult:
-    """One step of the check: its command, how it ended (``passed``, ``failed``, ``timed out``) and its figures."""
+    """One step of the check: its command, how it ended (``passed``, ``failed``, ``timed out``, ``not run``) and its figures."""
 
     name: str
     command: list[str]
@@ -98,7 +98,9 @@ def run_step(
     seconds = time.perf_counter() - start
     log(output.rstrip()[-3000:])
     log(f"== {name}: {status} in {seconds:.0f} s")
-    figures = json.loads(json_path.read_text()) if status == "passed" and json_path is not None else None
+    # A step stopped at its timeout keeps what it saved as it went (the study writes results.json after each run).
+    keep = status == "passed" or (status == "timed out" and json_path is not None and json_path.exists())
+    figures = json.loads(json_path.read_text()) if keep and json_path is not None else None
     tail = "" if status == "passed" else "\n".join(output.rstrip().splitlines()[-25:])
     return StepResult(name, command, status, seconds, tail, figures)
 
@@ -281,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check", help="report folder ($OUT if set)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the steps whose names contain these")
     parser.add_argument("--skip", nargs="*", default=None, help="leave out the steps whose names contain these")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds for the whole check: each step's timeout is cut to what is left (a device lease's minutes)",
+    )
     parser.add_argument("--time-recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     result = CheckResult(device=device_name(args.device), torch=torch.__version__)
     env = os.environ | {"MASKLAB_TEST_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
     out = Path(args.out)
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, command, timeout, json_name in plan(args.device, quick=args.device == "cpu"):
             if args.only and not any(word in name for word in args.only):
@@ -300,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             command = [part.replace("{tmp}", tmp) for part in command]
             json_path = Path(tmp) / json_name if json_name else None
+            if args.deadline is not None:
+                left = args.deadline - (time.perf_counter() - began)
+                if left < 5:
+                    result.steps.append(StepResult(name, command, "not run", 0.0, "no time left before --deadline"))
+                    continue
+                timeout = min(timeout, left)
             result.steps.append(run_step(name, command, timeout, json_path, env))
             write_report(result, out)  # after every step, so a killed check leaves what it measured
     markdown, _ = write_report(result, out)

@@ -57,6 +57,25 @@ def test_run_step_reports_failure_timeout_and_a_missing_json(tmp_path):
     target.write_text('{"benchmark": "x"}')
     wrote = run_step("json", [sys.executable, "-c", "pass"], 30, target, **quiet)
     assert wrote.status == "passed" and wrote.figures == {"benchmark": "x"}
+    # A step stopped at its timeout keeps the figures it saved as it went (the study's results.json).
+    partial = run_step("partial", [sys.executable, "-c", "import time; time.sleep(30)"], 0.5, target, **quiet)
+    assert partial.status == "timed out" and partial.figures == {"benchmark": "x"}
+
+
+def test_deadline_cuts_the_steps_timeouts_and_leaves_out_what_does_not_fit(tmp_path, monkeypatch):
+    from masklab.tools import gpu_check
+
+    steps = [
+        ("first", [sys.executable, "-c", "import time; time.sleep(30)"], 300, None),
+        ("second", [sys.executable, "-c", "pass"], 300, None),
+    ]
+    monkeypatch.setattr(gpu_check, "plan", lambda device, quick: steps)
+    monkeypatch.setattr(gpu_check, "device_name", lambda device: "cpu")
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--deadline", "6"])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert code == 1
+    assert [(s["name"], s["status"]) for s in saved["steps"]] == [("first", "timed out"), ("second", "not run")]
+    assert saved["steps"][0]["seconds"] < 10 and "before --deadline" in saved["steps"][1]["tail"]
 
 
 def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
