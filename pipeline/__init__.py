@@ -17,7 +17,7 @@ from .crop import (
     draw_crop_params,
     random_resized_crop_params,
 )
-from .loader import DatasetLoader, Loader
+from .loader import DatasetLoader, InMemoryImages, Loader
 from .order import epoch_order
 from .sources import UNLABELLED, HFDataset, ImageFolder, PathList, TarShards
 from .stage import Chain, Lambda, Stage, batch_generator, clamp_progress, derive_seed, stage_node
@@ -44,6 +44,7 @@ __all__ = [
     "CropParams",
     "DatasetInfo",
     "DatasetLoader",
+    "InMemoryImages",
     "Digits",
     "Lambda",
     "Loader",

@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,24 @@ def _builtin(spec: str, cfg: TrainConfig):
     kwargs = {"size": cfg.data.resolution, "split": split, "seed": 0}
     if name.startswith("shapes"):
         kwargs["length"] = cfg.data.length if split == "train" else max(1, cfg.data.length // 4)
-    return builtin_dataset(name, **kwargs)
+    if not cfg.data.in_memory:
+        return builtin_dataset(name, **kwargs)
+    # Kept for the process's next runs (the study's share them: train, test, the fine-tuning subset); the
+    # _KEEP_IN_MEMORY last used.
+    key = (name, *sorted(kwargs.items()))
+    data = _IN_MEMORY.pop(key, None)
+    if data is None:
+        from masklab.pipeline import InMemoryImages
+
+        data = InMemoryImages.read(builtin_dataset(name, **kwargs), num_workers=cfg.data.num_workers)
+    _IN_MEMORY[key] = data
+    while len(_IN_MEMORY) > _KEEP_IN_MEMORY:
+        _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
+    return data
+
+
+_IN_MEMORY: dict[tuple, Any] = {}
+_KEEP_IN_MEMORY = 4
 
 
 def num_classes_of(spec: str) -> int:

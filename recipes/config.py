@@ -50,6 +50,9 @@ class DataConfig:
     scale: list[float] | None = field(default_factory=lambda: [0.35, 1.0])
     flip_p: float = 0.5
     length: int = 4000  # images of builtin:shapes (train); the test split has a quarter
+    # builtin: sources generated once per process into memory (InMemoryImages, by num_workers processes), then
+    # gathered on the device per batch: the same batches, no per-epoch generation (the study's GPU preset).
+    in_memory: bool = False
     views: str | None = None  # a Views preset (mocov2, byol, ...): two augmented views for siamese objectives
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])

@@ -197,12 +197,14 @@ def _arm_for(name: str) -> Arm:
 
 
 GPU_PRESET = {"length": 50000, "epochs": 6, "seeds": (0,), "batch_size": 256, "num_workers": 12}
-"""``--preset gpu``: the study's shapes as a 50000-image built-in source drawn by 12 loader workers (at most one
-per CPU) on the
-machine's CPUs (``DatasetLoader``: no ``.beton`` to write, no FFCV needed), batch 256, 6 epochs (1170 updates an
-arm), bf16 where the device has it (``optim.mixed_precision=auto``), one seed; fine-tuning on the first 5000
-training images, tested on the first 1250 test images. Sized from estimates, not yet from a GPU run: about six
-minutes on one H100 is the aim."""
+"""``--preset gpu``: the study's shapes as a 50000-image built-in source, generated once into memory by 12
+processes (at most one per CPU) on the machine's CPUs and gathered on the device per batch
+(``data.in_memory``, ``DatasetLoader``: no ``.beton`` to write, no FFCV needed), batch 256, 6 epochs (1170
+updates an arm), bf16 where the device has it (``optim.mixed_precision=auto``), one seed; fine-tuning on the
+first 5000 training images, tested on the first 1250 test images. About six minutes on one H100 is the aim.
+The first run on an H100 (``docs/gpu.md``, 2026-11-27) generated the images per epoch in 12 loader workers
+and spent 84 s on the random CNN row alone (two evaluation passes, no training); hence the one generation
+into memory. The whole preset's time on a GPU is not measured yet."""
 
 PRESETS = ("cpu", "gpu")
 
@@ -220,9 +222,10 @@ def _study_data(out: Path, quick: bool, preset: str = "cpu") -> tuple[dict[str, 
         count = round(length * FINETUNE["fraction"])
         workers = min(GPU_PRESET["num_workers"], os.cpu_count() or 1)
         common = [f"data.resolution={size}", f"data.batch_size={GPU_PRESET['batch_size']}"]
-        common.append(f"data.num_workers={workers}")
+        # Generated once into memory by the workers, then gathered on the device: no per-epoch generation.
+        common += [f"data.num_workers={workers}", "data.in_memory=true"]
         # Shapes draws image i the same for any length: data.length=count reads the first count images.
-        tune = [f"data.resolution={size}", f"data.num_workers={workers}", f"data.length={count}"]
+        tune = [f"data.resolution={size}", f"data.num_workers={workers}", f"data.length={count}", "data.in_memory=true"]
         return {"train": name, "test": f"{name}:test"}, name, [*common, f"data.length={length}"], tune
     length = QUICK["length"] if quick else STUDY_DATA["length"]
     data = write_shapes(out / "data", length=length, size=size, background=background)
@@ -372,6 +375,7 @@ def arm_fingerprint(arm: Arm, common: Sequence[str]) -> str:
 
     cfg = dataclasses.asdict(load_config(arm.recipe, [*arm.overrides, *common]))
     cfg.pop("run")
+    cfg["data"].pop("in_memory")  # how the images are held, not which: the same batches either way
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

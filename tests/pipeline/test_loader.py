@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from masklab.pipeline import Batch, DatasetLoader, Lambda, Loader, Stage, epoch_order
+from masklab.pipeline import Batch, DatasetLoader, InMemoryImages, Lambda, Loader, Stage, epoch_order
 
 from ..conftest import as_numpy, assert_same_batches
 
@@ -25,12 +25,20 @@ class Jitter(Stage):
         return batch.replace(images=batch.images * params)
 
 
-@pytest.fixture(params=["ffcv", "dataset"])
+@pytest.fixture(scope="module")
+def shapes_in_memory(shapes_small):
+    return InMemoryImages.read(shapes_small)
+
+
+@pytest.fixture(params=["ffcv", "dataset", "memory"])
 def make_loader(request, shapes_small):
-    """Both loaders over the same 203 images."""
+    """The loaders over the same 203 images: FFCV's, a dataset's, and the dataset held in memory."""
     if request.param == "ffcv":
         path = request.getfixturevalue("shapes_beton")
         return lambda **kw: Loader(path, num_workers=1, **kw)
+    if request.param == "memory":
+        data = request.getfixturevalue("shapes_in_memory")
+        return lambda **kw: DatasetLoader(data, **kw)
     return lambda **kw: DatasetLoader(shapes_small, **kw)
 
 
@@ -298,3 +306,27 @@ def test_a_batch_of_one_keeps_its_batch_dimension(make_loader):
     batches = run(make_loader(batch_size=101, drop_last=False, order="sequential"))
     assert [b["index"].tolist() for b in batches[2:]] == [[202]]
     assert batches[2]["labels"].shape == (1,) and batches[2]["images"].shape == (1, 3, 32, 32)
+
+
+def test_images_in_memory_give_the_batches_the_dataset_gives(shapes_small, shapes_in_memory, device):
+    # Same order, crops, flips, labels and stage draws, over two epochs and a partial last batch, on the device.
+    kw = {"batch_size": 32, "resolution": 24, "seed": 3, "stages": [Jitter()], "drop_last": False, "device": device}
+    read, held = DatasetLoader(shapes_small, num_workers=1, **kw), DatasetLoader(shapes_in_memory, **kw)
+    assert_same_batches(run(read) + run(read), run(held) + run(held))
+    assert shapes_in_memory.images.device.type == "cpu"  # the copy on the device is the loader's own
+    first = next(iter(DatasetLoader(shapes_in_memory, **kw)))
+    assert first.images.device.type == device.type and first.labels.device.type == device.type
+    # At another decode_size the images are read (resized) per batch as any dataset's are.
+    resized = kw | {"decode_size": 16}
+    assert_same_batches(run(DatasetLoader(shapes_small, **resized)), run(DatasetLoader(shapes_in_memory, **resized)))
+
+
+def test_in_memory_images_are_read_once_with_labels_and_bad_tensors_are_named():
+    data = InMemoryImages.read([torch.zeros(3, 6, 8, dtype=torch.uint8)] * 5, size=4)  # images alone
+    assert data.images.shape == (5, 3, 4, 4) and data.labels.tolist() == [-1] * 5  # centre squares; no labels
+    with pytest.raises(ValueError, match=r"square uint8 \(N, 3, S, S\), got torch.float32 of shape \(2, 3, 4, 4\)"):
+        InMemoryImages(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"got torch.uint8 of shape \(2, 3, 4, 5\)"):
+        InMemoryImages(torch.zeros(2, 3, 4, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"labels must be \(2,\), one per image, got shape \(3,\)"):
+        InMemoryImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.arange(3))

@@ -28,6 +28,22 @@ def test_siamese_loader_cuts_views_before_normalising_and_mixes_the_query_view_a
     ]
 
 
+def test_in_memory_builtin_data_is_generated_once_and_gives_the_generated_batches():
+    from masklab.pipeline import InMemoryImages
+
+    cfg = load_config("mae", ["data.length=40", "data.batch_size=8", "data.num_workers=0"])
+    held_cfg = load_config("mae", ["data.length=40", "data.batch_size=8", "data.num_workers=0", "data.in_memory=true"])
+    held = build_loader(held_cfg, "train", torch.device("cpu"))
+    assert isinstance(held.dataset, InMemoryImages) and len(held.dataset) == 40
+    assert build_loader(held_cfg, "train", torch.device("cpu")).dataset is held.dataset  # the next run's too
+    test = build_loader(held_cfg, "test", torch.device("cpu"), train=False)
+    assert len(test.dataset) == 10 and test.dataset is not held.dataset
+    read = build_loader(cfg, "train", torch.device("cpu"))
+    assert not isinstance(read.dataset, InMemoryImages)
+    for a, b in zip(read, held, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.mask.states, b.mask.states)
+
+
 def test_sync_batchnorm_only_for_several_gpu_processes():
     cfg = load_config("moco", SMALL)
     model = build_model(cfg)

@@ -2,7 +2,15 @@ import json
 import subprocess
 import sys
 
-from masklab.tools.gpu_check import CheckResult, StepResult, plan, report_markdown, run_step, write_report
+from masklab.tools.gpu_check import (
+    GPU_RECIPES,
+    CheckResult,
+    StepResult,
+    plan,
+    report_markdown,
+    run_step,
+    write_report,
+)
 
 
 def fake_result():
@@ -92,10 +100,11 @@ def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
     assert gpu[0][1][-1] == "device" and cpu[0][1][-1] == "device and not slow"
     assert names[-1] == "study (gpu preset)" and gpu[-1][1][-4:] == ["--preset", "gpu", "--out", "{tmp}/study"]
     assert cpu[-1][1][-5:] == ["{tmp}/study", "--quick", "--recipes", "mae", "moco"]
-    # Two calls of the device tool (its limit is 600 s): every step but the study, then the study (--only
-    # study), each inside 540 s with every step at its timeout.
-    assert sum(timeout for name, _, timeout, _ in gpu if "study" not in name) <= 540
-    assert gpu[-1][2] <= 540
+    # Each step's cap lies above its time on an H100 (docs/gpu.md: tests 109 s, a recipe's timing 30-35 s,
+    # the hierarchy benchmark past 55 s at 7 repeats, so --quick there); --deadline fits the check to a call.
+    caps = {name: timeout for name, _, timeout, _ in gpu}
+    assert caps["device-aware tests"] >= 1.5 * 109 and all(caps[f"train {r}"] >= 2 * 35 for r in GPU_RECIPES)
+    assert "--quick" in gpu[names.index("benchmark hierarchy")][1] and caps["benchmark hierarchy"] > 55
 
 
 def test_the_bootstrap_imports_masklab_from_a_folder_of_another_name(tmp_path):

@@ -175,6 +175,10 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
     run_study([str(recipe)], out=tmp_path / "edit", quick=True, log=lambda *_: None)
     assert calls[8:] == [str(recipe)]
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # Holding the images in memory gives the same batches: not a change of setting.
+    mae = study._arm_for("mae")
+    assert study.arm_fingerprint(mae, ["data.in_memory=true"]) == study.arm_fingerprint(mae, [])
+    assert study.arm_fingerprint(mae, ["data.length=100"]) != study.arm_fingerprint(mae, [])
 
 
 @pytest.mark.slow
