@@ -96,6 +96,14 @@ def test_readme_performance_section_is_the_bench_report_of_its_figures():
     assert (README.parent / README_CHART).is_file()
 
 
+def test_readme_gpu_section_is_the_gpu_check_report_of_its_figures():
+    from masklab.tools.gpu_check import README_FIGURES, CheckResult, readme_markdown
+
+    result = CheckResult.load(README.parent / README_FIGURES)
+    assert result.device.startswith("NVIDIA") and any(step.figures for step in result.steps)
+    assert _section("gpu") == readme_markdown(result)
+
+
 def test_readme_study_section_is_the_study_of_its_figures():
     from masklab.recipes.demo import RunScores
     from masklab.tools import study
@@ -145,10 +153,11 @@ NOT_MEASURED = {
 
 
 def test_every_readme_figure_is_generated_from_saved_results():
-    """Outside the generated sections (demo, study, bench) and code blocks, the README states no measured figure."""
+    """Outside the generated sections (demo, study, bench, gpu) and code blocks, the README states no measured
+    figure."""
     text = README.read_text()
     generated = re.findall(r"<!-- (\w+):start -->", text)
-    assert sorted(generated) == ["bench", "demo", "study"]
+    assert sorted(generated) == ["bench", "demo", "gpu", "study"]
     prose = re.sub(r"<!-- (\w+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
     prose = re.sub(r"```.*?```", "", prose, flags=re.S)
     typed = [

@@ -76,6 +76,13 @@ class CheckResult:
     def passed(self) -> bool:
         return all(step.status == "passed" for step in self.steps)
 
+    @classmethod
+    def load(cls, path: Path) -> CheckResult:
+        """The check saved in a ``gpu.json``."""
+        saved = json.loads(Path(path).read_text())
+        steps = [StepResult(**step) for step in saved["steps"]]
+        return cls(device=saved["device"], torch=saved["torch"], date=saved["date"], steps=steps)
+
 
 def run_step(
     name: str, command: list[str], timeout: float, json_path: Path | None = None, env=None, log=print
@@ -129,6 +136,18 @@ def report_markdown(result: CheckResult) -> str:
         if step.status != "passed":
             lines += [f"## {step.name}: {step.status}", "", "```", step.tail, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+README_FIGURES = "docs/gpu.json"
+
+
+def readme_markdown(result: CheckResult) -> str:
+    """The README's GPU section: the report, its title a sentence and its sections one level down."""
+    body = report_markdown(result).split("\n", 2)[2]  # after the title line and the blank line
+    lines = [f"Measured by `make gpu-check` on one {result.device} ({README_FIGURES}).", ""]
+    for line in body.splitlines():
+        lines.append("#### " + line[3:] if line.startswith("## ") else line)
+    return "\n".join(lines) + "\n"
 
 
 def write_report(result: CheckResult, out: Path) -> tuple[Path, Path]:
@@ -294,11 +313,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds for the whole check: each step's timeout is cut to what is left (a device lease's minutes)",
     )
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help=f"write this README's gpu section from a saved check (--report, default {README_FIGURES}); runs nothing",
+    )
+    parser.add_argument("--report", default=README_FIGURES, help="the gpu.json that --readme reads")
     parser.add_argument("--time-recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_recipe:
         time_recipe(args.time_recipe, args.device, args.json)
+        return 0
+    if args.readme:
+        from masklab.tools.readme import update_readme
+
+        update_readme(Path(args.readme), "gpu", readme_markdown(CheckResult.load(ROOT / args.report)))
+        print(f"updated the gpu section of {args.readme} from {args.report}")
         return 0
     import torch
 
