@@ -183,6 +183,7 @@ def time_recipe(recipe: str, device: str, json_path: str) -> None:
     from masklab.pipeline import Batch
     from masklab.recipes.config import load_config
     from masklab.recipes.train import train
+    from masklab.transforms import AttentionMask
 
     on_cpu = torch.device(device).type == "cpu"
     size = 32 if on_cpu else 224
@@ -214,10 +215,23 @@ def time_recipe(recipe: str, device: str, json_path: str) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     counter = iter(range(10**9))
 
+    whole = {  # uncropped, unflipped: what AMT's cached maps are aligned by
+        "crops": torch.tensor([[0.0, 0.0, size, size]], device=dev).expand(batch_size, 4),
+        "flips": torch.zeros(batch_size, dtype=torch.bool, device=dev),
+        "source_sizes": torch.full((batch_size, 2), size, device=dev),
+    }
+
     def staged() -> Batch:
         images = torch.rand(batch_size, 3, size, size, device=dev)
-        return chain(Batch(images=images, index=torch.arange(batch_size, device=dev), seed=next(counter)))
+        index = torch.arange(batch_size, device=dev)
+        return chain(Batch(images=images, index=index, seed=next(counter), **whole))
 
+    # AMT masks at random and throws nothing until its first refresh (a tenth into a run): time it after one,
+    # masking and throwing, as it trains for the rest of the run.
+    refreshed = [stage for stage in chain.stages if isinstance(stage, AttentionMask)]
+    for stage in refreshed:
+        images = torch.rand(batch_size, 3, size, size, device=dev)
+        stage.refresh([Batch(images=images, index=torch.arange(batch_size, device=dev))], stage.grid_for(images))
     batch = staged()
 
     def step() -> None:
@@ -243,6 +257,8 @@ def time_recipe(recipe: str, device: str, json_path: str) -> None:
     if dev.type == "cuda":
         figures.figure("peak GPU memory (max_memory_allocated)", torch.cuda.max_memory_allocated(dev) / 2**30, "GiB")
     figures.figure("recipe updates run on the device", result.updates, "updates")
+    if refreshed:
+        figures.figure("tokens thrown a sample (after the first refresh)", batch.mask.counts[2], "tokens")
     figures.save(json_path)
     print(f"{recipe}: {step_ms:.1f} ms/step, {1000 * batch_size / step_ms:.0f} img/s, stages {stage_ms:.1f} ms")
 

@@ -122,3 +122,14 @@ def test_the_bootstrap_imports_masklab_from_a_folder_of_another_name(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "--device" in done.stdout
+
+
+def test_the_amt_recipe_is_timed_masking_and_throwing_as_after_its_first_refresh(tmp_path):
+    # Before its first refresh AMT masks at random and throws nothing; the timing is of the step it trains
+    # with for the rest of the run: 32 px, 4 px patches (64 tokens): 29 masked (0.45), 10 visible, 25 thrown.
+    from masklab.tools.gpu_check import time_recipe
+
+    time_recipe("mae_amt", "cpu", str(tmp_path / "amt.json"))
+    figures = {f["name"]: f["value"] for f in json.loads((tmp_path / "amt.json").read_text())["figures"]}
+    assert figures["tokens thrown a sample (after the first refresh)"] == 25
+    assert figures["recipe updates run on the device"] == 3
