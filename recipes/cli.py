@@ -183,9 +183,23 @@ def _show_masks(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         progress=_floats(args.progress, "--progress"),
         trust_checkpoint=args.trust_checkpoint,
+        options=_mask_options(args.option),
     )
     print(f"wrote {path}")
     return 0
+
+
+def _mask_options(pairs: list[str] | None) -> dict[str, object]:
+    """``KEY=VALUE`` pairs, each value read as YAML (``16``, ``null``, ``hint``, ``[2, 4]``)."""
+    import yaml
+
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"show-masks: --option takes KEY=VALUE (a mask.* config key), got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def _show_recon(args: argparse.Namespace) -> int:
@@ -341,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument(
         "--progress", default="0.1,0.5,0.9", help="ehm / hpm: training progress values to draw, comma-separated"
+    )
+    show.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="another of the mask's options, by its mask.* config name (repeatable), e.g. mask_patch_size=16",
     )
     show.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     show.set_defaults(func=_show_masks)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,16 +22,31 @@ MASK_PICTURES = tuple(entry.name for entry in MASKS if entry.stage is not None)
 
 
 def build_mask_stage(
-    name: str, patch_size: int = 8, ratio: float | None = None, image_size: int = 64, num_samples: int = 1
+    name: str,
+    patch_size: int = 8,
+    ratio: float | None = None,
+    image_size: int = 64,
+    num_samples: int = 1,
+    options: Mapping[str, Any] | None = None,
 ):
-    """The stage ``show-masks --mask NAME`` draws: the registry's small-image options, ``ratio`` if given."""
+    """The stage ``show-masks --mask NAME`` draws: the registry's small-image options, ``ratio`` and any other
+    of the mask's options (``show-masks --option KEY=VALUE``, its ``mask.*`` config keys) if given.
+
+    Raises:
+        ValueError: an option the mask does not have, naming the ones it has.
+    """
     entry = MASKS[name]
     if entry.stage is None:
         raise ValueError(f"mask {name!r} has no stage to draw; choose one of {list(MASK_PICTURES)}")
-    options = entry.small(patch_size, image_size)
-    if ratio is not None:
-        options = replace(options, ratio=ratio)
-    return entry.build(options, MaskContext(patch_size, image_size, num_samples))
+    chosen = entry.small(patch_size, image_size)
+    known = [f.name for f in fields(chosen) if f.name != "name"]
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise ValueError(
+            f"mask {name!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}"
+        )
+    chosen = replace(chosen, **(options or {}), **({} if ratio is None else {"ratio": ratio}))
+    return entry.build(chosen, MaskContext(patch_size, image_size, num_samples))
 
 
 def load_images(n: int, size: int, data: str | None = None, seed: int = 0) -> torch.Tensor:
@@ -145,12 +162,14 @@ def heat_over(images: torch.Tensor, maps: torch.Tensor, patch_size: int) -> torc
     return 0.5 * images + 0.5 * torch.stack([heat, heat * 0.4, 1 - heat], dim=1)
 
 
-def _saliency_rows(mask: str, images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int):
+def _saliency_rows(
+    mask: str, images: torch.Tensor, trained, patch_size: int, ratio: float | None, seed: int, options=None
+):
     """Saliency of a trained model (or a random-init ViT) and the masks it drives (AMT's cache, refreshed)."""
     size = images.shape[-1]
     guide, images_in, patch_size = _guide(images, trained, patch_size, "saliency")
     grid = (size // patch_size, size // patch_size)
-    stage = build_mask_stage(mask, patch_size, ratio, size, num_samples=len(images))
+    stage = build_mask_stage(mask, patch_size, ratio, size, num_samples=len(images), options=options)
     stage.bind(guide)
     index = torch.arange(len(images))
     stage.refresh([Batch(images=images_in, index=index)], grid)
@@ -180,11 +199,12 @@ def _affinity_rows(
     ratio: float | None,
     seed: int,
     progress: tuple[float, ...],
+    options=None,
 ):
     """Regions of a model's affinity tree (EHM) and the masks at several points of training."""
     size = images.shape[-1]
     guide, images_in, patch_size = _guide(images, trained, patch_size, "affinity")
-    stage = build_mask_stage(mask, patch_size, ratio, size)
+    stage = build_mask_stage(mask, patch_size, ratio, size, options=options)
     stage.bind(guide)
     rows = [("image", images)]
     for t in progress:
@@ -206,6 +226,7 @@ def _guided_rows(
     seed: int,
     progress: tuple[float, ...],
     kind: str,
+    options=None,
 ):
     """A model's per-cell guidance map (e.g. HPM's predicted difficulty) as a heat map, and the masks it
     drives at each point of training (one draw, if the stage does not follow training progress)."""
@@ -215,7 +236,7 @@ def _guided_rows(
     size = images.shape[-1]
     guide, images_in, patch_size = _guide(images, trained, patch_size, kind)
     grid = (size // patch_size, size // patch_size)
-    stage = build_mask_stage(mask, patch_size, ratio, size)
+    stage = build_mask_stage(mask, patch_size, ratio, size, options=options)
     stage.bind(guide)
     heat = minmax(guide(images_in, grid).float().cpu(), dims=(1, 2))
     source = f"trained {kind}" if trained else f"{kind} (random init)"
@@ -241,6 +262,7 @@ def show_masks(
     checkpoint: str | None = None,
     progress: tuple[float, ...] = (0.1, 0.5, 0.9),
     trust_checkpoint: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Draw ``mask`` over ``n`` images and save the picture to ``out``.
 
@@ -253,7 +275,9 @@ def show_masks(
     the map is drawn as a heat map and the masks at each ``progress`` (the
     checkpoint's model, or a random-init one of an objective offering it).
     The checkpoint's weights and config are read without unpickling anything
-    unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`).
+    unless ``trust_checkpoint`` (see :func:`~masklab.recipes.train.load_trained`). ``options`` sets the
+    mask's other options by their ``mask.*`` names (e.g. ``{"mask_patch_size": 16}``: AttMask or AMT on
+    SimMIM's cells).
     """
     from masklab.transforms import RefreshesCache
 
@@ -261,7 +285,7 @@ def show_masks(
 
     if n < 1:
         raise ValueError(f"-n (images to draw) must be at least 1, got {n}")
-    stage = build_mask_stage(mask, patch_size, ratio, size)
+    stage = build_mask_stage(mask, patch_size, ratio, size, options=options)
     kind = MASKS[mask].guide
     images = load_images(n, size, data, seed)
     trained = load_trained(checkpoint, trust=trust_checkpoint) if checkpoint and kind else None
@@ -283,17 +307,17 @@ def show_masks(
     ):
         raise ValueError(f"progress values must lie in [0, 1], got {list(progress)}")
     if kind == "saliency" and isinstance(stage, RefreshesCache):  # AMT's per-image cache
-        rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed)
+        rows = _saliency_rows(mask, images, trained, patch_size, ratio, seed, options)
         title = f"{mask}: ratio={stage.ratio}, throw_ratio={stage.throw_ratio}, " + (
             "trained saliency" if trained else "random-init saliency"
         )
     elif kind == "affinity":
-        rows = _affinity_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress))
+        rows = _affinity_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress), options)
         title = f"{mask}: ratio={stage.ratio}, " + (
             "the checkpoint's affinity (its EMA teacher's, if any)" if trained else "random-init affinity"
         )
     elif kind is not None:
-        rows = _guided_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress), kind)
+        rows = _guided_rows(mask, images, trained, patch_size, ratio, seed, tuple(progress), kind, options)
         title = f"{mask}: ratio={stage.ratio}, " + (f"the checkpoint's {kind}" if trained else f"random-init {kind}")
     else:
         rows = _rows_for(stage, images, seed)

@@ -122,6 +122,31 @@ def test_amt_is_drawn_on_the_cells_simmim_is_drawn_on(tmp_path, monkeypatch):
         assert (cells == MASKED).sum(1).tolist() == [masked] * 2 and (cells == THROWN).sum(1).tolist() == [thrown] * 2
 
 
+def test_an_option_draws_attmask_on_simmims_cells(tmp_path, monkeypatch):
+    from masklab.recipes import show_masks as module
+
+    drawn = []
+    real_overlay = module.overlay
+    monkeypatch.setattr(module, "overlay", lambda images, states: drawn.append(states) or real_overlay(images, states))
+    out = tmp_path / "attmask.png"
+    argv = ["show-masks", "--mask", "attmask", "-n", "2", "--out", str(out), "--option", "mask_patch_size=16"]
+    assert main(argv) == 0 and out.is_file()
+    (states,) = drawn  # 4x4 cells of 16 px: 8 chosen (0.5), 1 revealed as a hint (0.1 of 8), 7 masked
+    blocks = states.view(2, 4, 16, 4, 16)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+    assert (blocks[:, :, 0, :, 0].flatten(1) == MASKED).sum(1).tolist() == [7, 7]
+
+
+def test_bad_options_are_named(tmp_path):
+    from masklab.recipes.show_masks import build_mask_stage
+
+    with pytest.raises(SystemExit, match=r"--option takes KEY=VALUE \(a mask.\* config key\), got 'mask_patch_size'"):
+        main(["show-masks", "--mask", "attmask", "--out", str(tmp_path / "a.png"), "--option", "mask_patch_size"])
+
+    with pytest.raises(ValueError, match=r"mask 'attmask' has no option 'cell'; its options: ratio, mode, hint"):
+        build_mask_stage("attmask", options={"cell": 16})
+
+
 def test_hpm_picture_has_the_difficulty_map_and_masks_per_progress(tmp_path, monkeypatch):
     from masklab.recipes import show_masks as module
 
