@@ -22,6 +22,7 @@ from .compat import Support, check_compatible, compatibility, compatibility_tabl
 from .ema import EMATeacher, cosine_decay
 from .heads import HeadOptions, predictor_mlp, projection_mlp
 from .hpm import HPM, HPMOptions, pairwise_order_loss
+from .ijepa import IJEPA, IJEPAOptions, ijepa_loss
 from .infonce import KeyQueue, infonce_loss
 from .mae import MAE, MAEOptions, mae_loss, mae_patch_losses
 from .maskdeep import TARGETS, MaskDeep, MaskDeepOptions, maskdeep_loss, masked_pool
@@ -47,6 +48,9 @@ __all__ = [
     "BASES",
     "HPM",
     "HPMOptions",
+    "IJEPA",
+    "IJEPAOptions",
+    "ijepa_loss",
     "MAE",
     "MAEOptions",
     "OBJECTIVES",

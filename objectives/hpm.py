@@ -9,11 +9,9 @@ Modeling", CVPR 2023. The objective here is the model side; the mask side is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from masklab.pipeline import Batch
@@ -22,7 +20,7 @@ from masklab.transforms.protocols import Guide
 
 from ._common import GuidanceMixin, ObjectiveOutput, gather_tokens, patchify
 from .backbones import ViTBackbone
-from .mae import MAE, MAEOptions, _init_decoder, mae_patch_losses
+from .mae import MAE, MAEOptions, _init_decoder, decoder_blocks, mae_patch_losses
 from .registry import register_objective
 
 __all__ = ["HPM", "HPMOptions", "pairwise_order_loss"]
@@ -140,11 +138,8 @@ class HPM(MAE):
             raise ValueError(f"predictor_weight must be positive, got {predictor_weight}")
         self.predictor_weight = float(predictor_weight)
         width, heads = self.decoder_embed.out_features, self.decoder[0].attn.num_heads
-        norm = partial(nn.LayerNorm, eps=1e-6)
         self.loss_predictor = nn.Sequential(
-            *[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(predictor_depth)],
-            norm(width),
-            nn.Linear(width, 1),
+            *decoder_blocks(width, heads, predictor_depth), nn.LayerNorm(width, eps=1e-6), nn.Linear(width, 1)
         )
         self.loss_predictor.apply(_init_decoder)
 

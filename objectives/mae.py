@@ -45,6 +45,32 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True, ep
     return mae_patch_losses(pred, target, norm_pix, eps).mean()
 
 
+def check_decoder_size(kind: str, width: int, heads: int, depth: int) -> None:
+    """Raise ``ValueError`` unless a decoder-like transformer of ``width``, ``heads`` and ``depth`` can be built
+    (``kind`` names its options in the message: ``decoder`` or ``predictor``)."""
+    if width % heads or width % 4:
+        raise ValueError(f"{kind}_dim={width} must be divisible by 4 and by {kind}_heads={heads}")
+    if depth < 1:
+        raise ValueError(f"{kind}_depth must be at least 1, got {depth}")
+
+
+def decoder_blocks(width: int, heads: int, depth: int) -> nn.Sequential:
+    r"""MAE's decoder blocks: ``depth`` timm ``Block``\ s with ``qkv_bias`` and LayerNorm ``eps=1e-6``."""
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+
+
+def positioned_tokens(latent: torch.Tensor, mask: PatchMask, num_prefix: int, mask_token: torch.Tensor) -> torch.Tensor:
+    """``(B, P + n_visible + n_masked, D)``: the prefix tokens, the encoded VISIBLE patches (``latent`` after the
+    prefix, ``mask.ids_keep`` order) and ``mask_token`` at each MASKED cell (``mask.ids_masked`` order), each
+    patch with its fixed sine-cosine position; THROWN cells are left out. A transformer is order-free given
+    positions, so nothing is un-shuffled (MAE's decoder input, I-JEPA's predictor input)."""
+    pos = sincos_pos_embed(mask.grid, latent.shape[-1], device=latent.device, dtype=latent.dtype)  # (Gh * Gw, D)
+    visible = latent[:, num_prefix:] + pos[mask.ids_keep]
+    masked = mask_token.to(latent.dtype) + pos[mask.ids_masked]
+    return torch.cat([latent[:, :num_prefix], visible, masked], dim=1)
+
+
 def _init_decoder(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform linear weights with zero biases, LayerNorm weight 1 and bias 0."""
     if isinstance(module, nn.Linear):
@@ -117,25 +143,16 @@ class MAE(GuidanceMixin, nn.Module):
     ) -> None:
         super().__init__()
         check_family(self.name, backbone)
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim={decoder_dim} must be divisible by 4 and by decoder_heads={decoder_heads}")
-        if decoder_depth < 1:
-            raise ValueError(f"decoder_depth must be at least 1, got {decoder_depth}")
+        check_decoder_size("decoder", decoder_dim, decoder_heads, decoder_depth)
         if fixed_pos_embed:
             backbone.fix_pos_embed()  # before the teacher copies the backbone
         self.backbone = backbone
         self.norm_pix = norm_pix
         patch = backbone.patch_size
-        norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
-        self.decoder = nn.Sequential(
-            *[
-                Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = norm(decoder_dim)
+        self.decoder = decoder_blocks(decoder_dim, decoder_heads, decoder_depth)
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
         for part in (self.decoder_embed, self.decoder, self.decoder_norm, self.decoder_pred):
             part.apply(_init_decoder)
@@ -160,12 +177,7 @@ class MAE(GuidanceMixin, nn.Module):
         patches (``mask.ids_keep`` order) and a mask token at each MASKED cell (``mask.ids_masked`` order),
         each with its sine-cosine position."""
         latent = self.decoder_embed(self.backbone.encode_visible(images, mask))
-        p = self.backbone.num_prefix
-        pos = sincos_pos_embed(mask.grid, latent.shape[-1], device=images.device, dtype=latent.dtype)  # (Gh * Gw, D)
-        visible = latent[:, p:] + pos[mask.ids_keep]
-        masked = self.mask_token.to(latent.dtype) + pos[mask.ids_masked]
-        # A transformer is order-free given positions: no un-shuffling needed, and THROWN cells never enter.
-        return torch.cat([latent[:, :p], visible, masked], dim=1)
+        return positioned_tokens(latent, mask, self.backbone.num_prefix, self.mask_token)
 
     def predict(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
         """``(B, n_masked, p * p * 3)`` predictions for the MASKED cells, in ``mask.ids_masked`` order."""
