@@ -59,7 +59,8 @@ gpu-wheels:
 # make gpu-check DEVICE=cpu runs it here with tiny sizes. Report: $(OUT)/gpu.md and gpu.json.
 DEVICE ?= cuda
 OUT ?= runs/gpu-check
-# CHECK_ARGS picks steps: "--skip study" (all but the study's GPU preset) or "--only study".
+# CHECK_ARGS picks steps: "--skip study" (all but the study's GPU preset) or "--only study"; "--deadline S" fits
+# the check into S seconds (each step's timeout cut to what is left; steps that no longer fit are left out).
 CHECK_ARGS ?=
 gpu-check:
 	PYTHON=$(PYTHON) OUT=$(OUT) tools/gpu_check.sh --device $(DEVICE) --out $(OUT) $(CHECK_ARGS)
