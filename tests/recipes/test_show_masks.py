@@ -100,8 +100,8 @@ def test_guided_masks_refuse_a_checkpoint_whose_model_offers_no_guidance(
     err = capsys.readouterr().err
     assert (
         f"error: --mask {mask} needs a model's {kind} guidance, and checkpoint {supervised_checkpoint} holds a "
-        "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives hpm, mae, "
-        "simmim)" in err
+        "Supervised model (task 'supervised') that offers none; give a pretraining checkpoint (objectives hpm, ijepa, "
+        "mae, simmim)" in err
     )
     assert "Traceback" not in err
 
