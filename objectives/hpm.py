@@ -179,9 +179,7 @@ class HPM(MAE):
                 f"difficulty is predicted per patch of the model: grid {tuple(grid)} is not the {gh}x{gw} grid of "
                 f"patch_size={self.backbone.patch_size}; give the mask stage the model's patch size"
             )
-        every_patch = PatchMask(
-            torch.zeros((images.shape[0], gh, gw), dtype=torch.uint8, device=images.device), (gh * gw, 0, 0)
-        )
+        every_patch = PatchMask.all_visible(images.shape[0], (gh, gw), images.device)
         # All VISIBLE: ids_keep is the cells in order, so the scores come out in grid order.
         scores = self.loss_predictor(self.decoder_tokens(images, every_patch))[:, self.backbone.num_prefix :, 0]
         return scores.float().view(-1, gh, gw)

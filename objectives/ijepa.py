@@ -138,7 +138,7 @@ class IJEPA(GuidanceMixin, nn.Module):
         """``(B, n_masked, D)``: the target encoder's features of the whole image, normalised over the feature
         dimension, at the MASKED cells (``mask.ids_masked`` order)."""
         encoder = self.teacher.module
-        every_patch = PatchMask(torch.zeros_like(mask.states), (mask.states[0].numel(), 0, 0))
+        every_patch = PatchMask.all_visible(mask.batch_size, mask.grid, mask.device)
         tokens = encoder.encode_visible(images, every_patch)[:, encoder.num_prefix :]  # grid order
         return gather_tokens(F.layer_norm(tokens, tokens.shape[-1:]), mask.ids_masked)
 

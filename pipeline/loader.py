@@ -664,8 +664,6 @@ class DatasetLoader(_BatchLoader):
         return torch.full((len(indices), 2), side, dtype=torch.long)
 
     def _native_side(self) -> int:
-        if isinstance(self.dataset, InMemoryImages):
-            return self.dataset.side
         if self._side is None:
             self._side = int(
                 _square_uint8(self.dataset[0][0] if _is_pair(self.dataset[0]) else self.dataset[0], None).shape[-1]

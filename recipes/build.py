@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 import logging
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -58,22 +58,16 @@ def _builtin(spec: str, cfg: TrainConfig):
         kwargs["length"] = cfg.data.length if split == "train" else max(1, cfg.data.length // 4)
     if not cfg.data.in_memory:
         return builtin_dataset(name, **kwargs)
-    # Kept for the process's next runs (the study's share them: train, test, the fine-tuning subset); the
-    # _KEEP_IN_MEMORY last used.
-    key = (name, *sorted(kwargs.items()))
-    data = _IN_MEMORY.pop(key, None)
-    if data is None:
-        from masklab.pipeline import InMemoryImages
-
-        data = InMemoryImages.read(builtin_dataset(name, **kwargs), num_workers=cfg.data.num_workers)
-    _IN_MEMORY[key] = data
-    while len(_IN_MEMORY) > _KEEP_IN_MEMORY:
-        _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
-    return data
+    return _in_memory(name, tuple(sorted(kwargs.items())), cfg.data.num_workers)
 
 
-_IN_MEMORY: dict[tuple, Any] = {}
-_KEEP_IN_MEMORY = 4
+@functools.lru_cache(maxsize=4)
+def _in_memory(name: str, drawn: tuple, num_workers: int):
+    """A built-in source generated once into memory, kept for the process's next runs (the study's share
+    them: train, test, the fine-tuning subset)."""
+    from masklab.pipeline import InMemoryImages
+
+    return InMemoryImages.read(builtin_dataset(name, **dict(drawn)), num_workers=num_workers)
 
 
 def num_classes_of(spec: str) -> int:

@@ -181,9 +181,10 @@ def time_recipe(recipe: str, device: str, json_path: str) -> None:
     from _timing import Figures, median_ms
 
     from masklab.pipeline import Batch
+    from masklab.recipes.build import patch_size_of
     from masklab.recipes.config import load_config
     from masklab.recipes.train import train
-    from masklab.transforms import AttentionMask
+    from masklab.transforms import RefreshesCache, patch_grid
 
     on_cpu = torch.device(device).type == "cpu"
     size = 32 if on_cpu else 224
@@ -228,10 +229,11 @@ def time_recipe(recipe: str, device: str, json_path: str) -> None:
 
     # AMT masks at random and throws nothing until its first refresh (a tenth into a run): time it after one,
     # masking and throwing, as it trains for the rest of the run.
-    refreshed = [stage for stage in chain.stages if isinstance(stage, AttentionMask)]
+    refreshed = [stage for stage in chain.stages if isinstance(stage, RefreshesCache)]
+    grid = patch_grid(size, size, patch_size_of(cfg, model.backbone.family))  # the loop's refresh grid
     for stage in refreshed:
         images = torch.rand(batch_size, 3, size, size, device=dev)
-        stage.refresh([Batch(images=images, index=torch.arange(batch_size, device=dev))], stage.grid_for(images))
+        stage.refresh([Batch(images=images, index=torch.arange(batch_size, device=dev))], grid)
     batch = staged()
 
     def step() -> None:

@@ -81,6 +81,18 @@ class PatchMask:
         counts = None if count is None else (masked[0].numel() - count, count, 0)
         return cls(masked.to(torch.uint8) * MASKED, counts)
 
+    @classmethod
+    def all_visible(cls, batch_size: int, grid: tuple[int, int], device: torch.device | str | None = None) -> PatchMask:
+        """Every cell VISIBLE: ``ids_keep`` is the cells in grid order (a whole image through
+        ``encode_visible``, as HPM's difficulty and I-JEPA's target encoder read it).
+
+        Examples:
+            >>> PatchMask.all_visible(2, (3, 4)).counts
+            (12, 0, 0)
+        """
+        states = torch.full((batch_size, *grid), VISIBLE, dtype=torch.uint8, device=device)
+        return cls(states, (grid[0] * grid[1], 0, 0))
+
     # -- shape -------------------------------------------------------------
     @property
     def grid(self) -> tuple[int, int]:
