@@ -31,7 +31,19 @@ from typing import Any
 
 from masklab.recipes.demo import RunScores
 
-__all__ = ["STUDY_ARMS", "Arm", "plot_curves", "plot_study", "run_curves", "run_study", "study_markdown", "study_table"]
+from .placement import PLACEMENT_IMAGES
+
+__all__ = [
+    "STUDY_ARMS",
+    "Arm",
+    "plot_curves",
+    "placement_table",
+    "plot_study",
+    "run_curves",
+    "run_study",
+    "study_markdown",
+    "study_table",
+]
 
 README_PLOT = "docs/study.png"
 README_FIGURES = "docs/study.json"
@@ -322,7 +334,11 @@ def run_study(
             done = result.runs.get(name, {}).get(str(seed))
             config = None if arm is None else arm_fingerprint(arm, common)
             kept = done is not None and done.get("overrides") == list(arm.overrides if arm else ())
+            run_out = out / f"{name}-seed{seed}"
             if kept and done.get("config") == config:
+                if arm is not None and "placement" not in done:  # recorded before placements were
+                    done["placement"] = _placement(_last_checkpoint(run_out))
+                    result.save(path)
                 continue
             extra: list[str] = []
             if arm is not None and arm.equal_time:
@@ -332,12 +348,13 @@ def run_study(
                     f"run.epochs={math.ceil(updates / result.runs[arm.baseline][str(seed)]['updates'] * epochs)}",
                 ]
             start = time.perf_counter()
-            run_out = out / f"{name}-seed{seed}"
             scores = _run_one(arm, family, seed, [*common, *extra], run_out, loaders)
             if family == "vit" and (arm is None or arm.finetune):
                 tune = (finetune_epochs, QUICK["finetune_batch"] if quick else FINETUNE["batch_size"])
                 extra_tune = [*subset_common, *overrides]
                 scores["finetune"] = _finetune(arm, seed, data, subset, tune, extra_tune, run_out, scores)
+            if arm is not None:
+                scores["placement"] = _placement(scores.get("checkpoint"))
             scores.pop("checkpoint", None)
             scores["seconds"] = time.perf_counter() - start
             scores["overrides"] = list(arm.overrides if arm else ())
@@ -354,6 +371,23 @@ def run_study(
 
     plot_study(result, chosen, out / "results.png", chance=1 / len(SHAPE_CLASSES))
     return result
+
+
+def _last_checkpoint(run_out: Path) -> Path | None:
+    from masklab.recipes.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_out / "checkpoints")
+    return found[-1] if found else None
+
+
+def _placement(checkpoint: str | os.PathLike | None) -> dict[str, float] | None:
+    """Where the run's own masks land on held-out shapes (:func:`~masklab.tools.placement.mask_placement`);
+    ``None`` without a checkpoint or a patch mask."""
+    if checkpoint is None:
+        return None
+    from .placement import mask_placement
+
+    return mask_placement(checkpoint, background=STUDY_DATA["background"])
 
 
 def arm_fingerprint(arm: Arm, common: Sequence[str]) -> str:
@@ -705,6 +739,31 @@ def reading_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def placement_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
+    """Per arm with patch masks, where its trained masks land (:func:`~masklab.tools.placement.mask_placement`,
+    recorded as each run's ``placement``): the object's mean share of the cells it masks, throws and keeps
+    visible, and of all cells, mean over seeds (± std for the masked cells); empty without any."""
+    lines = [
+        "| arm | masked (mean ± std) | thrown | visible | all cells | seeds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm in arms:
+        placed = [r["placement"] for r in result.runs.get(arm.name, {}).values() if r.get("placement")]
+        if not placed:
+            continue
+        cells = [arm.name]
+        for state in ("masked", "thrown", "visible", "all"):
+            values = [p[state] for p in placed if state in p]
+            if not values:
+                cells.append("")
+            elif state == "masked":
+                cells.append("{:.3f} ± {:.3f}".format(*_summary(values)))
+            else:
+                cells.append(f"{statistics.mean(values):.3f}")
+        lines.append("| " + " | ".join([*cells, str(len(placed))]) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def curves_table(curves: RunScores) -> str:
     """Per budget-curve arm, kNN / linear at each evaluated number of updates."""
     updates = sorted({int(k) for points in curves.runs.values() for k in points})
@@ -768,6 +827,17 @@ def study_markdown(
         reading_table(result, arms).rstrip(),
         "",
     ]
+    placements = placement_table(result, arms)
+    if placements:
+        lines += [
+            "Where each arm's trained masks land: its own mask stage, guided by its final checkpoint, drawn over "
+            f"the first {PLACEMENT_IMAGES} held-out images (whole), and the object's mean share of the cells in "
+            "each state (`masklab.tools.placement`). A random mask gives every state the share of all cells; the "
+            "informed masks of AMT and AttMask rest on masking the object more than that:",
+            "",
+            placements.rstrip(),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -87,6 +87,59 @@ def test_table_has_fine_tuning_and_speed_where_runs_have_them():
     assert lines[4] == "| moco |  | 10 | 100 | 0.200 ± 0.000 |  | 0.300 ± 0.000 |  |  |  | 1 |"
 
 
+def test_placement_table_by_hand_and_in_the_readme_text():
+    placed = {"visible": 0.3, "masked": 0.1, "thrown": 0.2, "all": 0.2}
+    result = RunScores(
+        runs={
+            "mae": {"0": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": {"visible": 0.2, "masked": 0.2}}},
+            "mae_amt": {
+                "0": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": placed},
+                "1": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": {**placed, "masked": 0.3}},
+            },
+            "moco": {"0": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": None}},
+        }
+    )
+    arms = [Arm("mae", "mae"), Arm("mae_amt", "mae_amt", "mae"), Arm("moco", "moco", family="cnn")]
+    lines = study.placement_table(result, arms).splitlines()
+    # mae_amt's masked shares 0.1 and 0.3: mean 0.2, std 0.141; mae recorded no thrown cells nor all.
+    assert lines[2:] == [
+        "| mae | 0.200 ± 0.000 |  | 0.200 |  | 1 |",
+        "| mae_amt | 0.200 ± 0.141 | 0.200 | 0.300 | 0.200 | 2 |",
+    ]
+    assert "Where each arm's trained masks land" in study.study_markdown(result, arms, plot=None)
+    for run in (*result.runs["mae"].values(), *result.runs["mae_amt"].values()):
+        run.pop("placement")
+    assert study.placement_table(result, arms) == ""  # recorded before placements were: no table
+    assert "Where each arm's trained masks land" not in study.study_markdown(result, arms, plot=None)
+
+
+def test_runs_get_their_placement_and_runs_recorded_before_get_it_on_resume(tmp_path, monkeypatch):
+    calls, placed = [], []
+
+    def fake(arm, family, seed, common, run_out, loaders):
+        calls.append(arm.name if arm else f"random_{family}")
+        return {"knn": 0.5, "linear": 0.25, "updates": 0 if arm is None else 4, "checkpoint": f"{run_out.name}/ck"}
+
+    def fake_placement(checkpoint):
+        placed.append(str(checkpoint))
+        return {"masked": 0.5, "all": 0.25}
+
+    monkeypatch.setattr(study, "_run_one", fake)
+    monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
+    monkeypatch.setattr(study, "_placement", fake_placement)
+    run_study(["mae"], out=tmp_path, quick=True, log=lambda *_: None)
+    assert placed == ["mae-seed0/ck"]  # the arm's, not the random-init row's
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"]["mae"]["0"]["placement"] == {"masked": 0.5, "all": 0.25}
+    assert "placement" not in saved["runs"]["random_vit"]["0"] and "checkpoint" not in saved["runs"]["mae"]["0"]
+    del saved["runs"]["mae"]["0"]["placement"]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(study, "_last_checkpoint", lambda run_out: f"{run_out.name}/last")
+    run_study(["mae"], out=tmp_path, quick=True, log=lambda *_: None)
+    assert calls == ["random_vit", "mae"] and placed[1:] == ["mae-seed0/last"]  # measured, not trained again
+    assert json.loads((tmp_path / "results.json").read_text())["runs"]["mae"]["0"]["placement"]["masked"] == 0.5
+
+
 def test_reading_says_above_only_beyond_the_seed_spread_and_checks_the_bar():
     result = RunScores(
         runs={
@@ -194,6 +247,10 @@ def test_quick_study_trains_its_arms_for_the_same_updates_and_fine_tunes_the_mas
         assert 0.0 <= run["knn"] <= 1.0 and 0.0 <= run["linear"] <= 1.0
         assert ("finetune" in run) == (name not in ("moco", "random_cnn")), name
         assert ("images_per_s" in run) == ("step_images_per_s" in run) == trained and run["train_seconds"] >= 0
+        if name.startswith("mae"):  # where the run's own masks land on held-out shapes
+            assert set(run["placement"]) == {"visible", "masked", "all"} | ({"thrown"} if "amt" in name else set())
+        elif trained:
+            assert run["placement"] is None, name  # moco: no patch mask
     assert result.settings["data"] == {**study.STUDY_DATA, "length": 512}
     table = (tmp_path / "results.md").read_text()
     assert len(table.splitlines()) == 2 + 2 + len(arms)
