@@ -60,7 +60,7 @@ def placement_shares(states: torch.Tensor, coverage: torch.Tensor) -> dict[str, 
 
 
 def mask_placement(
-    checkpoint: str | os.PathLike, n: int = PLACEMENT_IMAGES, seed: int = 0, background: str = "grey"
+    checkpoint: str | os.PathLike, n: int = PLACEMENT_IMAGES, seed: int | None = None, background: str = "grey"
 ) -> dict[str, float] | None:
     """:func:`placement_shares` of a pretraining checkpoint's own mask stage over the first ``n`` test images
     of the built-in shapes (at the checkpoint's resolution, on ``background``), or ``None`` when its mask
@@ -68,7 +68,8 @@ def mask_placement(
 
     The stage is the one the run trained with (its config's ``mask``), guided by the checkpoint's model as in
     training: AMT's cache refreshed with the trained model's saliency of these images (uncropped), every
-    schedule at its end (progress 1). The images are whole, as the test split's, not cropped or flipped.
+    schedule at its end (progress 1). The images are whole, as the test split's, not cropped or flipped. The
+    draw's ``seed`` is the run's own (``run.seed``) unless given, so the seeds of an unguided mask draw apart.
     """
     from masklab.pipeline import Batch, Shapes
     from masklab.recipes.build import family_of, mask_stages, patch_size_of
@@ -88,6 +89,7 @@ def mask_placement(
     images = torch.tensor(np.stack([data[i][0] for i in range(n)])).permute(0, 3, 1, 2).float() / 255
     coverage = torch.tensor(np.stack([data.coverage(i) for i in range(n)]))
     index = torch.arange(n, device=device)
+    seed = cfg.run.seed if seed is None else seed
     batch = Normalize(cfg.data.mean, cfg.data.std)(Batch(images=images.to(device), index=index, seed=seed))
     bind_guidance(stages, model)
     set_progress(stages, 1.0)

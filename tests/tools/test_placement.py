@@ -62,6 +62,8 @@ def test_an_amt_checkpoint_draws_its_own_guided_masks_over_held_out_shapes(amt_c
     assert total == pytest.approx(shares["all"])
     data = Shapes(size=32, length=8, background="grey", split="test")
     assert shares["all"] == pytest.approx(np.mean([data.coverage(i).mean() for i in range(8)]))
+    # The draw is the run's seed's (run.seed, 0 here) unless given: another seed draws other cells.
+    assert mask_placement(amt_checkpoint, n=8, seed=0) == shares != mask_placement(amt_checkpoint, n=8, seed=1)
     with pytest.raises(ValueError, match="n .images to draw over. must be at least 1, got 0"):
         mask_placement(amt_checkpoint, n=0)
 
