@@ -64,6 +64,7 @@ class Arm:
     family: str = "vit"  # vit | cnn: which random-init row it is read against
     claim: str = ""  # what the method's paper reports against the baseline, at the paper's scale
     equal_time: str | None = None  # an arm run for the updates it buys in its baseline's time (see run_study)
+    control: str | None = None  # another arm it is also read against (AMT: its ratios on random cells)
 
     @property
     def finetune(self) -> bool:
@@ -80,6 +81,7 @@ STUDY_ARMS: tuple[Arm, ...] = (
         VIT,
         "vit",
         "+2.9 to +5.9 points of MAE's linear-probe accuracy on CIFAR-10/100, STL-10, Tiny ImageNet and ImageNet-1K",
+        control="mae_random_throw",
     ),
     Arm("simmim", "simmim", None, VIT, "vit"),
     Arm("simmim_amt", "simmim_amt", "simmim", VIT, "vit", "better fine-tuning accuracy than SimMIM"),
@@ -130,6 +132,15 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "mae_multiblock", "mae_multiblock", "mae", VIT, "vit", "none for MAE (I-JEPA's blocks serve its own objective)"
     ),
     Arm("mae_hpm", "mae_hpm", "mae", VIT, "vit", "better ImageNet-1K fine-tuning than MAE at equal epochs (ViT-B/16)"),
+    Arm(
+        "mae_random_throw",
+        "mae",
+        "mae",
+        (*VIT, "mask.ratio=0.45", "mask.throw_ratio=0.4"),
+        "vit",
+        "our control for AMT: MAE-AMT's ratios (0.45 masked, 0.40 thrown) on random cells, no attention; "
+        "mae_amt is read against it too",
+    ),
     Arm("moco", "moco", None, CNN, "cnn"),
     Arm(
         "mixmask_moco",
@@ -159,7 +170,8 @@ STUDY_ARMS: tuple[Arm, ...] = (
     ),
 )
 """The study: MAE, MAE+AMT, SimMIM, SimMIM+AMT (each AMT arm also at equal wall-clock time), EHM, MAE with
-AttMask's attended cells, ColorMAE's green-noise masks, I-JEPA's multi-block masks and HPM's hard patches, MoCo v2,
+AttMask's attended cells, ColorMAE's green-noise masks, I-JEPA's multi-block masks and HPM's hard patches, MAE with
+AMT's ratios on random cells (the control that separates AMT's attention from its ratios), MoCo v2,
 MixMask-MoCo, BYOL, MaskDeep, supervised with and without MixMask. Supervised arms turn patch erasing off so
 MixMask is the only difference."""
 
@@ -714,9 +726,10 @@ def verdict(result: RunScores, name: str, base: str, metric: str) -> str:
 
 def reading_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     """Per arm, on its family's evaluations: its gain over the random-init encoder (against :data:`BAR`), and
-    against its baseline whether the difference is beyond the seed spread, next to the published claim."""
+    against its baseline (and its control, if it has one) whether the difference is beyond the seed spread, next
+    to the published claim."""
     lines = [
-        "| arm | evaluation | over random init | against its baseline | published claim, at its scale |",
+        "| arm | evaluation | over random init | against its baseline (; its control) | published claim, at its scale |",
         "|---|---|---|---|---|",
     ]
     for arm in arms:
@@ -732,8 +745,12 @@ def reading_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
                 cells.append(f"{gain:+.3f} ({'clears' if gain >= BAR else 'below'} +{BAR:.2f})")
             else:
                 cells.append("")
-            has_base = arm.baseline in result.runs and _values(result, arm.baseline, metric)
-            cells.append(f"{arm.baseline}: {verdict(result, arm.name, arm.baseline, metric)}" if has_base else "")
+            against = [
+                f"{other}: {verdict(result, arm.name, other, metric)}"
+                for other in (arm.baseline, arm.control)
+                if other in result.runs and _values(result, other, metric)
+            ]
+            cells.append("; ".join(against))
             cells.append(arm.claim if metric == family_metrics(arm)[0] else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "mae_attmask",
         "mae_multiblock",
         "mae_hpm",
+        "mae_random_throw",
         "moco",
         "mixmask_moco",
         "byol",
@@ -39,6 +40,14 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     # With and without MixMask differ in MixMask only.
     with_mix, without = set(by_name["supervised_mixmask"].overrides), set(by_name["supervised"].overrides)
     assert with_mix ^ without == {"objective.mixmask=true", "objective.mixmask=false"}
+    # AMT's control masks and throws as many cells as MAE-AMT, at random: the attention is the only difference.
+    from masklab.recipes.config import load_config
+
+    amt, control = (
+        load_config(by_name[n].recipe, list(by_name[n].overrides)).mask for n in ("mae_amt", "mae_random_throw")
+    )
+    assert by_name["mae_amt"].control == "mae_random_throw" and control.name == "random"
+    assert (control.ratio, control.throw_ratio) == (amt.ratio, amt.throw_ratio) == (0.45, 0.4)
 
 
 def test_the_simmim_amt_arm_has_simmims_cells_and_the_authors_refresh_schedule():
@@ -156,6 +165,11 @@ def test_reading_says_above_only_beyond_the_seed_spread_and_checks_the_bar():
     assert table[4] == "| mae_amt | linear | +0.140 (clears +0.05) | mae: +0.030, above (spread 0.020) | +3 |"
     assert table[5] == "| mae_amt | fine-tuned | +0.110 (clears +0.05) | mae: +0.010, above (spread 0.000) |  |"
     assert study.verdict(result, "mae", "mae_amt", "linear") == "-0.030, below (spread 0.020)"
+    # An arm with a control is read against both: mae_amt's linear 0.34 against the control's 0.40 (no spread).
+    result.runs["control"] = {s: {"knn": 0.2, "linear": 0.40, "finetune": 0.41} for s in "012"}
+    arms[1] = Arm("mae_amt", "mae_amt", "mae", claim="+3", control="control")
+    both = study.reading_table(result, arms).splitlines()[4]
+    assert both.endswith("| mae: +0.030, above (spread 0.020); control: -0.060, below (spread 0.010) | +3 |")
     result.runs["mae_amt"] = {s: {"linear": 0.315 + 0.01 * int(s)} for s in "012"}
     assert study.verdict(result, "mae_amt", "mae", "linear") == "+0.015, within the spread (spread 0.020)"
 
