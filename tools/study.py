@@ -83,6 +83,15 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "+2.9 to +5.9 points of MAE's linear-probe accuracy on CIFAR-10/100, STL-10, Tiny ImageNet and ImageNet-1K",
         control="mae_random_throw",
     ),
+    Arm(
+        "mae_random_throw",
+        "mae",
+        "mae",
+        (*VIT, "mask.ratio=0.45", "mask.throw_ratio=0.4"),
+        "vit",
+        "our control for AMT: MAE-AMT's ratios (0.45 masked, 0.40 thrown) on random cells, no attention; "
+        "mae_amt is read against it too",
+    ),
     Arm("simmim", "simmim", None, VIT, "vit"),
     Arm("simmim_amt", "simmim_amt", "simmim", VIT, "vit", "better fine-tuning accuracy than SimMIM"),
     Arm(
@@ -132,15 +141,6 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "mae_multiblock", "mae_multiblock", "mae", VIT, "vit", "none for MAE (I-JEPA's blocks serve its own objective)"
     ),
     Arm("mae_hpm", "mae_hpm", "mae", VIT, "vit", "better ImageNet-1K fine-tuning than MAE at equal epochs (ViT-B/16)"),
-    Arm(
-        "mae_random_throw",
-        "mae",
-        "mae",
-        (*VIT, "mask.ratio=0.45", "mask.throw_ratio=0.4"),
-        "vit",
-        "our control for AMT: MAE-AMT's ratios (0.45 masked, 0.40 thrown) on random cells, no attention; "
-        "mae_amt is read against it too",
-    ),
     Arm("moco", "moco", None, CNN, "cnn"),
     Arm(
         "mixmask_moco",

@@ -14,6 +14,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     assert names == [
         "mae",
         "mae_amt",
+        "mae_random_throw",
         "simmim",
         "simmim_amt",
         "mae_amt_equal_time",
@@ -23,7 +24,6 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "mae_attmask",
         "mae_multiblock",
         "mae_hpm",
-        "mae_random_throw",
         "moco",
         "mixmask_moco",
         "byol",
