@@ -220,9 +220,15 @@ def _study(args: argparse.Namespace) -> int:
         study.run_curves(arms, args.seeds[0], out, list(args.overrides), epochs=epochs, quick=args.quick)
         print(f"budget curves took {(time.perf_counter() - start) / 60:.1f} min: {out / 'curves.png'}")
         return 0
-    result = study.run_study(
-        args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick, preset=args.preset
-    )
+    if args.from_results:  # a report of the runs so far: nothing trained
+        if not (out / "results.json").is_file():
+            raise FileNotFoundError(f"--from-results: no {out / 'results.json'}; run the study first")
+        result = study.RunScores.load(out / "results.json")
+        study.write_report(result, out)
+    else:
+        result = study.run_study(
+            args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick, preset=args.preset
+        )
     print((out / "results.md").read_text())
     if args.readme:
         copies = {out / "results.png": study.README_PLOT, out / "results.json": study.README_FIGURES}
@@ -478,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     study.add_argument("--readme", default=None, help="also replace this README's study section with the table")
+    study.add_argument(
+        "--from-results",
+        action="store_true",
+        help="train nothing: write the table, the plot (and with --readme the README's section) from the runs "
+        "recorded so far in --out's results.json (a study in progress says which arms are still to run)",
+    )
     study.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     study.set_defaults(func=_study)
 

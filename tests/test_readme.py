@@ -110,13 +110,16 @@ def test_readme_study_section_is_the_study_of_its_figures():
 
     result = RunScores.load(README.parent / study.README_FIGURES)
     curves = RunScores.load(README.parent / study.README_CURVE_FIGURES)
-    assert all(len(runs) == 3 for runs in result.runs.values())  # three seeds each
+    assert all(set(runs) <= {"0", "1", "2"} for runs in result.runs.values())  # three seeds each, when done
     assert _section("study") == study.study_markdown(result, plot=study.README_PLOT, curves=curves)
     assert (README.parent / study.README_PLOT).is_file() and (README.parent / study.README_CURVES).is_file()
     # The budget curves are at the study's setting, for every baseline, each from random init on.
     assert curves.settings["length"] == study.STUDY_DATA["length"] and set(curves.runs) == set(study.CURVE_ARMS)
     assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
-    if result.settings.get("data") == study.STUDY_DATA:  # a study at the current setting: every arm, over the bar
+    complete = all(len(result.runs.get(arm.name, {})) == 3 for arm in study.STUDY_ARMS)
+    # A study in progress says so, naming the arms still to run (written from the figures, as the rest).
+    assert ("A study in progress" in _section("study")) == (not complete)
+    if complete and result.settings.get("data") == study.STUDY_DATA:  # the study done: every arm, over the bar
         assert set(result.runs) == {"random_cnn", "random_vit", *(arm.name for arm in study.STUDY_ARMS)}
         for arm in study.STUDY_ARMS:
             if arm.family == "vit" or arm.name in ("moco", "mixmask_moco", "byol", "maskdeep"):

@@ -43,6 +43,7 @@ __all__ = [
     "run_study",
     "study_markdown",
     "study_table",
+    "write_report",
 ]
 
 README_PLOT = "docs/study.png"
@@ -306,8 +307,6 @@ def run_study(
     Runs already in ``out/results.json`` with the same settings are kept, not
     rerun. Returns every run's scores; writes ``results.md`` and ``results.png``.
     """
-    from masklab.pipeline import SHAPE_CLASSES, write_text_atomically
-
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     chosen = [_arm_for(name) for name in (arms or [a.name for a in STUDY_ARMS])]
@@ -379,10 +378,16 @@ def run_study(
                 f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}{tuned}, "
                 f"{scores['updates']} updates, {scores['seconds']:.0f} s"
             )
-    write_text_atomically(out / "results.md", study_table(result, chosen))
-
-    plot_study(result, chosen, out / "results.png", chance=1 / len(SHAPE_CLASSES))
+    write_report(result, out, chosen)
     return result
+
+
+def write_report(result: RunScores, out: Path, arms: Sequence[Arm] = STUDY_ARMS) -> None:
+    """``results.md`` (the table) and ``results.png`` (the plot) in ``out`` for the runs of ``arms`` in ``result``."""
+    from masklab.pipeline import SHAPE_CLASSES, write_text_atomically
+
+    write_text_atomically(out / "results.md", study_table(result, arms))
+    plot_study(result, arms, out / "results.png", chance=1 / len(SHAPE_CLASSES))
 
 
 def _last_checkpoint(run_out: Path) -> Path | None:
@@ -832,6 +837,13 @@ def study_markdown(
         ]
         if curves_plot:
             lines += [f"![budget curves]({curves_plot})", ""]
+    missing = [arm.name for arm in arms if len(result.runs.get(arm.name, {})) < len(seeds)]
+    if missing:
+        lines += [
+            f"A study in progress: {len(arms) - len(missing)} of {len(arms)} arms have all their seeds; still to "
+            f"run at this setting: {', '.join(missing)} (the study resumes where it stopped).",
+            "",
+        ]
     lines += [study_table(result, arms).rstrip(), ""]
     if plot:
         lines += [f"![study]({plot})", ""]

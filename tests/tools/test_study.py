@@ -285,3 +285,33 @@ def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
     assert table[0] == "| arm | 0 updates | 4 updates | 8 updates |"
     with pytest.raises(ValueError, match="need epochs >= 1 and 1 <= every <= epochs, got epochs=2, every=3"):
         study.run_curves(["mae"], out=tmp_path, epochs=2, every=3)
+
+
+def test_a_study_in_progress_names_the_arms_still_to_run_and_the_cli_reports_it_without_training(tmp_path, capsys):
+    from masklab.recipes.cli import main
+
+    run = {"knn": 0.3, "linear": 0.3, "updates": 4, "seconds": 60.0}
+    result = RunScores(
+        settings={"epochs": 1, "length": 512},
+        runs={"random_vit": {s: run for s in "012"}, "mae": {s: run for s in "012"}, "mae_amt": {"0": run}},
+    )
+    arms = [Arm("mae", "mae"), Arm("mae_amt", "mae_amt", "mae"), Arm("simmim", "simmim")]
+    text = study.study_markdown(result, arms, plot=None)
+    assert (
+        "A study in progress: 1 of 3 arms have all their seeds; still to run at this setting: mae_amt, simmim" in text
+    )
+    done = RunScores(settings=result.settings, runs={**result.runs, "mae_amt": {s: run for s in "012"}})
+    assert "A study in progress" not in study.study_markdown(done, arms[:2], plot=None)
+
+    # --from-results: the table, the plot and the README's section from results.json, nothing trained.
+    assert main(["study", "--from-results", "--out", str(tmp_path)]) == 2
+    assert f"--from-results: no {tmp_path / 'results.json'}; run the study first" in capsys.readouterr().err
+    result.save(tmp_path / "results.json")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- study:start -->\nold\n<!-- study:end -->\n")
+    assert main(["study", "--from-results", "--out", str(tmp_path), "--readme", str(readme)]) == 0
+    section = readme.read_text()
+    assert "still to run at this setting: mae_amt, mae_random_throw, simmim" in section and "old" not in section
+    assert "| mae |  | 4 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "docs" / "study.png").is_file() and (tmp_path / "docs" / "study.json").is_file()
+    assert not (tmp_path / "mae-seed0").exists() and not (tmp_path / "data").exists()  # nothing trained, no data
