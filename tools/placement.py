@@ -11,6 +11,7 @@ cells; a mask that lands on the object gives MASKED more.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -60,7 +61,11 @@ def placement_shares(states: torch.Tensor, coverage: torch.Tensor) -> dict[str, 
 
 
 def mask_placement(
-    checkpoint: str | os.PathLike, n: int = PLACEMENT_IMAGES, seed: int | None = None, background: str = "grey"
+    checkpoint: str | os.PathLike,
+    n: int = PLACEMENT_IMAGES,
+    seed: int | None = None,
+    background: str = "grey",
+    mask_of: str | None = None,
 ) -> dict[str, float] | None:
     """:func:`placement_shares` of a pretraining checkpoint's own mask stage over the first ``n`` test images
     of the built-in shapes (at the checkpoint's resolution, on ``background``), or ``None`` when its mask
@@ -70,9 +75,17 @@ def mask_placement(
     training: AMT's cache refreshed with the trained model's saliency of these images (uncropped), every
     schedule at its end (progress 1). The images are whole, as the test split's, not cropped or flipped. The
     draw's ``seed`` is the run's own (``run.seed``) unless given, so the seeds of an unguided mask draw apart.
+
+    ``mask_of`` (a recipe name or YAML file) draws that recipe's mask instead of the run's own, guided by the
+    checkpoint's model: e.g. ``mask_of="mae_amt"`` on an MAE checkpoint says where AMT's masks would land if
+    drawn from that model's attention (the study's budget curves do this at each point of MAE's training).
+
+    Raises:
+        ValueError: ``n`` below 1, or a ``mask_of`` whose mask needs guidance the checkpoint's model lacks.
     """
     from masklab.pipeline import Batch, Shapes
     from masklab.recipes.build import family_of, mask_stages, patch_size_of
+    from masklab.recipes.config import load_config
     from masklab.recipes.train import bind_guidance, load_trained, set_progress
     from masklab.transforms import Normalize, PatchMask, RefreshesCache, patch_grid
 
@@ -80,6 +93,8 @@ def mask_placement(
         raise ValueError(f"n (images to draw over) must be at least 1, got {n}")
     cfg, model = load_trained(checkpoint)
     family = family_of(model)
+    if mask_of is not None:
+        cfg = replace(cfg, mask=load_config(mask_of).mask)
     stages = mask_stages(cfg, family, num_samples=n) if cfg.task == "pretrain" else []  # not the erasing
     if not stages:
         return None

@@ -36,6 +36,7 @@ from .placement import PLACEMENT_IMAGES
 __all__ = [
     "STUDY_ARMS",
     "Arm",
+    "curve_placement_table",
     "plot_curves",
     "placement_table",
     "plot_study",
@@ -206,6 +207,11 @@ CURVE_EPOCHS = 20
 CURVE_EVERY = 5
 """Budget curves: each baseline trained once for ``CURVE_EPOCHS`` epochs of the study's data, its
 checkpoint every ``CURVE_EVERY`` epochs evaluated (kNN, linear probe), with its random init at 0 updates."""
+
+CURVE_MASKS = {"mae": ("mae_amt", "mae_attmask")}
+"""The informed masks that read a model's attention, drawn from the budget curves' MAE checkpoints: where AMT's
+and AttMask's masks would land at each point of MAE's training (:func:`~masklab.tools.placement.mask_placement`
+with ``mask_of``), recorded as each point's ``placement``."""
 
 README_CURVES = "docs/study_curves.png"
 README_CURVE_FIGURES = "docs/study_curves.json"
@@ -601,9 +607,11 @@ def run_curves(
     result, loaders = RunScores.load_or_new(path, settings), {}
     for arm in chosen:
         config = arm_fingerprint(arm, common)
-        if result.runs.get(arm.name, {}).get("0", {}).get("config") == config:
-            continue  # drawn already, with the recipe as it is now
         run_out = out / f"curve-{arm.name}"
+        if result.runs.get(arm.name, {}).get("0", {}).get("config") == config:  # drawn already, as it is now
+            if _place_curve(result.runs[arm.name], arm.name, run_out):  # recorded before placements were
+                result.save(path)
+            continue
         cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
         torch.manual_seed(seed)
         points = {"0": {**_evaluate(cfg, build_model(cfg).eval(), loaders), "updates": 0}}
@@ -621,10 +629,47 @@ def run_curves(
                 f"{points[str(updates)]['linear']:.3f}"
             )
         points["0"].update(train_seconds=seconds, config=config)
+        _place_curve(points, arm.name, run_out)
         result.runs[arm.name] = points
         result.save(path)
     plot_curves(result, out / "curves.png", budget=STUDY_EPOCHS * (length // 128))
     return result
+
+
+def _place_curve(points: dict[str, dict[str, Any]], name: str, run_out: Path) -> bool:
+    """Record :data:`CURVE_MASKS`' placements at each of the curve's checkpoints that lacks them; whether any was."""
+    from masklab.recipes.checkpoint import list_checkpoints
+
+    from .placement import mask_placement
+
+    masks, added = CURVE_MASKS.get(name, ()), False
+    for checkpoint in list_checkpoints(run_out / "checkpoints") if masks else ():
+        point = points.get(str(int(checkpoint.name.split("-")[-1].split(".")[0])))
+        if point is not None and "placement" not in point:
+            background = STUDY_DATA["background"]
+            point["placement"] = {
+                mask: mask_placement(checkpoint, background=background, mask_of=mask) for mask in masks
+            }
+            added = True
+    return added
+
+
+def curve_placement_table(curves: RunScores) -> str:
+    """Per mask of :data:`CURVE_MASKS`, the object's share of its masked / visible cells when drawn from the
+    curve's checkpoint at each number of updates; empty without any recorded."""
+    columns: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for name, points in curves.runs.items():
+        for point in points.values():
+            for mask, placed in (point.get("placement") or {}).items():
+                columns.setdefault((name, mask), {})[int(point["updates"])] = placed
+    if not columns:
+        return ""
+    updates = sorted({u for placed in columns.values() for u in placed})
+    lines = ["| mask, from | " + " | ".join(f"{u} updates" for u in updates) + " |", "|---|" + "---:|" * len(updates)]
+    for (name, mask), placed in columns.items():
+        cells = [f"{placed[u]['masked']:.3f} / {placed[u]['visible']:.3f}" if u in placed else "" for u in updates]
+        lines.append(f"| {mask}, from {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(result: RunScores, path: Path, budget: int | None = None) -> None:
@@ -837,6 +882,19 @@ def study_markdown(
         ]
         if curves_plot:
             lines += [f"![budget curves]({curves_plot})", ""]
+        placed = curve_placement_table(curves)
+        if placed:
+            sample = next(
+                p for points in curves.runs.values() for pt in points.values() for p in pt.get("placement", {}).values()
+            )
+            lines += [
+                "Where the masks that read a model's attention would land if drawn from the curve's checkpoints "
+                f"(`CURVE_MASKS`): the object's share of the masked / visible cells, over the first {PLACEMENT_IMAGES} "
+                f"held-out images, whose cells are {sample['all']:.3f} object overall:",
+                "",
+                placed.rstrip(),
+                "",
+            ]
     missing = [arm.name for arm in arms if len(result.runs.get(arm.name, {})) < len(seeds)]
     if missing:
         lines += [

@@ -72,3 +72,13 @@ def test_runs_without_a_patch_mask_have_no_placement(tmp_path_factory):
     cnn = "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"
     assert mask_placement(_checkpoint(tmp_path_factory, "supervised", cnn), n=4) is None
     assert mask_placement(_checkpoint(tmp_path_factory, "moco", cnn), n=4) is None
+
+
+def test_another_recipes_mask_drawn_from_a_checkpoints_guidance(tmp_path_factory):
+    mae = _checkpoint(tmp_path_factory, "mae", "model.kwargs={depth: 1}")
+    own, amt = mask_placement(mae, n=8), mask_placement(mae, n=8, mask_of="mae_amt")
+    assert set(own) == {"visible", "masked", "all"}  # MAE's random mask throws nothing
+    assert set(amt) == {"visible", "masked", "thrown", "all"} and amt["all"] == own["all"]  # AMT's, from MAE's saliency
+    cnn = "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"
+    # A CNN's saliency (its last feature map's activation norm) drives AMT's mask too, on the CNN's grid.
+    assert set(mask_placement(_checkpoint(tmp_path_factory, "moco", cnn), n=4, mask_of="mae_amt")) == set(amt)

@@ -278,6 +278,9 @@ def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
     curves = study.run_curves(["mae"], out=tmp_path, epochs=2, every=1, quick=True, log=lambda *_: None)
     assert sorted(curves.runs["mae"], key=int) == ["0", "4", "8"]  # 4 updates an epoch
     assert [p["updates"] for p in curves.runs["mae"].values()] == [0, 4, 8]
+    # Each MAE checkpoint also drives AMT's and AttMask's masks: where they would land on held-out shapes.
+    assert set(curves.runs["mae"]["4"]["placement"]) == {"mae_amt", "mae_attmask"}
+    assert "thrown" in curves.runs["mae"]["8"]["placement"]["mae_amt"] and "placement" not in curves.runs["mae"]["0"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     again = study.run_curves(["mae"], out=tmp_path, epochs=2, every=1, quick=True, log=lambda *_: None)
     assert again.runs == curves.runs  # kept, not rerun
@@ -315,3 +318,35 @@ def test_a_study_in_progress_names_the_arms_still_to_run_and_the_cli_reports_it_
     assert "| mae |  | 4 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "docs" / "study.png").is_file() and (tmp_path / "docs" / "study.json").is_file()
     assert not (tmp_path / "mae-seed0").exists() and not (tmp_path / "data").exists()  # nothing trained, no data
+
+
+def test_curve_checkpoints_drive_the_attention_reading_masks(tmp_path, monkeypatch):
+    import masklab.tools.placement as placement
+
+    seen = []
+
+    def fake(checkpoint, background="grey", mask_of=None):
+        seen.append((checkpoint.name, mask_of))
+        return {"visible": 0.1, "masked": 0.4 if mask_of == "mae_amt" else 0.3, "all": 0.2}
+
+    monkeypatch.setattr(placement, "mask_placement", fake)
+    for name in ("ckpt-00000004", "ckpt-00000008"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    scores = {"knn": 0.3, "linear": 0.3}
+    points = {"0": {**scores, "updates": 0}, "4": {**scores, "updates": 4}}
+    points["8"] = {**scores, "updates": 8, "placement": {"done": {}}}
+    assert study._place_curve(points, "mae", tmp_path)
+    assert seen == [("ckpt-00000004", "mae_amt"), ("ckpt-00000004", "mae_attmask")]  # 8 had its placement
+    assert not study._place_curve(points, "mae", tmp_path) and len(seen) == 2  # nothing left to place
+    assert not study._place_curve({"4": {"updates": 4}}, "moco", tmp_path)  # no masks read moco's checkpoints
+    del points["8"]["placement"]
+    study._place_curve(points, "mae", tmp_path)
+    curves = RunScores(settings={"epochs": 2, "every": 1, "seed": 0}, runs={"mae": points})
+    table = study.curve_placement_table(curves).splitlines()
+    assert table[0] == "| mask, from | 4 updates | 8 updates |"
+    assert table[2:] == [
+        "| mae_amt, from mae | 0.400 / 0.100 | 0.400 / 0.100 |",
+        "| mae_attmask, from mae | 0.300 / 0.100 | 0.300 / 0.100 |",
+    ]
+    text = study.study_markdown(RunScores(runs={}), [], plot=None, curves=curves)
+    assert "whose cells are 0.200 object overall" in text and table[2] in text
