@@ -227,7 +227,14 @@ def _study(args: argparse.Namespace) -> int:
         study.write_report(result, out)
     else:
         result = study.run_study(
-            args.arms, args.seeds, out, list(args.overrides), epochs=args.epochs, quick=args.quick, preset=args.preset
+            args.arms,
+            args.seeds,
+            out,
+            list(args.overrides),
+            epochs=args.epochs,
+            quick=args.quick,
+            preset=args.preset,
+            jobs_at_once=args.jobs,
         )
     print((out / "results.md").read_text())
     if args.readme:
@@ -481,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="budget curves instead: each of --recipes (default mae simmim moco byol) trained once "
         "(--epochs, default 20), its checkpoint every 5 epochs evaluated; curves.json and curves.png in --out",
+    )
+    study.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process with its share of the CPU cores (default 1: one "
+        "after another); stopping the study stops them",
     )
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     study.add_argument("--readme", default=None, help="also replace this README's study section with the table")

@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,7 @@ def run_study(
     quick: bool = False,
     log=print,
     preset: str = "cpu",
+    jobs_at_once: int = 1,
 ) -> RunScores:
     """Train every arm with every seed on the study's shapes, evaluate kNN and a linear probe (and fine-tuning).
 
@@ -304,6 +306,9 @@ def run_study(
         quick: :data:`QUICK`'s smaller data, one epoch, one seed (a smoke run).
         preset: ``cpu`` (:data:`STUDY_DATA`, :data:`STUDY_EPOCHS`) or ``gpu`` (:data:`GPU_PRESET`, which sets
             the seeds and the default epochs).
+        jobs_at_once: runs trained at once, each in its own process with its share of the CPU cores
+            (:func:`_pool`); 1 (the default) trains them one after another in this process. On a small CPU
+            machine two small runs side by side use the cores better than one run with every core.
 
     Each run records its scores, its updates, its training time and images per second. Masked-image arms
     (and the random-init ViT) are also fine-tuned on a labelled tenth (:data:`FINETUNE`). An arm with
@@ -325,6 +330,8 @@ def run_study(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if not seeds:
         raise ValueError("give at least one seed")
+    if jobs_at_once < 1:
+        raise ValueError(f"jobs_at_once must be at least 1, got {jobs_at_once}")
     known = {arm.name for arm in chosen}
     for arm in chosen:
         if arm.equal_time and not {arm.baseline, arm.equal_time} <= known:
@@ -341,51 +348,114 @@ def run_study(
     settings["data"] = {**STUDY_DATA, "length": length}
     path = out / "results.json"
     result = RunScores.load_or_new(path, settings)
-    families, loaders = {arm.family for arm in chosen}, {}
+    families = {arm.family for arm in chosen}
+    _LOADERS.clear()  # this study's data: built again
     ordered = [arm for arm in chosen if not arm.equal_time] + [arm for arm in chosen if arm.equal_time]
     jobs = [(f"random_{family}", None, family) for family in sorted(families)] + [
         (arm.name, arm, arm.family) for arm in ordered
     ]
-    for name, arm, family in jobs:
-        for seed in seeds:
-            done = result.runs.get(name, {}).get(str(seed))
-            config = None if arm is None else arm_fingerprint(arm, common)
-            kept = done is not None and done.get("overrides") == list(arm.overrides if arm else ())
-            run_out = out / f"{name}-seed{seed}"
-            if kept and done.get("config") == config:
-                if arm is not None and "placement" not in done:  # recorded before placements were
-                    done["placement"] = _placement(_last_checkpoint(run_out))
-                    result.save(path)
-                continue
-            extra: list[str] = []
-            if arm is not None and arm.equal_time:
-                updates = equal_time_updates(result, arm, seed)
-                extra = [
-                    f"run.max_steps={updates}",
-                    f"run.epochs={math.ceil(updates / result.runs[arm.baseline][str(seed)]['updates'] * epochs)}",
-                ]
-            start = time.perf_counter()
-            scores = _run_one(arm, family, seed, [*common, *extra], run_out, loaders)
-            if family == "vit" and (arm is None or arm.finetune):
-                tune = (finetune_epochs, QUICK["finetune_batch"] if quick else FINETUNE["batch_size"])
-                extra_tune = [*subset_common, *overrides]
-                scores["finetune"] = _finetune(arm, seed, data, subset, tune, extra_tune, run_out, scores)
-            if arm is not None:
-                scores["placement"] = _placement(scores.get("checkpoint"))
-            scores.pop("checkpoint", None)
-            scores["seconds"] = time.perf_counter() - start
-            scores["overrides"] = list(arm.overrides if arm else ())
-            if config is not None:
-                scores["config"] = config
-            result.runs.setdefault(name, {})[str(seed)] = scores
-            result.save(path)
-            tuned = f", fine-tuned {scores['finetune']:.3f}" if "finetune" in scores else ""
-            log(
-                f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}{tuned}, "
-                f"{scores['updates']} updates, {scores['seconds']:.0f} s"
-            )
+    tune = (finetune_epochs, QUICK["finetune_batch"] if quick else FINETUNE["batch_size"])
+    shared = (data, subset, tune, [*subset_common, *overrides])
+
+    def todo(phase):  # the runs of ``phase`` not yet recorded as they are now, each with its extra overrides
+        for name, arm, family in phase:
+            for seed in seeds:
+                done = result.runs.get(name, {}).get(str(seed))
+                config = None if arm is None else arm_fingerprint(arm, common)
+                kept = done is not None and done.get("overrides") == list(arm.overrides if arm else ())
+                run_out = out / f"{name}-seed{seed}"
+                if kept and done.get("config") == config:
+                    if arm is not None and "placement" not in done:  # recorded before placements were
+                        done["placement"] = _placement(_last_checkpoint(run_out))
+                        result.save(path)
+                    continue
+                extra: list[str] = []
+                if arm is not None and arm.equal_time:
+                    updates = equal_time_updates(result, arm, seed)
+                    per = result.runs[arm.baseline][str(seed)]["updates"]
+                    extra = [f"run.max_steps={updates}", f"run.epochs={math.ceil(updates / per * epochs)}"]
+                yield (name, seed, config), (arm, family, seed, [*common, *extra], run_out, shared)
+
+    def record(key, scores):
+        name, seed, config = key
+        if config is not None:
+            scores["config"] = config
+        result.runs.setdefault(name, {})[str(seed)] = scores
+        result.save(path)
+        tuned = f", fine-tuned {scores['finetune']:.3f}" if "finetune" in scores else ""
+        log(
+            f"{name} seed {seed}: kNN {scores['knn']:.3f}, linear {scores['linear']:.3f}{tuned}, "
+            f"{scores['updates']} updates, {scores['seconds']:.0f} s"
+        )
+
+    # The equal-time arms read their pairs' recorded speeds: they run after every other run is in.
+    phases = [
+        [job for job in jobs if not (job[1] and job[1].equal_time)],
+        [job for job in jobs if job[1] and job[1].equal_time],
+    ]
+    if jobs_at_once == 1:
+        for phase in phases:
+            for key, job in todo(phase):
+                record(key, _study_job(*job))
+    else:
+        with _pool(jobs_at_once) as pool:
+            for phase in phases:
+                futures = {pool.submit(_study_job, *job): key for key, job in todo(phase)}
+                for future in as_completed(futures):
+                    record(futures[future], future.result())
     write_report(result, out, chosen)
     return result
+
+
+_LOADERS: dict = {}
+"""The evaluation loaders of this process, built once per data and device (:func:`_evaluate`)."""
+
+
+def _study_job(
+    arm: Arm | None, family: str, seed: int, common: list[str], run_out: Path, shared: tuple
+) -> dict[str, Any]:
+    """One run of the study: train (or build the random-init encoder), evaluate, fine-tune (masked-image arms
+    and the random-init ViT), and measure where its masks land; its scores. ``shared`` is ``(data, subset,
+    (fine-tuning epochs, batch size), fine-tuning overrides)``. Runs in the study's process or a worker's."""
+    data, subset, tune, tune_overrides = shared
+    start = time.perf_counter()
+    scores = _run_one(arm, family, seed, common, run_out, _LOADERS)
+    if family == "vit" and (arm is None or arm.finetune):
+        scores["finetune"] = _finetune(arm, seed, data, subset, tune, tune_overrides, run_out, scores)
+    if arm is not None:
+        scores["placement"] = _placement(scores.get("checkpoint"))
+    scores.pop("checkpoint", None)
+    scores["seconds"] = time.perf_counter() - start
+    scores["overrides"] = list(arm.overrides if arm else ())
+    return scores
+
+
+def _pool(workers: int):
+    """``workers`` fresh (spawned) processes, each with ``cores // workers`` threads (at least one), each ending
+    itself when the study's process is gone (a stopped study leaves no run going on)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_worker_start, initargs=(threads, os.getpid())
+    )
+
+
+def _worker_start(threads: int, parent: int) -> None:
+    import threading
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def write_report(result: RunScores, out: Path, arms: Sequence[Arm] = STUDY_ARMS) -> None:

@@ -251,8 +251,9 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_quick_study_trains_its_arms_for_the_same_updates_and_fine_tunes_the_masked_image_ones(tmp_path):
     arms = ["mae", "mae_amt", "mae_amt_equal_time", "moco"]  # every kind of arm; the full list is in the test above
-    result = run_study(arms, out=tmp_path, quick=True, log=lambda *_: None)
-    assert list(result.runs) == ["random_cnn", "random_vit", "mae", "mae_amt", "moco", "mae_amt_equal_time"]
+    # Two runs at once, each in a spawned process with one core (one after another is the other tests' way).
+    result = run_study(arms, out=tmp_path, quick=True, log=lambda *_: None, jobs_at_once=2)
+    assert set(result.runs) == {"random_cnn", "random_vit", "mae", "mae_amt", "moco", "mae_amt_equal_time"}
     for name, runs in result.runs.items():
         (run,) = runs.values()
         trained = not name.startswith("random_")
@@ -350,3 +351,45 @@ def test_curve_checkpoints_drive_the_attention_reading_masks(tmp_path, monkeypat
     ]
     text = study.study_markdown(RunScores(runs={}), [], plot=None, curves=curves)
     assert "whose cells are 0.200 object overall" in text and table[2] in text
+
+
+def test_runs_at_once_record_what_one_after_another_records_with_equal_time_arms_last(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    events = []
+
+    def fake(arm, family, seed, common, run_out, loaders):
+        name = arm.name if arm else f"random_{family}"
+        events.append(("start", name))
+        steps = [c for c in common if c.startswith("run.max_steps")]
+        return {
+            "knn": 0.5,
+            "linear": 0.25,
+            "updates": 4,
+            "train_seconds": {"mae": 100.0, "mae_amt": 50.0}.get(name, 1.0),
+            "steps": steps,
+        }
+
+    monkeypatch.setattr(study, "_run_one", fake)
+    monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
+    arms = ["mae_amt_equal_time", "mae", "mae_amt", "moco"]
+    one = run_study(arms, out=tmp_path / "one", quick=True, log=lambda *_: None)
+    monkeypatch.setattr(study, "_pool", lambda workers: ThreadPoolExecutor(workers))  # the scheduling, in threads
+    logged = []
+    events.clear()
+    two = run_study(arms, out=tmp_path / "two", quick=True, log=logged.append, jobs_at_once=2)
+
+    def strip(r):  # the times, and the fingerprints of settings that name each study's own data folder
+        return {
+            n: {s: {k: v for k, v in x.items() if k not in ("seconds", "config")} for s, x in runs.items()}
+            for n, runs in r.runs.items()
+        }
+
+    assert strip(two) == strip(one) and len(logged) == 6
+    # The equal-time arm starts only once the others are recorded: 8 of mae_amt's updates in mae's time.
+    assert events[-1] == ("start", "mae_amt_equal_time") and two.runs["mae_amt_equal_time"]["0"]["steps"] == [
+        "run.max_steps=8"
+    ]
+    assert logged[-1].startswith("mae_amt_equal_time seed 0:")
+    with pytest.raises(ValueError, match="jobs_at_once must be at least 1, got 0"):
+        run_study(arms, out=tmp_path, quick=True, jobs_at_once=0)
