@@ -44,9 +44,11 @@ bench: $(STAMP)
 	$(VENV)/bin/masklab bench --quick
 
 # Every method against its baseline, 3 seeds (under an hour on 2 cores; not part of the tests).
+# STUDY_JOBS: runs trained at once (2 on a 2-core machine uses the cores better than one run on both).
+STUDY_JOBS ?= 1
 study: $(STAMP)
 	$(VENV)/bin/masklab study --curves
-	$(VENV)/bin/masklab study --readme README.md
+	$(VENV)/bin/masklab study --jobs $(STUDY_JOBS) --readme README.md
 
 # The wheels a GPU machine without network lacks (Python 3.12, linux x86_64), into .whl/ to carry along.
 # omegaconf 2.4 vendors its antlr4 runtime, so antlr4-python3-runtime is not needed; kornia needs kornia_rs.
