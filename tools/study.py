@@ -355,7 +355,7 @@ def run_study(
         (arm.name, arm, arm.family) for arm in ordered
     ]
     tune = (finetune_epochs, QUICK["finetune_batch"] if quick else FINETUNE["batch_size"])
-    shared = (data, subset, tune, [*subset_common, *overrides])
+    shared = (data, subset, tune, [*subset_common, *overrides], jobs_at_once)
 
     def todo(phase):  # the runs of ``phase`` not yet recorded as they are now, each with its extra overrides
         for name, arm, family in phase:
@@ -416,8 +416,9 @@ def _study_job(
 ) -> dict[str, Any]:
     """One run of the study: train (or build the random-init encoder), evaluate, fine-tune (masked-image arms
     and the random-init ViT), and measure where its masks land; its scores. ``shared`` is ``(data, subset,
-    (fine-tuning epochs, batch size), fine-tuning overrides)``. Runs in the study's process or a worker's."""
-    data, subset, tune, tune_overrides = shared
+    (fine-tuning epochs, batch size), fine-tuning overrides, runs at once)``, the last recorded as ``at_once``
+    (its speed was shared with that many runs). Runs in the study's process or a worker's."""
+    data, subset, tune, tune_overrides, at_once = shared
     start = time.perf_counter()
     scores = _run_one(arm, family, seed, common, run_out, _LOADERS)
     if family == "vit" and (arm is None or arm.finetune):
@@ -427,6 +428,7 @@ def _study_job(
     scores.pop("checkpoint", None)
     scores["seconds"] = time.perf_counter() - start
     scores["overrides"] = list(arm.overrides if arm else ())
+    scores["at_once"] = at_once
     return scores
 
 
@@ -789,6 +791,11 @@ def _values(result: RunScores, name: str, metric: str) -> list[float]:
     return [r[metric] for r in result.runs[name].values() if metric in r]
 
 
+def _trained_at_once(runs: list[dict[str, Any]]) -> bool:
+    """Whether any of an arm's timed runs shared the machine with other runs of the study (``--jobs``)."""
+    return any(run.get("at_once", 1) > 1 for run in runs if "images_per_s" in run)
+
+
 def study_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     """The Markdown table: per arm, updates, images/s, kNN, linear and (masked-image arms) fine-tuned accuracy
     (mean ± std over seeds), and the difference of the means from its baseline."""
@@ -805,7 +812,8 @@ def study_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
         speed = [r["images_per_s"] for r in runs if "images_per_s" in r]
         updates = sorted({int(r["updates"]) for r in runs})
         shown = str(updates[0]) if len(updates) == 1 else f"{updates[0]}-{updates[-1]}"
-        cells = [name, baseline.get(name) or "", shown, f"{statistics.mean(speed):.0f}" if speed else ""]
+        shared = "*" if _trained_at_once(runs) else ""
+        cells = [name, baseline.get(name) or "", shown, f"{statistics.mean(speed):.0f}{shared}" if speed else ""]
         for metric in metrics:
             values = _values(result, name, metric)
             if not values:
@@ -973,6 +981,12 @@ def study_markdown(
             "",
         ]
     lines += [study_table(result, arms).rstrip(), ""]
+    if any(_trained_at_once(list(result.runs[a.name].values())) for a in arms if a.name in result.runs):
+        lines += [
+            "images/s marked *: runs trained several at once (`--jobs`), each with its share of the cores; "
+            "the others one at a time on every core, so the two kinds of figure do not compare.",
+            "",
+        ]
     if plot:
         lines += [f"![study]({plot})", ""]
     lines += [

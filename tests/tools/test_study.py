@@ -94,6 +94,12 @@ def test_table_has_fine_tuning_and_speed_where_runs_have_them():
     assert lines[0].endswith("| fine-tuned (mean ± std) | Δ fine-tuned | seeds |")
     assert lines[3] == "| mae |  | 10 | 150 | 0.200 ± 0.000 |  | 0.300 ± 0.000 |  | 0.600 ± 0.141 |  | 2 |"
     assert lines[4] == "| moco |  | 10 | 100 | 0.200 ± 0.000 |  | 0.300 ± 0.000 |  |  |  | 1 |"
+    # A speed measured with other runs alongside (--jobs) is marked, and the text says why.
+    arms = [Arm("mae", "mae"), Arm("moco", "moco", family="cnn")]
+    assert "images/s marked *" not in study.study_markdown(result, arms, plot=None)
+    result.runs["moco"]["0"]["at_once"] = 2
+    assert study_table(result, arms).splitlines()[4].startswith("| moco |  | 10 | 100* |")
+    assert "images/s marked *: runs trained several at once" in study.study_markdown(result, arms, plot=None)
 
 
 def test_placement_table_by_hand_and_in_the_readme_text():
@@ -385,7 +391,8 @@ def test_runs_at_once_record_what_one_after_another_records_with_equal_time_arms
             for n, runs in r.runs.items()
         }
 
-    assert strip(two) == strip(one) and len(logged) == 6
+    assert strip(two) == {n: {s: {**x, "at_once": 2} for s, x in runs.items()} for n, runs in strip(one).items()}
+    assert {x["at_once"] for runs in one.runs.values() for x in runs.values()} == {1} and len(logged) == 6
     # The equal-time arm starts only once the others are recorded: 8 of mae_amt's updates in mae's time.
     assert events[-1] == ("start", "mae_amt_equal_time") and two.runs["mae_amt_equal_time"]["0"]["steps"] == [
         "run.max_steps=8"
