@@ -70,6 +70,7 @@ __all__ = [
     "Checkpointer",
     "Stateful",
     "check_resumable",
+    "checkpoint_updates",
     "checkpoint_backbone",
     "fit_weights",
     "latest_checkpoint",
@@ -130,8 +131,20 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))]
+    found = [(updates, p) for p in folder.iterdir() if (updates := checkpoint_updates(p)) is not None]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_updates(path: str | os.PathLike) -> int | None:
+    """The update a checkpoint was written at, from its name (``ckpt-UPDATE`` or ``ckpt-UPDATE.pt``); ``None``
+    for any other name.
+
+    Examples:
+        >>> checkpoint_updates("runs/x/checkpoints/ckpt-00000930"), checkpoint_updates("model.safetensors")
+        (930, None)
+    """
+    match = _NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

@@ -662,7 +662,7 @@ def run_curves(
     import torch
 
     from masklab.recipes.build import build_model
-    from masklab.recipes.checkpoint import list_checkpoints
+    from masklab.recipes.checkpoint import checkpoint_updates, list_checkpoints
     from masklab.recipes.config import load_config
     from masklab.recipes.train import train
     from masklab.recipes.trained import load_trained
@@ -694,7 +694,7 @@ def run_curves(
         seconds = time.perf_counter() - start
         for checkpoint in list_checkpoints(run_out / "checkpoints"):
             cfg, model = load_trained(checkpoint)
-            updates = int(checkpoint.name.split("-")[-1].split(".")[0])
+            updates = checkpoint_updates(checkpoint)
             points[str(updates)] = {**_evaluate(cfg, model, loaders), "updates": updates}
             log(
                 f"{arm.name} at {updates} updates: kNN {points[str(updates)]['knn']:.3f}, linear "
@@ -710,13 +710,13 @@ def run_curves(
 
 def _place_curve(points: dict[str, dict[str, Any]], name: str, run_out: Path) -> bool:
     """Record :data:`CURVE_MASKS`' placements at each of the curve's checkpoints that lacks them; whether any was."""
-    from masklab.recipes.checkpoint import list_checkpoints
+    from masklab.recipes.checkpoint import checkpoint_updates, list_checkpoints
 
     from .placement import mask_placement
 
     masks, added = CURVE_MASKS.get(name, ()), False
     for checkpoint in list_checkpoints(run_out / "checkpoints") if masks else ():
-        point = points.get(str(int(checkpoint.name.split("-")[-1].split(".")[0])))
+        point = points.get(str(checkpoint_updates(checkpoint)))
         if point is not None and "placement" not in point:
             background = STUDY_DATA["background"]
             point["placement"] = {
