@@ -311,7 +311,7 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     recorded: list[torch.Tensor] = []
     bad, skips = [False], 0  # run.skip_nonfinite: this update saw a non-finite loss; updates skipped so far
     monitor, monitor_due = KnnMonitor(cfg, accelerator, family), False
-    last_checkpoint: Path | None = None
+    last_checkpoint = resume.path if resume is not None else None  # a run resumed at its end ends there
     bind_guidance(loader.chain, raw)
     set_progress(loader.chain, update / total)
     model.train()

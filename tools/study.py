@@ -13,7 +13,8 @@ family says what the encoder gives before any training. :func:`run_curves`
 draws the budget curves that chose :data:`STUDY_EPOCHS`.
 
 Results go to ``results.json`` (every run, rewritten after each one, so a
-stopped study resumes where it stopped), ``results.md`` (the table) and
+stopped study resumes where it stopped; a run it was training goes on from its last checkpoint,
+:data:`RESUME_EVERY`), ``results.md`` (the table) and
 ``results.png`` (the plot).
 """
 
@@ -196,6 +197,11 @@ MAE, SimMIM, MoCo and BYOL (with LARS at a base rate of 1.0, ``byol.yaml``) are 
 than :data:`BAR` there."""
 
 FINETUNE = {"fraction": 0.1, "epochs": 30, "batch_size": 64}
+RESUME_EVERY = 150
+"""Updates between a study run's checkpoints: a run stopped between sittings resumes from its last one, so a
+stopped study loses at most this many updates of each run it was training (the result is the same as an
+uninterrupted run's: the checkpoint holds the optimizer, the loader's position, the stages' caches and the RNG).
+Only ``run`` keys change: not part of an arm's fingerprint or of the study's settings."""
 """Fine-tuning of the masked-image arms' encoders (and the random-init ViT): ``finetune`` recipe on the first 10%
 of the training images (balanced: labels cycle), 30 epochs at batch 64, the same for every arm; top-1 on the
 test split."""
@@ -426,7 +432,7 @@ def _study_job(
     if arm is not None:
         scores["placement"] = _placement(scores.get("checkpoint"))
     scores.pop("checkpoint", None)
-    scores["seconds"] = time.perf_counter() - start
+    scores["seconds"] = time.perf_counter() - start + scores.get("resumed", {}).get("seconds", 0.0)
     scores["overrides"] = list(arm.overrides if arm else ())
     scores["at_once"] = at_once
     return scores
@@ -548,6 +554,47 @@ def steady_images_per_s(metrics_csv: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def logged_seconds(metrics_csv: Path, until: int, images_per_update: int) -> float:
+    """The training time a run's ``metrics.csv`` accounts for up to update ``until``: each row's images over
+    its window's speed (``images_per_s`` is a logged window's images over its wall time, so the rows of a
+    window add up to that window's time).
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = path.write_text("update,images_per_s\\n1,64\\n2,64\\n3,32\\n4,32\\n")
+        >>> logged_seconds(path, 3, 64)  # 1 s + 1 s + 2 s
+        4.0
+    """
+    if not metrics_csv.exists():
+        return 0.0
+    with open(metrics_csv, newline="") as f:
+        rates = [float(row["images_per_s"]) for row in csv.DictReader(f) if int(row["update"]) <= until]
+    return sum(images_per_update / rate for rate in rates if rate > 0)
+
+
+def _earlier_sitting(arm: Arm, overrides: list[str]):
+    """``(config, update, seconds)`` to resume a run an earlier sitting stopped: its newest checkpoint that
+    loads and was written under the same config (:func:`~masklab.recipes.run_folder.check_resumed_config`),
+    the update it holds and the training seconds its ``metrics.csv`` logged until then; ``None`` to train
+    afresh."""
+    from masklab.recipes.checkpoint import CheckpointError
+    from masklab.recipes.config import load_config
+    from masklab.recipes.run_folder import RunFolderError, check_resumed_config, find_resume
+
+    cfg = load_config(arm.recipe, [*overrides, "run.resume=auto"])
+    try:
+        found = find_resume(cfg, announce=False)
+        if found is None:
+            return None
+        check_resumed_config(found, cfg)
+    except (CheckpointError, RunFolderError):
+        return None
+    cfg = load_config(arm.recipe, [*overrides, f"run.resume={found.path}"])
+    update = int(found.update or 0)
+    return cfg, update, logged_seconds(Path(cfg.run.out) / "metrics.csv", update, cfg.data.batch_size)
+
+
 def _run_one(
     arm: Arm | None, family: str, seed: int, common: list[str], run_out: Path, loaders: dict
 ) -> dict[str, Any]:
@@ -558,22 +605,26 @@ def _run_one(
     from masklab.recipes.config import load_config
     from masklab.recipes.train import train
 
-    checkpoint = None
+    checkpoint, resumed, before = None, 0, 0.0
     if arm is None:  # the family's encoder at random initialisation, on a reference recipe's model
         recipe, extra = ("mae", VIT) if family == "vit" else ("byol", CNN)
         cfg = load_config(recipe, [*extra, *common, f"run.seed={seed}", f"run.out={run_out}"])
         torch.manual_seed(seed)
         model, updates, seconds = build_model(cfg).eval(), 0, 0.0
     else:
-        # A run that did not finish (its scores are not in results.json) is trained again from the start.
-        again = [f"run.seed={seed}", f"run.out={run_out}", "run.overwrite=true"]
-        cfg = load_config(arm.recipe, [*arm.overrides, *common, *again])
+        # A run that did not finish (its scores are not in results.json) goes on from its last checkpoint
+        # (RESUME_EVERY), or from the start when it left none that loads under this config.
+        own = [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}", f"run.ckpt_every={RESUME_EVERY}"]
+        earlier = _earlier_sitting(arm, own)
+        cfg, resumed, before = earlier or (load_config(arm.recipe, [*own, "run.overwrite=true"]), 0, 0.0)
         start = time.perf_counter()
         trained = train(cfg)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + before
         model, updates, checkpoint = trained.model.eval(), trained.updates, trained.checkpoint
     scores = _evaluate(cfg, model, loaders)
     scores.update(updates=updates, train_seconds=seconds, checkpoint=checkpoint)
+    if resumed:
+        scores["resumed"] = {"update": resumed, "seconds": before}  # an earlier sitting trained this far
     if seconds:
         scores["images_per_s"] = updates * cfg.data.batch_size / seconds
         steady = steady_images_per_s(Path(cfg.run.out) / "metrics.csv")

@@ -400,3 +400,39 @@ def test_runs_at_once_record_what_one_after_another_records_with_equal_time_arms
     assert logged[-1].startswith("mae_amt_equal_time seed 0:")
     with pytest.raises(ValueError, match="jobs_at_once must be at least 1, got 0"):
         run_study(arms, out=tmp_path, quick=True, jobs_at_once=0)
+
+
+def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint_as_if_uninterrupted(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    def weights(cfg, model, loaders):  # the scores stand for the trained weights
+        return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    monkeypatch.setattr(study, "_evaluate", weights)
+    monkeypatch.setattr(study, "RESUME_EVERY", 3)
+    data, _, data_common, _ = study._study_data(tmp_path, quick=True)
+    tiny = ["model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}", "objective.decoder_dim=32"]
+    common = study._common(data, 2, True, [*data_common, *tiny, "objective.decoder_depth=1"])
+    mae = study._arm_for("mae")
+    full = study._run_one(mae, "vit", 0, common, tmp_path / "full", {})
+    assert full["updates"] == 8 and "resumed" not in full  # 512 images at batch 128, 2 epochs
+    # An earlier sitting stopped after update 4, before its checkpoint: only update 3's is there.
+    cut = tmp_path / "cut"
+    study._run_one(mae, "vit", 0, [*common, "run.stop_at=4", "run.keep=2"], cut, {})
+    shutil.rmtree(cut / "checkpoints" / "ckpt-00000004")
+    resumed = study._run_one(mae, "vit", 0, common, cut, {})
+    assert resumed["updates"] == 8 and resumed["resumed"]["update"] == 3
+    assert 0 < resumed["resumed"]["seconds"] < resumed["train_seconds"]  # the earlier sitting's time counts
+    for name, value in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, atol=1e-6, rtol=0)
+    assert [int(r.split(",")[0]) for r in (cut / "metrics.csv").read_text().splitlines()[1:]] == list(range(1, 9))
+    # Stopped after its last update (during evaluation): nothing left to train, the same weights and checkpoint.
+    again = study._run_one(mae, "vit", 0, common, cut, {})
+    assert again["resumed"]["update"] == 8 and again["checkpoint"] == resumed["checkpoint"]
+    for name, value in full["weights"].items():
+        torch.testing.assert_close(again["weights"][name], value, atol=1e-6, rtol=0)
+    # A folder whose checkpoint was written under another config (here a seed) is trained afresh.
+    other = study._run_one(mae, "vit", 1, common, cut, {})
+    assert other["updates"] == 8 and "resumed" not in other
