@@ -180,6 +180,34 @@ def test_reading_says_above_only_beyond_the_seed_spread_and_checks_the_bar():
     assert study.verdict(result, "mae_amt", "mae", "linear") == "+0.015, within the spread (spread 0.020)"
 
 
+def test_arms_below_the_bar_are_listed_with_the_studys_reading_of_why(monkeypatch):
+    three = "012"
+    result = RunScores(
+        runs={
+            "random_vit": {s: {"linear": 0.20} for s in three},
+            "random_cnn": {s: {"knn": 0.20, "linear": 0.30} for s in three},
+            "mae": {s: {"linear": 0.26} for s in three},  # +0.06: clears
+            "mae_amt": {s: {"linear": 0.24} for s in three},  # +0.04: below
+            "simmim": {s: {"linear": 0.21} for s in "01"},  # below, but a seed is still to run
+            "moco": {s: {"knn": 0.26, "linear": 0.31} for s in three},  # kNN +0.06: clears on one evaluation
+            "byol": {s: {"knn": 0.22, "linear": 0.32} for s in three},  # +0.02 at best: below, no reading yet
+            "supervised": {s: {"knn": 0.20, "linear": 0.30} for s in three},  # supervised: not held to the bar
+        }
+    )
+    for runs in result.runs.values():
+        for run in runs.values():
+            run["updates"] = 930
+    arms = [study._arm_for(n) for n in ("mae", "mae_amt", "simmim", "moco", "byol", "supervised")]
+    assert study.bar_gain(result, arms[0]) == pytest.approx(0.06) and study.bar_gain(result, arms[5]) is None
+    assert study.below_bar(result, arms) == ["mae_amt", "byol"]
+    monkeypatch.setattr(study, "BELOW_BAR", {"mae_amt": "measured reason."})
+    text = study.study_markdown(result, arms, plot=None)
+    assert "- **mae_amt**: measured reason.\n- **byol**: not looked into yet.\n" in text
+    assert "- **simmim**" not in text and "- **supervised**" not in text
+    result.runs["byol"] = {s: {"knn": 0.30, "linear": 0.32} for s in three}
+    assert study.below_bar(result, arms) == ["mae_amt"]
+
+
 def test_equal_time_arm_runs_after_its_pair_for_the_updates_its_steps_buy(tmp_path, monkeypatch):
     seen = []
 
