@@ -131,6 +131,8 @@ def test_readme_study_section_is_the_study_of_its_figures():
     if "mae_amt" in below:  # what its reading says: its control clears the bar and is above it beyond the spread
         assert study.bar_gain(result, study._arm_for("mae_random_throw")) >= study.BAR
         assert ", below (spread" in study.verdict(result, "mae_amt", "mae_random_throw", "linear")
+    if "simmim" in below:  # what its reading says: it clears the bar on fine-tuning
+        assert study._mean(result, "simmim", "finetune") - study._mean(result, "random_vit", "finetune") >= study.BAR
 
 
 def test_readme_demo_section_is_the_demo_of_its_figures():

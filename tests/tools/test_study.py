@@ -17,6 +17,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "mae_random_throw",
         "simmim",
         "simmim_amt",
+        "simmim_random_throw",
         "mae_amt_equal_time",
         "simmim_amt_equal_time",
         "ehm",
@@ -48,6 +49,13 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     )
     assert by_name["mae_amt"].control == "mae_random_throw" and control.name == "random"
     assert (control.ratio, control.throw_ratio) == (amt.ratio, amt.throw_ratio) == (0.45, 0.4)
+    # SimMIM-AMT's likewise, on SimMIM's cells with its rounded-up counts (8 masked, 5 thrown of 16 at 32 px).
+    amt, control = (
+        load_config(by_name[n].recipe, list(by_name[n].overrides)).mask for n in ("simmim_amt", "simmim_random_throw")
+    )
+    assert by_name["simmim_amt"].control == "simmim_random_throw" and control.name == "simmim"
+    assert (control.ratio, control.throw_ratio, control.mask_patch_size) == (amt.ratio, amt.throw_ratio, 8)
+    assert (amt.ratio, amt.throw_ratio, amt.mask_patch_size) == (0.44, 0.26, 8)
 
 
 def test_the_simmim_amt_arm_has_simmims_cells_and_the_authors_refresh_schedule():
@@ -206,6 +214,46 @@ def test_arms_below_the_bar_are_listed_with_the_studys_reading_of_why(monkeypatc
     assert "- **simmim**" not in text and "- **supervised**" not in text
     result.runs["byol"] = {s: {"knn": 0.30, "linear": 0.32} for s in three}
     assert study.below_bar(result, arms) == ["mae_amt"]
+
+
+def test_a_run_recorded_before_masklab_gained_a_setting_at_its_default_is_kept(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from masklab.recipes.config import load_config, to_dict
+
+    calls = []
+
+    def fake(arm, family, seed, common, run_out, loaders):
+        calls.append(arm.name if arm else f"random_{family}")
+        if arm is None:
+            return {"knn": 0.5, "linear": 0.25, "updates": 0}
+        run_out.mkdir(parents=True, exist_ok=True)  # the run's config.yaml, as training writes it
+        (run_out / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(load_config(arm.recipe, [*common]))))
+        return {"knn": 0.5, "linear": 0.25, "updates": 4}
+
+    monkeypatch.setattr(study, "_run_one", fake)
+    monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
+    monkeypatch.setattr(study, "_placement", lambda checkpoint: None)
+    recipe = tmp_path / "my_simmim.yaml"
+    recipe.write_text("task: pretrain\nobjective:\n  name: simmim\nmask:\n  name: simmim\n")
+    run_study([str(recipe)], out=tmp_path, quick=True, log=lambda *_: None)
+    # As if recorded before SimMIM's mask had throw_ratio: the fingerprint then, and a config.yaml without it.
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved["runs"][str(recipe)]["0"]["config"] = "0123456789abcdef"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    config = tmp_path / f"{recipe}-seed0" / "config.yaml"
+    old = OmegaConf.to_container(OmegaConf.load(config))
+    del old["mask"]["throw_ratio"]
+    config.write_text(OmegaConf.to_yaml(old))
+    run_study([str(recipe)], out=tmp_path, quick=True, log=lambda *_: None)
+    assert calls == ["random_vit", str(recipe)]  # kept, its fingerprint brought up to date
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][str(recipe)]["0"]["config"] != "0123456789abcdef"
+    old["mask"]["ratio"] = 0.3  # a setting that differs: trained again
+    config.write_text(OmegaConf.to_yaml(old))
+    saved["runs"][str(recipe)]["0"]["config"] = "0123456789abcdef"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    run_study([str(recipe)], out=tmp_path, quick=True, log=lambda *_: None)
+    assert calls == ["random_vit", str(recipe), str(recipe)]
 
 
 def test_equal_time_arm_runs_after_its_pair_for_the_updates_its_steps_buy(tmp_path, monkeypatch):

@@ -5,6 +5,9 @@ import torch
 
 from masklab.pipeline import Batch, Chain
 from masklab.transforms import (
+    MASKED,
+    THROWN,
+    VISIBLE,
     BlockMask,
     FeatureMask,
     MixMask,
@@ -44,6 +47,21 @@ def test_exact_counts_in_every_sample(make, patch, cells, ratio, device):
     expected = math.ceil(16 * ratio) * 4 if isinstance(make(ratio), SimMIMMask) else round(cells * ratio)
     assert per_sample.tolist() == [expected] * 16
     assert mask.counts == (cells - expected, expected, 0)
+
+
+def test_simmim_mask_throws_whole_random_cells_with_simmim_amts_rounded_up_counts(device):
+    # AMT's control on SimMIM's cells: at 32 px, 8 px cells, 16 cells: ceil(7.04) = 8 masked, ceil(4.16) = 5 thrown.
+    out = SimMIMMask(0.44, mask_patch_size=8, patch_size=4, throw_ratio=0.26)(batch(device, n=64))
+    assert out.mask.counts == (12, 32, 20)  # on the 8x8 patch grid: 4 patches a cell
+    cells = out.mask.states.view(64, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).flatten(3)  # (B, 4, 4, 4 patches)
+    assert (cells == cells[..., :1]).all()  # every patch of a cell in its cell's state
+    per_cell = torch.stack([(cells[..., 0] == state).flatten(1).sum(1) for state in (VISIBLE, MASKED, THROWN)], 1)
+    assert per_cell.tolist() == [[3, 8, 5]] * 64
+    assert (cells[..., 0] == THROWN).float().mean(0).min() > 0  # thrown cells fall anywhere
+    with pytest.raises(ValueError, match="ratio=0.6 and throw_ratio=0.4 leave no cell visible"):
+        SimMIMMask(0.6, 8, 4, throw_ratio=0.4)
+    with pytest.raises(ValueError, match="mask 8 and throw 9 of 16 cells"):
+        SimMIMMask(0.44, 8, 4, throw_ratio=0.53)(batch(device))
 
 
 def test_random_mask_masks_each_cell_about_equally_often(device):
