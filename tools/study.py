@@ -101,6 +101,16 @@ STUDY_ARMS: tuple[Arm, ...] = (
         "our control for AMT: MAE-AMT's ratios (0.45 masked, 0.40 thrown) on random cells, no attention; "
         "mae_amt is read against it too",
     ),
+    Arm(
+        "mae_amt_late",
+        "mae_amt",
+        "mae",
+        (*VIT, "mask.refresh_start=0.67"),
+        "vit",
+        "our diagnostic, not the paper's schedule: MAE-AMT with its first refresh at two thirds of the run, after "
+        "MAE's attention has found the object (the curve placements); read against MAE and AMT's control",
+        control="mae_random_throw",
+    ),
     Arm("simmim", "simmim", None, VIT, "vit"),
     Arm(
         "simmim_amt",

@@ -15,6 +15,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "mae",
         "mae_amt",
         "mae_random_throw",
+        "mae_amt_late",
         "simmim",
         "simmim_amt",
         "simmim_random_throw",
@@ -49,6 +50,11 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     )
     assert by_name["mae_amt"].control == "mae_random_throw" and control.name == "random"
     assert (control.ratio, control.throw_ratio) == (amt.ratio, amt.throw_ratio) == (0.45, 0.4)
+    # The late-refresh diagnostic is MAE-AMT with its first refresh moved, nothing else.
+    late, amt = (load_config(by_name[n].recipe, list(by_name[n].overrides)) for n in ("mae_amt_late", "mae_amt"))
+    assert late.mask.refresh_start == 0.67 and amt.mask.refresh_start == 0.1
+    late.mask.refresh_start = amt.mask.refresh_start
+    assert late == amt and by_name["mae_amt_late"].control == "mae_random_throw"
     # SimMIM-AMT's likewise, on SimMIM's cells with its rounded-up counts (8 masked, 5 thrown of 16 at 32 px).
     amt, control = (
         load_config(by_name[n].recipe, list(by_name[n].overrides)).mask for n in ("simmim_amt", "simmim_random_throw")
