@@ -937,8 +937,10 @@ BELOW_BAR: dict[str, str] = {
         "fails here. Its first refresh comes at a tenth of the run (the paper's schedule as a fraction), before "
         "MAE's own attention has found the object (the curve placements above), and its trained masks do not "
         "favour the object the same way from seed to seed (the placement table below). The data change tried "
-        "(flat backgrounds, one seed) did not help; a budget at which the first refresh comes after MAE's "
-        "attention has found the object is the setting left to try."
+        "(flat backgrounds, one seed) did not help. With its first refresh moved to two thirds of the run, after "
+        "MAE's attention has found the object (`mae_amt_late`, a diagnostic arm, not the paper's schedule), it "
+        "clears the bar and is level with MAE and with its control within the seed spread: the early refresh is "
+        "what holds it back here, and at this budget the attention adds nothing measurable over random cells."
     ),
     "simmim": (
         "it clears the bar on fine-tuning, the only evaluation SimMIM's paper reports, but not on the linear "

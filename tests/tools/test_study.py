@@ -403,7 +403,10 @@ def test_a_study_in_progress_names_the_arms_still_to_run_and_the_cli_reports_it_
     readme.write_text("# x\n<!-- study:start -->\nold\n<!-- study:end -->\n")
     assert main(["study", "--from-results", "--out", str(tmp_path), "--readme", str(readme)]) == 0
     section = readme.read_text()
-    assert "still to run at this setting: mae_amt, mae_random_throw, mae_amt_late, simmim" in section and "old" not in section
+    assert (
+        "still to run at this setting: mae_amt, mae_random_throw, mae_amt_late, simmim" in section
+        and "old" not in section
+    )
     assert "| mae |  | 4 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "docs" / "study.png").is_file() and (tmp_path / "docs" / "study.json").is_file()
     assert not (tmp_path / "mae-seed0").exists() and not (tmp_path / "data").exists()  # nothing trained, no data
