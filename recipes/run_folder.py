@@ -22,6 +22,7 @@ __all__ = [
     "check_process_change",
     "check_resumed_config",
     "config_changes",
+    "config_defaults",
     "find_resume",
     "prepare_fresh_run",
 ]
@@ -236,18 +237,42 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_defaults(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Each leaf field of a config dataclass (a :class:`TrainConfig`, its sections as they are: a mask's own
+    options class, say) and that class's default, keyed ``section.field``."""
+    import dataclasses
+
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found.update(config_defaults(value, f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            found[prefix + f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            found[prefix + f.name] = f.default_factory()
+    return found
+
+
+def config_changes(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    may_change: tuple[str, ...] = RESUMABLE_CHANGES,
+) -> list[str]:
     """``key: old -> new`` for each key that differs and changes the schedule, the model or the data.
 
-    Keys in :data:`RESUMABLE_CHANGES` (or under a prefix ending in ``.``) may
-    differ; a key ``old`` lacks (written before the key existed) counts as
-    its default.
+    Keys in ``may_change`` (:data:`RESUMABLE_CHANGES`; a prefix ending in ``.`` covers its section) may
+    differ; a key ``old`` lacks (written before the key existed) counts as its default: ``defaults``
+    (:func:`config_defaults` of the new config, whose sections' own classes know their keys), else a default
+    :class:`TrainConfig`'s.
     """
-    defaults = _flat(to_dict(TrainConfig()))
+    if defaults is None:
+        defaults = _flat(to_dict(TrainConfig()))
     before, after = _flat(old), _flat(new)
     changes = []
     for key in sorted(set(before) | set(after)):
-        if key.startswith(RESUMABLE_CHANGES):
+        if key.startswith(may_change):
             continue
         a, b = before.get(key, defaults.get(key, _MISSING)), after.get(key, _MISSING)
         if a != b:
@@ -299,7 +324,7 @@ def check_resumed_config(checkpoint: Checkpoint, cfg: TrainConfig, processes: in
             f"checkpoint {checkpoint.path} records no training config, so a resume cannot check that it "
             "continues the same run; use a checkpoint written by masklab train"
         )
-    changes = config_changes(checkpoint.config, to_dict(cfg))
+    changes = config_changes(checkpoint.config, to_dict(cfg), config_defaults(cfg))
     old_processes = int(checkpoint.state.get("processes", processes)) if checkpoint.state else processes
     if old_processes != processes:  # data.batch_size may change with them, the global batch may not
         check_process_change(checkpoint, cfg, processes)

@@ -551,22 +551,6 @@ def arm_fingerprint(arm: Arm, common: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _defaults(options: Any, prefix: str = "") -> dict[str, Any]:
-    """Each leaf field of a config dataclass and its class default, keyed ``section.field``."""
-    import dataclasses
-
-    found: dict[str, Any] = {}
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if dataclasses.is_dataclass(value):
-            found.update(_defaults(value, f"{prefix}{f.name}."))
-        elif f.default is not dataclasses.MISSING:
-            found[prefix + f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            found[prefix + f.name] = f.default_factory()
-    return found
-
-
 def recorded_as_now(run_out: Path, arm: Arm, common: Sequence[str]) -> bool:
     """Whether the run in ``run_out`` was trained under the arm's config as it is now, read from the run's own
     ``config.yaml``: the ``run`` section and ``data.in_memory`` aside (as :func:`arm_fingerprint`), and a setting
@@ -584,27 +568,17 @@ def recorded_as_now(run_out: Path, arm: Arm, common: Sequence[str]) -> bool:
         >>> recorded_as_now(folder, Arm("simmim", "simmim"), []), recorded_as_now(folder, Arm("simmim", "simmim"), ["mask.ratio=0.5"])
         (True, False)
     """
-    import json
-
     from omegaconf import OmegaConf
 
     from masklab.recipes.config import load_config, to_dict
-    from masklab.recipes.run_folder import _flat
+    from masklab.recipes.run_folder import config_changes, config_defaults
 
     recorded = run_out / "config.yaml"
     if not recorded.is_file():
         return False
     cfg = load_config(arm.recipe, [*arm.overrides, *common])
-    now, defaults = _flat(to_dict(cfg)), _defaults(cfg)
-    old = _flat(OmegaConf.to_container(OmegaConf.load(recorded)))
-    missing = object()
-    for key in set(now) | set(old):
-        if key.startswith(("run.", "data.in_memory")):
-            continue
-        was, is_ = old.get(key, defaults.get(key, missing)), now.get(key, missing)
-        if json.dumps(was, default=str) != json.dumps(is_, default=str):
-            return False
-    return True
+    old = OmegaConf.to_container(OmegaConf.load(recorded))
+    return not config_changes(old, to_dict(cfg), config_defaults(cfg), may_change=("run.", "data.in_memory"))
 
 
 def equal_time_updates(result: RunScores, arm: Arm, seed: int) -> int:
@@ -640,11 +614,17 @@ def steady_images_per_s(metrics_csv: Path) -> float | None:
         >>> steady_images_per_s(path)
         90.0
     """
-    if not metrics_csv.exists():
-        return None
-    with open(metrics_csv, newline="") as f:
-        rates = [float(row["images_per_s"]) for row in csv.DictReader(f) if row.get("images_per_s")]
+    rates = _logged_rates(metrics_csv)
     return statistics.median(rates) if rates else None
+
+
+def _logged_rates(metrics_csv: Path, until: int | None = None) -> list[float]:
+    """Each logged update's ``images_per_s`` in a run's ``metrics.csv`` (up to update ``until``)."""
+    if not metrics_csv.exists():
+        return []
+    with open(metrics_csv, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("images_per_s")]
+    return [float(row["images_per_s"]) for row in rows if until is None or int(row["update"]) <= until]
 
 
 def logged_seconds(metrics_csv: Path, until: int, images_per_update: int) -> float:
@@ -659,11 +639,7 @@ def logged_seconds(metrics_csv: Path, until: int, images_per_update: int) -> flo
         >>> logged_seconds(path, 3, 64)  # 1 s + 1 s + 2 s
         4.0
     """
-    if not metrics_csv.exists():
-        return 0.0
-    with open(metrics_csv, newline="") as f:
-        rates = [float(row["images_per_s"]) for row in csv.DictReader(f) if int(row["update"]) <= until]
-    return sum(images_per_update / rate for rate in rates if rate > 0)
+    return sum(images_per_update / rate for rate in _logged_rates(metrics_csv, until) if rate > 0)
 
 
 def _earlier_sitting(arm: Arm, overrides: list[str]):
