@@ -135,6 +135,15 @@ def test_readme_study_section_is_the_study_of_its_figures():
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):
                 assert "within the spread" in study.verdict(result, "mae_amt_late", other, "linear"), other
+    if "simmim_amt" in below:  # below random init; its control clears, level with SimMIM; it is below the control
+        for metric in ("linear", "finetune"):
+            assert ", below (spread" in study.verdict(result, "simmim_amt", "random_vit", metric), metric
+        assert study.bar_gain(result, study._arm_for("simmim_random_throw")) >= study.BAR
+        assert "within the spread" in study.verdict(result, "simmim_random_throw", "simmim", "linear")
+        for metric in ("knn", "linear", "finetune"):
+            assert ", below (spread" in study.verdict(result, "simmim_amt", "simmim_random_throw", metric), metric
+        placements = [run["placement"] for run in result.runs["simmim_amt"].values()]
+        assert sum(p["visible"] > p["masked"] for p in placements) == 2  # the object left visible in two seeds
     if "simmim" in below:  # what its reading says: it clears the bar on fine-tuning
         assert study._mean(result, "simmim", "finetune") - study._mean(result, "random_vit", "finetune") >= study.BAR
 

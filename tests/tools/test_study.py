@@ -19,6 +19,7 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
         "simmim",
         "simmim_amt",
         "simmim_random_throw",
+        "simmim_amt_late",
         "mae_amt_equal_time",
         "simmim_amt_equal_time",
         "ehm",
@@ -55,6 +56,10 @@ def test_arms_are_the_issue_methods_each_against_a_baseline_of_its_family():
     assert late.mask.refresh_start == 0.67 and amt.mask.refresh_start == 0.1
     late.mask.refresh_start = amt.mask.refresh_start
     assert late == amt and by_name["mae_amt_late"].control == "mae_random_throw"
+    late, amt = (load_config(by_name[n].recipe, list(by_name[n].overrides)) for n in ("simmim_amt_late", "simmim_amt"))
+    assert late.mask.refresh_start == 0.67 and amt.mask.refresh_start == 0.2
+    late.mask.refresh_start = amt.mask.refresh_start
+    assert late == amt and by_name["simmim_amt_late"].control == "simmim_random_throw"
     # SimMIM-AMT's likewise, on SimMIM's cells with its rounded-up counts (8 masked, 5 thrown of 16 at 32 px).
     amt, control = (
         load_config(by_name[n].recipe, list(by_name[n].overrides)).mask for n in ("simmim_amt", "simmim_random_throw")
