@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 
+import itertools
 import re
 from pathlib import Path
 
@@ -144,6 +145,15 @@ def test_readme_study_section_is_the_study_of_its_figures():
             assert ", below (spread" in study.verdict(result, "simmim_amt", "simmim_random_throw", metric), metric
         placements = [run["placement"] for run in result.runs["simmim_amt"].values()]
         assert sum(p["visible"] > p["masked"] for p in placements) == 2  # the object left visible in two seeds
+        for base, mask, on_object in (("simmim", "simmim_amt", False), ("mae", "mae_amt", True)):  # and from
+            drawn = [run["placement_of"][mask] for run in result.runs[base].values()]  # the baselines' checkpoints
+            assert all((p["masked"] > p["visible"]) == on_object for p in drawn), base
+        if set(result.runs.get("simmim_amt_late", {})) == seeds:  # late refresh: fine-tunes above simmim_amt,
+            assert ", above (spread" in study.verdict(result, "simmim_amt_late", "simmim_amt", "finetune")
+            for other, metric in itertools.product(("simmim", "simmim_random_throw"), ("linear", "finetune")):
+                assert "within the spread" in study.verdict(result, "simmim_amt_late", other, metric), (other, metric)
+            late = result.runs["simmim_amt_late"].values()  # level with SimMIM and the control; still misplaced
+            assert all(run["placement"]["visible"] > run["placement"]["masked"] for run in late)
     if "simmim" in below:  # what its reading says: it clears the bar on fine-tuning
         assert study._mean(result, "simmim", "finetune") - study._mean(result, "random_vit", "finetune") >= study.BAR
 

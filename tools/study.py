@@ -264,6 +264,11 @@ CURVE_MASKS = {"mae": ("mae_amt", "mae_attmask")}
 and AttMask's masks would land at each point of MAE's training (:func:`~masklab.tools.placement.mask_placement`
 with ``mask_of``), recorded as each point's ``placement``."""
 
+BASELINE_MASKS = {"mae": ("mae_amt",), "simmim": ("simmim_amt",)}
+"""The attention-guided masks drawn from each baseline's own trained checkpoints (every seed), recorded as the
+run's ``placement_of``: where the AMT variant's masks would land if guided by its baseline's trained encoder,
+apart from what training under those masks did to the encoder."""
+
 README_CURVES = "docs/study_curves.png"
 README_CURVE_FIGURES = "docs/study_curves.json"
 
@@ -418,8 +423,8 @@ def run_study(
                     done["config"] = config  # recorded before a setting masklab gained since, at its default
                     result.save(path)
                 if kept and done.get("config") == config:
-                    if arm is not None and "placement" not in done:  # recorded before placements were
-                        done["placement"] = _placement(_last_checkpoint(run_out))
+                    if arm is not None and not _placed(done, arm):  # recorded before placements were
+                        done.update(_placements(arm, _last_checkpoint(run_out)))
                         result.save(path)
                     continue
                 extra: list[str] = []
@@ -477,7 +482,7 @@ def _study_job(
     if family == "vit" and (arm is None or arm.finetune):
         scores["finetune"] = _finetune(arm, seed, data, subset, tune, tune_overrides, run_out, scores)
     if arm is not None:
-        scores["placement"] = _placement(scores.get("checkpoint"))
+        scores.update(_placements(arm, scores.get("checkpoint")))
     scores.pop("checkpoint", None)
     scores["seconds"] = time.perf_counter() - start + scores.get("resumed", {}).get("seconds", 0.0)
     scores["overrides"] = list(arm.overrides if arm else ())
@@ -528,14 +533,30 @@ def _last_checkpoint(run_out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _placement(checkpoint: str | os.PathLike | None) -> dict[str, float] | None:
-    """Where the run's own masks land on held-out shapes (:func:`~masklab.tools.placement.mask_placement`);
-    ``None`` without a checkpoint or a patch mask."""
+def _placements(arm: Arm, checkpoint: str | os.PathLike | None) -> dict[str, Any]:
+    """Where the run's own masks land on held-out shapes (:func:`~masklab.tools.placement.mask_placement`),
+    as ``placement`` (``None`` without a checkpoint or a patch mask), and for a baseline of
+    :data:`BASELINE_MASKS` where those masks would land guided by its checkpoint, as ``placement_of``."""
     if checkpoint is None:
-        return None
+        return {"placement": None}
     from .placement import mask_placement
 
-    return mask_placement(checkpoint, background=STUDY_DATA["background"])
+    out: dict[str, Any] = {"placement": mask_placement(checkpoint, background=STUDY_DATA["background"])}
+    if arm.name in BASELINE_MASKS:
+        out["placement_of"] = _drawn_from(checkpoint, BASELINE_MASKS[arm.name])
+    return out
+
+
+def _drawn_from(checkpoint: str | os.PathLike, masks: Sequence[str]) -> dict[str, dict[str, float] | None]:
+    """Per recipe in ``masks``, where its mask lands guided by ``checkpoint``'s model (``mask_of``)."""
+    from .placement import mask_placement
+
+    return {mask: mask_placement(checkpoint, background=STUDY_DATA["background"], mask_of=mask) for mask in masks}
+
+
+def _placed(done: dict[str, Any], arm: Arm) -> bool:
+    """Whether a recorded run has every placement :func:`_placements` records for ``arm``."""
+    return "placement" in done and (arm.name not in BASELINE_MASKS or "placement_of" in done)
 
 
 def arm_fingerprint(arm: Arm, common: Sequence[str]) -> str:
@@ -846,16 +867,11 @@ def _place_curve(points: dict[str, dict[str, Any]], name: str, run_out: Path) ->
     """Record :data:`CURVE_MASKS`' placements at each of the curve's checkpoints that lacks them; whether any was."""
     from masklab.recipes.checkpoint import checkpoint_updates, list_checkpoints
 
-    from .placement import mask_placement
-
     masks, added = CURVE_MASKS.get(name, ()), False
     for checkpoint in list_checkpoints(run_out / "checkpoints") if masks else ():
         point = points.get(str(checkpoint_updates(checkpoint)))
         if point is not None and "placement" not in point:
-            background = STUDY_DATA["background"]
-            point["placement"] = {
-                mask: mask_placement(checkpoint, background=background, mask_of=mask) for mask in masks
-            }
+            point["placement"] = _drawn_from(checkpoint, masks)
             added = True
     return added
 
@@ -938,9 +954,18 @@ BELOW_BAR: dict[str, str] = {
         "(`simmim_random_throw`, its counts on random cells: at this image size three of SimMIM's sixteen cells "
         "stay visible) clears the bar and is level with SimMIM within the spread, and `simmim_amt` is below its "
         "control beyond the spread on every evaluation: the few visible cells are not what fails, AMT's choice of "
-        "cells is. In two of its three seeds its trained masks leave the object visible and mask the background "
-        "(the placement table below), the opposite of what AMT's masks rest on. Whether its early first refresh "
-        "is again the cause, as for MAE-AMT, is what `simmim_amt_late` (a diagnostic arm) measures."
+        "cells is. Its trained masks leave the object visible and mask the background in two of its three seeds, "
+        "the opposite of what AMT's masks rest on; and drawn from SimMIM's own trained checkpoints AMT's masks do "
+        "so in every seed, where drawn from MAE's they mask the object (the placement table below): here the "
+        "class-token attention AMT reads rests on the background in a SimMIM encoder. With its first refresh at "
+        "two thirds of the run (`simmim_amt_late`, a diagnostic arm) it fine-tunes level with SimMIM, above "
+        "`simmim_amt` beyond the spread, and its masks still leave the object visible in every seed: the early "
+        "refresh makes the misplaced masks cost more, and moving it does not place them."
+    ),
+    "simmim_amt_late": (
+        "a diagnostic, not the paper's schedule (see `simmim_amt`): random cells for two thirds of the run, then "
+        "AMT's masks, which leave the object visible in every seed. On the linear probe it is under the bar, as "
+        "SimMIM itself is, and within the spread of SimMIM and of its control; it fine-tunes level with both."
     ),
 }
 """Self-supervised arms measured below :data:`BAR` at the study's setting, each with what the study measured of
@@ -1086,16 +1111,23 @@ def reading_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
 def placement_table(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> str:
     """Per arm with patch masks, where its trained masks land (:func:`~masklab.tools.placement.mask_placement`,
     recorded as each run's ``placement``): the object's mean share of the cells it masks, throws and keeps
-    visible, and of all cells, mean over seeds (± std for the masked cells); empty without any."""
+    visible, and of all cells, mean over seeds (± std for the masked cells); empty without any. Under a
+    baseline, a row per mask of :data:`BASELINE_MASKS` drawn from its checkpoints (``placement_of``)."""
     lines = [
         "| arm | masked (mean ± std) | thrown | visible | all cells | seeds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for arm in arms:
-        placed = [r["placement"] for r in result.runs.get(arm.name, {}).values() if r.get("placement")]
+        runs = result.runs.get(arm.name, {}).values()
+        rows.append((arm.name, [r["placement"] for r in runs if r.get("placement")]))
+        for mask in BASELINE_MASKS.get(arm.name, ()):
+            of = [r["placement_of"][mask] for r in runs if (r.get("placement_of") or {}).get(mask)]
+            rows.append((f"{mask}'s mask from {arm.name}'s checkpoints", of))
+    for label, placed in rows:
         if not placed:
             continue
-        cells = [arm.name]
+        cells = [label]
         for state in ("masked", "thrown", "visible", "all"):
             values = [p[state] for p in placed if state in p]
             if not values:
@@ -1207,7 +1239,9 @@ def study_markdown(
             "Where each arm's trained masks land: its own mask stage, guided by its final checkpoint, drawn over "
             f"the first {PLACEMENT_IMAGES} held-out images (whole), and the object's mean share of the cells in "
             "each state (`masklab.tools.placement`). A random mask gives every state the share of all cells; the "
-            "informed masks of AMT and AttMask rest on masking the object more than that:",
+            "informed masks of AMT and AttMask rest on masking the object more than that. Under MAE and SimMIM, "
+            "where their AMT variant's mask would land guided by the baseline's own trained checkpoints "
+            "(`BASELINE_MASKS`), apart from what training under that mask does to the encoder:",
             "",
             placements.rstrip(),
             "",

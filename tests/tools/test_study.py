@@ -3,7 +3,7 @@ import json
 import pytest
 
 from masklab.recipes.demo import RunScores
-from masklab.tools import study
+from masklab.tools import placement, study
 from masklab.tools.study import STUDY_ARMS, Arm, run_study, study_table
 
 pytestmark = pytest.mark.ffcv
@@ -125,7 +125,15 @@ def test_placement_table_by_hand_and_in_the_readme_text():
     placed = {"visible": 0.3, "masked": 0.1, "thrown": 0.2, "all": 0.2}
     result = RunScores(
         runs={
-            "mae": {"0": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": {"visible": 0.2, "masked": 0.2}}},
+            "mae": {
+                "0": {
+                    "knn": 0.1,
+                    "linear": 0.2,
+                    "updates": 4,
+                    "placement": {"visible": 0.2, "masked": 0.2},
+                    "placement_of": {"mae_amt": placed},
+                }
+            },
             "mae_amt": {
                 "0": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": placed},
                 "1": {"knn": 0.1, "linear": 0.2, "updates": 4, "placement": {**placed, "masked": 0.3}},
@@ -138,11 +146,12 @@ def test_placement_table_by_hand_and_in_the_readme_text():
     # mae_amt's masked shares 0.1 and 0.3: mean 0.2, std 0.141; mae recorded no thrown cells nor all.
     assert lines[2:] == [
         "| mae | 0.200 ± 0.000 |  | 0.200 |  | 1 |",
+        "| mae_amt's mask from mae's checkpoints | 0.100 ± 0.000 | 0.200 | 0.300 | 0.200 | 1 |",
         "| mae_amt | 0.200 ± 0.141 | 0.200 | 0.300 | 0.200 | 2 |",
     ]
     assert "Where each arm's trained masks land" in study.study_markdown(result, arms, plot=None)
     for run in (*result.runs["mae"].values(), *result.runs["mae_amt"].values()):
-        run.pop("placement")
+        run.pop("placement"), run.pop("placement_of", None)
     assert study.placement_table(result, arms) == ""  # recorded before placements were: no table
     assert "Where each arm's trained masks land" not in study.study_markdown(result, arms, plot=None)
 
@@ -154,24 +163,30 @@ def test_runs_get_their_placement_and_runs_recorded_before_get_it_on_resume(tmp_
         calls.append(arm.name if arm else f"random_{family}")
         return {"knn": 0.5, "linear": 0.25, "updates": 0 if arm is None else 4, "checkpoint": f"{run_out.name}/ck"}
 
-    def fake_placement(checkpoint):
-        placed.append(str(checkpoint))
-        return {"masked": 0.5, "all": 0.25}
+    def fake_placement(checkpoint, background, mask_of=None):
+        placed.append((str(checkpoint), mask_of))
+        return {"masked": 0.5 if mask_of is None else 0.125, "all": 0.25}
 
     monkeypatch.setattr(study, "_run_one", fake)
     monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
-    monkeypatch.setattr(study, "_placement", fake_placement)
+    monkeypatch.setattr(placement, "mask_placement", fake_placement)
     run_study(["mae"], out=tmp_path, quick=True, log=lambda *_: None)
-    assert placed == ["mae-seed0/ck"]  # the arm's, not the random-init row's
+    # The arm's own masks, not the random-init row's; and, MAE being a baseline, AMT's drawn from its checkpoint.
+    assert placed == [("mae-seed0/ck", None), ("mae-seed0/ck", "mae_amt")]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"]["mae"]["0"]["placement"] == {"masked": 0.5, "all": 0.25}
+    assert saved["runs"]["mae"]["0"]["placement_of"] == {"mae_amt": {"masked": 0.125, "all": 0.25}}
     assert "placement" not in saved["runs"]["random_vit"]["0"] and "checkpoint" not in saved["runs"]["mae"]["0"]
-    del saved["runs"]["mae"]["0"]["placement"]
+    del saved["runs"]["mae"]["0"]["placement_of"]
     (tmp_path / "results.json").write_text(json.dumps(saved))
     monkeypatch.setattr(study, "_last_checkpoint", lambda run_out: f"{run_out.name}/last")
     run_study(["mae"], out=tmp_path, quick=True, log=lambda *_: None)
-    assert calls == ["random_vit", "mae"] and placed[1:] == ["mae-seed0/last"]  # measured, not trained again
-    assert json.loads((tmp_path / "results.json").read_text())["runs"]["mae"]["0"]["placement"]["masked"] == 0.5
+    assert calls == ["random_vit", "mae"]  # measured, not trained again
+    assert placed[2:] == [("mae-seed0/last", None), ("mae-seed0/last", "mae_amt")]
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["runs"]["mae"]["0"]["placement_of"]["mae_amt"]["masked"]
+        == 0.125
+    )
 
 
 def test_reading_says_above_only_beyond_the_seed_spread_and_checks_the_bar():
@@ -244,7 +259,7 @@ def test_a_run_recorded_before_masklab_gained_a_setting_at_its_default_is_kept(t
 
     monkeypatch.setattr(study, "_run_one", fake)
     monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
-    monkeypatch.setattr(study, "_placement", lambda checkpoint: None)
+    monkeypatch.setattr(study, "_placements", lambda arm, checkpoint: {"placement": None})
     recipe = tmp_path / "my_simmim.yaml"
     recipe.write_text("task: pretrain\nobjective:\n  name: simmim\nmask:\n  name: simmim\n")
     run_study([str(recipe)], out=tmp_path, quick=True, log=lambda *_: None)
