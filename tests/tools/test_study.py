@@ -151,7 +151,8 @@ def test_placement_table_by_hand_and_in_the_readme_text():
     ]
     assert "Where each arm's trained masks land" in study.study_markdown(result, arms, plot=None)
     for run in (*result.runs["mae"].values(), *result.runs["mae_amt"].values()):
-        run.pop("placement"), run.pop("placement_of", None)
+        run.pop("placement")
+        run.pop("placement_of", None)
     assert study.placement_table(result, arms) == ""  # recorded before placements were: no table
     assert "Where each arm's trained masks land" not in study.study_markdown(result, arms, plot=None)
 
