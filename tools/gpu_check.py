@@ -39,6 +39,9 @@ GPU_RECIPES: dict[str, list[str]] = {
     "mixmask_moco": [*_R50, "data.batch_size=256"],
     "maskdeep": [*_R50, "mask.strides=[8, 16, 32]", "data.batch_size=128"],
 }
+GPU_STUDY_ARMS = ("mae", "mae_amt")
+"""The study's arms the check runs at the GPU preset (with the random-init ViT): the whole preset outlasts a lease."""
+
 _VIT_TINY = ["model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
 _TINY_DECODER = ["objective.decoder_dim=32", "objective.decoder_depth=1"]
 _CNN_TINY = ["model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}"]
@@ -82,6 +85,26 @@ class CheckResult:
         saved = json.loads(Path(path).read_text())
         steps = [StepResult(**step) for step in saved["steps"]]
         return cls(device=saved["device"], torch=saved["torch"], date=saved["date"], steps=steps)
+
+    @classmethod
+    def merge(cls, results: list[CheckResult]) -> CheckResult:
+        """One check from the calls a device lease split it into (``--skip study``, then ``--only study``).
+
+        The steps keep the order of the calls; a step run again in a later call replaces the earlier one in its
+        place. The date is the last call's.
+
+        Raises:
+            ValueError: no results, or results from different devices or torch versions (one report names one).
+        """
+        if not results:
+            raise ValueError("merge needs at least one gpu.json")
+        machines = sorted({(r.device, r.torch) for r in results})
+        if len(machines) > 1:
+            raise ValueError(f"cannot merge checks from different devices or torch versions: {machines}")
+        steps: dict[str, StepResult] = {}
+        for result in results:
+            steps.update((step.name, step) for step in result.steps)
+        return cls(device=results[0].device, torch=results[0].torch, date=results[-1].date, steps=list(steps.values()))
 
 
 def run_step(
@@ -315,6 +338,9 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
     study = [python, "-m", "masklab.recipes.cli", "study", "--preset", "gpu", "--out", "{tmp}/study"]
     if on_cpu:  # the preset's path (built-in source, loader workers, fine-tuning) on 512 images, two arms
         study += ["--quick", "--recipes", "mae", "moco"]
+    else:  # what fits a lease after the other steps: on an H200 each row took about 90 s (docs/gpu.md), the
+        # whole preset (every arm) some 40 minutes; MAE and MAE-AMT, whose CPU study left AMT under the bar
+        study += ["--recipes", *GPU_STUDY_ARMS]
     steps.append(("study (gpu preset)", study, 300 if on_cpu else 420, "study/results.json"))
     return steps
 
@@ -337,11 +363,26 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write this README's gpu section from a saved check (--report, default {README_FIGURES}); runs nothing",
     )
     parser.add_argument("--report", default=README_FIGURES, help="the gpu.json that --readme reads")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="GPU_JSON",
+        help="write one report to --out from the gpu.json of calls that split a check (in order); runs nothing",
+    )
     parser.add_argument("--time-recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_recipe:
         time_recipe(args.time_recipe, args.device, args.json)
+        return 0
+    if args.merge:
+        try:
+            merged = CheckResult.merge([CheckResult.load(Path(path)) for path in args.merge])
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--merge: {error}")
+        markdown, _ = write_report(merged, Path(args.out))
+        print(f"report: {markdown} ({'passed' if merged.passed else 'FAILED'}), from {len(args.merge)} checks")
         return 0
     if args.readme:
         from masklab.tools.readme import update_readme

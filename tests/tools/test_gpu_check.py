@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from masklab.tools.gpu_check import (
     GPU_RECIPES,
     CheckResult,
@@ -51,6 +53,33 @@ def test_report_names_the_device_every_step_and_the_figures(tmp_path):
     assert report_markdown(CheckResult("cpu", "2.14", steps=fake_result().steps[:1])).count("all steps passed") == 1
 
 
+def test_merge_joins_the_calls_of_a_split_check_in_order_a_rerun_step_in_its_place(tmp_path):
+    from masklab.tools.gpu_check import main
+
+    first, second = fake_result(), fake_result()
+    second.date = "2026-11-26T12:10:00"
+    second.steps = [
+        StepResult("train moco", ["python"], "passed", 40.0),  # the step that timed out, rerun
+        StepResult("study (gpu preset)", ["python"], "passed", 300.0),
+    ]
+    for folder, result in (("a", first), ("b", second)):
+        write_report(result, tmp_path / folder)
+    paths = [str(tmp_path / folder / "gpu.json") for folder in ("a", "b")]
+    assert main(["--merge", *paths, "--out", str(tmp_path / "merged")]) == 0
+    merged = CheckResult.load(tmp_path / "merged" / "gpu.json")
+    assert [(s.name, s.status) for s in merged.steps] == [
+        ("benchmark masks", "passed"),
+        ("train moco", "passed"),
+        ("study (gpu preset)", "passed"),
+    ]
+    assert merged.passed and merged.date == "2026-11-26T12:10:00" and merged.device == first.device
+    assert merged.steps[0].figures == first.steps[0].figures
+    other = fake_result()
+    other.device = "NVIDIA H200"
+    with pytest.raises(ValueError, match="different devices.*NVIDIA H200"):
+        CheckResult.merge([first, other])
+
+
 def test_run_step_reports_failure_timeout_and_a_missing_json(tmp_path):
     quiet = {"log": lambda *_: None}
     ok = run_step("ok", [sys.executable, "-c", "print('hi')"], 30, **quiet)
@@ -98,7 +127,10 @@ def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
     }
     assert all(command[command.index("--device") + 1] == "cuda" for _, command, *_ in gpu[1:-1])
     assert gpu[0][1][-1] == "device" and cpu[0][1][-1] == "device and not slow"
-    assert names[-1] == "study (gpu preset)" and gpu[-1][1][-4:] == ["--preset", "gpu", "--out", "{tmp}/study"]
+    assert names[-1] == "study (gpu preset)" and gpu[-1][1][-7:] == [
+        *("--preset", "gpu", "--out", "{tmp}/study"),
+        *("--recipes", "mae", "mae_amt"),
+    ]
     assert cpu[-1][1][-5:] == ["{tmp}/study", "--quick", "--recipes", "mae", "moco"]
     # Each step's cap lies above its time on an H100 (docs/gpu.md: tests 109 s, a recipe's timing 30-35 s,
     # the hierarchy benchmark past 55 s at 7 repeats, so --quick there); --deadline fits the check to a call.
