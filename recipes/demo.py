@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "DEMO_OVERRIDES",
+    "MEAN_POOLED_VIT",
     "README_FIGURES",
     "RunScores",
     "crop_picture_inputs",
@@ -41,8 +42,13 @@ README_FIGURES = "docs/demo.json"
 
 DEMO_EPOCHS = 30
 
+MEAN_POOLED_VIT = "model.kwargs={depth: 4, global_pool: avg, fc_norm: false}"
+"""The demo's and the study's ViT: timm's ViT-tiny with 4 blocks, read through the mean of its patch tokens
+after the final norm (timm's ``global_pool: avg`` with ``fc_norm: false``: the same weights as the default
+class-token model, so nothing changes in training; only what evaluation and fine-tuning read)."""
+
 DEMO_OVERRIDES = [
-    "model.kwargs={depth: 4, global_pool: avg, fc_norm: false}",
+    MEAN_POOLED_VIT,
     "data.batch_size=128",
     "data.num_workers=2",
     "optim.lr=1.5e-3",

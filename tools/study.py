@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from masklab.recipes.demo import RunScores
+from masklab.recipes.demo import MEAN_POOLED_VIT, RunScores
 
 from .placement import PLACEMENT_IMAGES
 
@@ -52,7 +52,11 @@ __all__ = [
 README_PLOT = "docs/study.png"
 README_FIGURES = "docs/study.json"
 
-VIT = ("model.kwargs={depth: 4}",)
+# The ViT arms are read (kNN, linear probe, fine-tuning) through the mean of the patch tokens, as the demo is, and
+# as MAE (main_finetune's global_pool) and SimMIM (USE_MEAN_POOLING) fine-tune: no MIM loss reads the class token.
+# Our choice beyond the references: the pretrained final norm is kept, per token, before the mean (they pool first
+# and train a fresh norm), and the linear probe reads the mean too (MAE's main_linprobe reads the class token).
+VIT = (MEAN_POOLED_VIT,)
 CNN = ("model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",)
 SUPERVISED = (*CNN, "model.small_stem=true", "objective.erase_ratio=0.0")
 
@@ -288,10 +292,14 @@ GPU_PRESET = {"length": 50000, "epochs": 6, "seeds": (0,), "batch_size": 256, "n
 processes (at most one per CPU) on the machine's CPUs and gathered on the device per batch
 (``data.in_memory``, ``DatasetLoader``: no ``.beton`` to write, no FFCV needed), batch 256, 6 epochs (1170
 updates an arm), bf16 where the device has it (``optim.mixed_precision=auto``), one seed; fine-tuning on the
-first 5000 training images, tested on the first 1250 test images. About six minutes on one H100 is the aim.
-The first run on an H100 (``docs/gpu.md``, 2026-11-27) generated the images per epoch in 12 loader workers
-and spent 84 s on the random CNN row alone (two evaluation passes, no training); hence the one generation
-into memory. The whole preset's time on a GPU is not measured yet."""
+first 5000 training images, tested on the first 1250 test images. The first run on an H100 (2026-11-27)
+generated the images per epoch in 12 loader workers and spent 84 s on the random CNN row alone (two evaluation
+passes, no training); hence the one generation into memory. On an H200 with it (``docs/gpu.md``, 2026-11-27,
+class-token pooling then) the random CNN row took 42 s (the generation included), the random ViT 90 s and MAE
+89 s (1170 updates, evaluation and fine-tuning): the whole preset, one seed of every arm, is some 40 minutes
+there, longer than a device lease, so ``make gpu-check`` runs MAE and MAE-AMT alone
+(``masklab.tools.gpu_check.GPU_STUDY_ARMS``). At that scale MAE's kNN and linear probe were double random
+init's, one seed."""
 
 PRESETS = ("cpu", "gpu")
 

@@ -86,6 +86,28 @@ def test_the_simmim_amt_arm_has_simmims_cells_and_the_authors_refresh_schedule()
     )
 
 
+def test_the_study_reads_its_vits_through_the_mean_of_the_normed_patch_tokens():
+    # Evaluation, fine-tuning and the random-init row all take study.VIT: features are the patch tokens' mean
+    # after the final norm (not the class token), and the weights are the class-token model's (no fc_norm).
+    import timm
+    import torch
+
+    from masklab.recipes.build import build_model, encoder_of
+    from masklab.recipes.config import load_config
+
+    cfg = load_config("mae", [*study.VIT, "data.resolution=32"])
+    torch.manual_seed(0)
+    backbone = encoder_of(build_model(cfg).eval())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.model.forward_features(images)  # after the final norm
+        features = backbone(images)
+    assert torch.allclose(features, tokens[:, backbone.model.num_prefix_tokens :].mean(1), atol=1e-6)
+    assert not torch.allclose(features, tokens[:, 0], atol=1e-3)
+    plain = timm.create_model(cfg.model.backbone, img_size=32, patch_size=4, depth=4, num_classes=0)
+    assert set(backbone.model.state_dict()) == set(plain.state_dict())
+
+
 def test_table_means_spreads_and_differences_by_hand():
     result = RunScores(
         runs={
