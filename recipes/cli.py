@@ -235,6 +235,7 @@ def _study(args: argparse.Namespace) -> int:
             quick=args.quick,
             preset=args.preset,
             jobs_at_once=args.jobs,
+            start_from=Path(args.start_from) if args.start_from else None,
         )
     print((out / "results.md").read_text())
     if args.readme:
@@ -498,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     study.add_argument("--readme", default=None, help="also replace this README's study section with the table")
+    study.add_argument(
+        "--start-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="when --out has no results.json yet, start from this saved study's runs (e.g. docs/study.json on a "
+        "fresh clone): those recorded as they are now are kept, the rest trained; its settings must be the study's",
+    )
     study.add_argument(
         "--from-results",
         action="store_true",

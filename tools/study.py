@@ -356,6 +356,7 @@ def run_study(
     log=print,
     preset: str = "cpu",
     jobs_at_once: int = 1,
+    start_from: Path | None = None,
 ) -> RunScores:
     """Train every arm with every seed on the study's shapes, evaluate kNN and a linear probe (and fine-tuning).
 
@@ -372,6 +373,10 @@ def run_study(
         jobs_at_once: runs trained at once, each in its own process with its share of the CPU cores
             (:func:`_pool`); 1 (the default) trains them one after another in this process. On a small CPU
             machine two small runs side by side use the cores better than one run with every core.
+        start_from: a saved study (``results.json``, or :data:`README_FIGURES` on a fresh clone) whose runs
+            ``out`` starts from when it holds no ``results.json`` yet: its runs recorded as they are now are
+            kept, the rest trained. Its settings must be this study's (:class:`ValueError` otherwise). The runs
+            it brings have no checkpoints in ``out``; they carry all that the report reads.
 
     Each run records its scores, its updates, its training time and images per second. Masked-image arms
     (and the random-init ViT) are also fine-tuned on a labelled tenth (:data:`FINETUNE`). An arm with
@@ -410,6 +415,12 @@ def run_study(
     settings["preset"] = preset
     settings["data"] = {**STUDY_DATA, "length": length}
     path = out / "results.json"
+    if start_from is not None and not path.exists():
+        earlier = RunScores.load(start_from)
+        if earlier.settings != settings:
+            changed = sorted(k for k in {*settings, *earlier.settings} if settings.get(k) != earlier.settings.get(k))
+            raise ValueError(f"start_from {start_from} was recorded under other settings (differing: {changed})")
+        RunScores(runs=earlier.runs, settings=settings).save(path)
     result = RunScores.load_or_new(path, settings)
     families = {arm.family for arm in chosen}
     _LOADERS.clear()  # this study's data: built again

@@ -346,7 +346,8 @@ def test_bad_arm_and_epochs_are_clear_errors(tmp_path):
         run_study(["mae"], out=tmp_path, epochs=0)
 
 
-def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
+def _record_calls(monkeypatch) -> list[str]:
+    """Stub the study's training: each run asked for is recorded by name and scores the same."""
     calls = []
 
     def fake(arm, family, seed, common, run_out, loaders):
@@ -355,6 +356,11 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
 
     monkeypatch.setattr(study, "_run_one", fake)
     monkeypatch.setattr(study, "_finetune", lambda *args: 0.5)
+    return calls
+
+
+def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
+    calls = _record_calls(monkeypatch)
     run_study(["mae", "moco"], out=tmp_path, quick=True, log=lambda *_: None)
     assert calls == ["random_cnn", "random_vit", "mae", "moco"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -377,6 +383,25 @@ def test_done_runs_are_kept_and_changed_settings_rerun(tmp_path, monkeypatch):
     mae = study._arm_for("mae")
     assert study.arm_fingerprint(mae, ["data.in_memory=true"]) == study.arm_fingerprint(mae, [])
     assert study.arm_fingerprint(mae, ["data.length=100"]) != study.arm_fingerprint(mae, [])
+
+
+def test_a_fresh_folder_starts_from_a_saved_study_and_trains_only_what_it_lacks(tmp_path, monkeypatch):
+    # A fresh clone has docs/study.json but no runs/study: the recorded runs are kept, the rest trained.
+    calls = _record_calls(monkeypatch)
+    quiet = {"quick": True, "log": lambda *_: None}
+    run_study(["mae"], out=tmp_path / "a", **quiet)
+    assert calls == ["random_vit", "mae"]
+    saved = tmp_path / "a" / "results.json"
+    # The saved study names its data by its folder: the same folder, as a fresh clone's runs/study is.
+    fresh = tmp_path / "a"
+    saved = saved.rename(tmp_path / "saved.json")
+    run_study(["mae", "moco"], out=fresh, start_from=saved, **quiet)
+    assert calls[2:] == ["random_cnn", "moco"]  # mae and random_vit came from the saved study
+    runs = json.loads((fresh / "results.json").read_text())["runs"]
+    assert set(runs) == {"random_vit", "mae", "random_cnn", "moco"} and runs["mae"]["0"]["knn"] == 0.5
+    with pytest.raises(ValueError, match=r"recorded under other settings \(differing: \['common'\]\)"):
+        run_study(["mae"], out=tmp_path / "c", start_from=saved, overrides=["optim.lr=1e-3"], **quiet)
+    assert not (tmp_path / "c" / "results.json").exists()
 
 
 @pytest.mark.slow
