@@ -129,9 +129,14 @@ def test_readme_study_section_is_the_study_of_its_figures():
     assert set(below) <= set(study.BELOW_BAR), "below the bar with no reading: " + ", ".join(below)
     done = [a for a in study.STUDY_ARMS if a.name in study.BELOW_BAR and set(result.runs.get(a.name, {})) == seeds]
     assert all(arm.name in below for arm in done), "a reading for an arm that clears the bar"
-    if "mae_amt" in below:  # what its reading says: its control clears the bar and is above it beyond the spread
+    if "mae_amt" in below:  # what its reading says: level with random init on the probe, below it fine-tuned
+        assert "within the spread" in study.verdict(result, "mae_amt", "random_vit", "linear")
+        assert ", below (spread" in study.verdict(result, "mae_amt", "random_vit", "finetune")
+    if "mae_amt" in below and set(result.runs.get("mae_random_throw", {})) == seeds:  # once its control is in:
+        # what its reading says, the control clears the bar and is above it beyond the spread
         assert study.bar_gain(result, study._arm_for("mae_random_throw")) >= study.BAR
-        assert ", below (spread" in study.verdict(result, "mae_amt", "mae_random_throw", "linear")
+        for metric in ("knn", "linear"):
+            assert ", below (spread" in study.verdict(result, "mae_amt", "mae_random_throw", metric), metric
         if set(result.runs.get("mae_amt_late", {})) == seeds:  # and with a late first refresh: clears, level
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):

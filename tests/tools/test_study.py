@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -469,8 +470,13 @@ def test_a_study_in_progress_names_the_arms_still_to_run_and_the_cli_reports_it_
     result.save(tmp_path / "results.json")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- study:start -->\nold\n<!-- study:end -->\n")
+    # No curves drawn in --out (a fresh clone): the section keeps the README's committed budget curves.
+    committed = tmp_path / study.README_CURVE_FIGURES
+    committed.parent.mkdir()
+    committed.write_text((Path(study.__file__).parents[1] / study.README_CURVE_FIGURES).read_text())
     assert main(["study", "--from-results", "--out", str(tmp_path), "--readme", str(readme)]) == 0
     section = readme.read_text()
+    assert "Budget curves (kNN / linear;" in section and "| mae | " in section
     assert (
         "still to run at this setting: mae_amt, mae_random_throw, mae_amt_late, simmim" in section
         and "old" not in section
