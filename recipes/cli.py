@@ -240,11 +240,11 @@ def _study(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text())
     if args.readme:
         copies = {out / "results.png": study.README_PLOT, out / "results.json": study.README_FIGURES}
-        committed = Path(args.readme).parent / study.README_CURVE_FIGURES
         if (out / "curves.json").exists():
             curves = study.RunScores.load(out / "curves.json")
             copies.update({out / "curves.png": study.README_CURVES, out / "curves.json": study.README_CURVE_FIGURES})
         else:  # no curves drawn in --out (a fresh clone's study): the README keeps the committed ones
+            committed = Path(args.readme).parent / study.README_CURVE_FIGURES
             curves = study.RunScores.load(committed) if committed.exists() else None
         markdown = study.study_markdown(result, plot=study.README_PLOT, curves=curves)
         readme.update_readme(Path(args.readme), "study", markdown, copies)
