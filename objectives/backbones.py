@@ -14,7 +14,7 @@ unfused path), never by re-implementing a block.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +101,22 @@ def sincos_pos_embed(
 
 
 @contextlib.contextmanager
-def _attention_probe(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+def _attention_probe(
+    blocks: list[nn.Module], read: Callable[[torch.Tensor], None] | None = None
+) -> Iterator[list[torch.Tensor]]:
     """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass.
 
     timm's ``AttentionExtract`` hooks the same ``attn_drop`` modules, but its hooks stay on and it
     leaves fused attention (whose path never calls ``attn_drop``) as it is; the guides run mid-training,
     so this probe turns fusion off for the one pass and puts everything back.
+
+    Args:
+        blocks: the blocks to read.
+        read: called with each block's attention as the pass reaches it, instead of keeping it in the
+            yielded list (so a reduction over blocks holds one block's maps at a time).
     """
     captured: list[torch.Tensor] = []
+    keep = captured.append if read is None else read
     handles, fused = [], []
     for block in blocks:
         attn = block.attn
@@ -116,7 +124,7 @@ def _attention_probe(blocks: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
             raise ValueError(f"{type(attn).__name__} has no attn_drop to read attention from")
         fused.append(getattr(attn, "fused_attn", False))
         attn.fused_attn = False  # the unfused path materialises the softmax attention
-        handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out)))
+        handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: keep(out)))
     try:
         yield captured
     finally:
@@ -272,12 +280,24 @@ class ViTBackbone(nn.Module):
 
     @torch.no_grad()
     def affinity(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch-to-patch softmax attention summed over layers and heads, symmetrised: ``(B, N, N)``."""
-        with _attention_probe(list(self.model.blocks)) as captured:
-            self._encode(self.embed(images))
+        """Patch-to-patch softmax attention summed over layers and heads, symmetrised: ``(B, N, N)``.
+
+        Each block's maps are added to a float32 total as the pass reaches them, so the pass holds one
+        block's ``(B, heads, T, T)`` attention at a time, not every block's.
+        """
         p = self.num_prefix
-        total = torch.stack([a[:, :, p:, p:].float().sum(dim=1) for a in captured]).sum(dim=0)
-        return (total + total.transpose(1, 2)) / 2
+        total: list[torch.Tensor] = []
+
+        def add(attn: torch.Tensor) -> None:
+            part = attn[:, :, p:, p:].float().sum(dim=1)
+            if total:
+                total[0] += part
+            else:
+                total.append(part)
+
+        with _attention_probe(list(self.model.blocks), add):
+            self._encode(self.embed(images))
+        return (total[0] + total[0].transpose(1, 2)) / 2
 
 
 def _resize(maps: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:

@@ -12,9 +12,11 @@ abilities they declare (:mod:`masklab.transforms.protocols`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,10 +77,18 @@ class TrainResult:
     stages: torch.nn.Module | None = None  # the loader's stage chain, with its state (AMT's cache)
 
 
-def bind_guidance(stages, objective) -> int:
+def bind_guidance(stages, objective, autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
     """Hand each :class:`~masklab.transforms.protocols.GuidedStage` its guide: the objective's ``guidance(kind)``.
 
     Stages never import a model; the loop binds them. Returns how many stages were bound.
+
+    Args:
+        stages: the loader's stage chain.
+        objective: the (unwrapped) objective.
+        autocast: a context factory the guide runs under (the loop passes ``accelerator.autocast``, so the
+            guide's forward pass runs at the training step's precision; the stage runs outside the model's
+            wrapped ``forward``, where Accelerate's autocast does not reach). The guide's maps come back as
+            float32 either way. ``None``: the guide as the objective gives it.
 
     Raises:
         ValueError: a stage needs guidance and the objective offers none.
@@ -91,9 +101,20 @@ def bind_guidance(stages, objective) -> int:
             raise ValueError(
                 f"{type(stage).__name__} needs {stage.guide_kind!r} guidance but {type(objective).__name__} offers none"
             )
-        stage.bind(objective.guidance(stage.guide_kind))
+        guide = objective.guidance(stage.guide_kind)
+        stage.bind(guide if autocast is None else _under(guide, autocast))
         bound += 1
     return bound
+
+
+def _under(guide, autocast: Callable[[], contextlib.AbstractContextManager]):
+    """``guide`` run inside ``autocast()``, its maps as float32."""
+
+    def guide_under_autocast(images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        with autocast():
+            return guide(images, grid).float()
+
+    return guide_under_autocast
 
 
 def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str, epoch: int) -> int:
@@ -312,7 +333,7 @@ def _train(cfg: TrainConfig, accelerator, resume: Checkpoint | None) -> TrainRes
     bad, skips = [False], 0  # run.skip_nonfinite: this update saw a non-finite loss; updates skipped so far
     monitor, monitor_due = KnnMonitor(cfg, accelerator, family), False
     last_checkpoint = resume.path if resume is not None else None  # a run resumed at its end ends there
-    bind_guidance(loader.chain, raw)
+    bind_guidance(loader.chain, raw, accelerator.autocast)
     set_progress(loader.chain, update / total)
     model.train()
     while update < stop_at:

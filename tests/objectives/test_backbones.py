@@ -64,6 +64,24 @@ def test_affinity_is_symmetric_with_the_documented_shape(name):
     assert not aff.requires_grad
 
 
+def test_vit_affinity_is_each_blocks_patch_attention_summed_over_heads_and_blocks():
+    torch.manual_seed(0)
+    vit = ViTBackbone.from_name("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=3).eval()
+    images = torch.rand(2, 3, 16, 16)
+    expected = torch.zeros(2, 16, 16)
+    with torch.no_grad():
+        x = vit.embed(images)
+        for block in vit.model.blocks:  # each block's softmax(q k^T / sqrt(d)) by hand, then the block
+            attn = block.attn
+            q, k, _ = attn.qkv(block.norm1(x)).view(2, 17, 3, attn.num_heads, attn.head_dim).unbind(2)
+            q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2))
+            probs = (q @ k.transpose(-2, -1) * attn.head_dim**-0.5).softmax(dim=-1)
+            expected += probs[:, :, 1:, 1:].sum(dim=1)
+            x = block(x)
+    torch.testing.assert_close(vit.affinity(images), (expected + expected.transpose(1, 2)) / 2)
+    assert all(block.attn.fused_attn for block in vit.model.blocks)  # restored after the probe
+
+
 def test_cnn_saliency_is_on_the_grid_in_unit_range():
     cnn = CNNBackbone.from_name("resnet18")
     s = cnn.saliency(torch.rand(3, 3, 64, 64), grid=(8, 8))

@@ -58,6 +58,39 @@ def test_hooks():
     torch.testing.assert_close(objective.teacher.module.weight, before + 1.0)
 
 
+def test_the_guide_runs_under_the_steps_autocast_and_its_maps_come_back_float32():
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+
+    computed = []
+
+    class Objective(nn.Module):
+        def guidance(self, kind):
+            def guide(images, grid=None):
+                maps = torch.nn.functional.linear(images, torch.ones(4, 4))
+                computed.append(maps.dtype)
+                return maps
+
+            return guide
+
+    stage = GuidedStage()
+    assert bind_guidance(Chain([stage]), Objective(), autocast) == 1
+    maps = stage.guide(torch.ones(2, 3, 4, 4))
+    assert entered == [True] and computed == [torch.bfloat16]  # the guide's pass ran under the autocast
+    assert maps.dtype == torch.float32 and maps.eq(4.0).all()
+    plain = GuidedStage()
+    bind_guidance(Chain([plain]), Objective())
+    plain.guide(torch.ones(2, 3, 4, 4))
+    assert entered == [True] and computed == [torch.bfloat16, torch.float32]  # no autocast given: as it is
+
+
 def test_a_guided_stage_without_guidance_is_an_error():
     import pytest
 
