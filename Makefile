@@ -29,12 +29,17 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# TEST_WORKERS: pytest-xdist processes (one a core here: the suite is mostly single-threaded work, imports,
+# numba compiles and subprocesses, so two processes use two cores better than torch's threads in one).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/masklab demo
