@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -109,11 +110,24 @@ def test_the_source_checkout_benchmarks_are_found_and_take_json():
     assert folder == BENCHMARKS
     names = [p.stem for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")]
     assert names == ["hierarchy", "loader", "maskdeep_groups", "masks", "memory", "throwing"]
-    for name in names:
-        usage = subprocess.run(
-            [sys.executable, f"{name}.py", "--help"], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout
-        assert "--json PATH" in usage and "--quick" in usage, name
+    # Each script's own `--help`, all in one process (a process a script paid torch's and timm's imports six times).
+    each_help = (
+        "import contextlib, io, json, runpy, sys\n"
+        "usages = {}\n"
+        "for name in sys.argv[1:]:\n"
+        "    sys.argv, out = [name + '.py', '--help'], io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        runpy.run_path(name + '.py', run_name='__main__')\n"
+        "    usages[name] = out.getvalue()\n"
+        "print(json.dumps(usages))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", each_help, *names], cwd=folder, capture_output=True, text=True, check=True
+    )
+    usages = json.loads(run.stdout.strip().splitlines()[-1])
+    assert list(usages) == names
+    for name, usage in usages.items():
+        assert f"usage: {name}.py" in usage and "--json PATH" in usage and "--quick" in usage, name
 
 
 @pytest.mark.slow
