@@ -102,7 +102,7 @@ def sincos_pos_embed(
 
 @contextlib.contextmanager
 def _attention_probe(
-    blocks: list[nn.Module], read: Callable[[torch.Tensor], None] | None = None
+    blocks: list[nn.Module], read: Callable[[torch.Tensor], object] | None = None
 ) -> Iterator[list[torch.Tensor]]:
     """Collect each block's softmax attention ``(B, heads, T, T)`` during a forward pass.
 
@@ -112,11 +112,15 @@ def _attention_probe(
 
     Args:
         blocks: the blocks to read.
-        read: called with each block's attention as the pass reaches it, instead of keeping it in the
-            yielded list (so a reduction over blocks holds one block's maps at a time).
+        read: called with each block's attention as the pass reaches it (its return value unused), instead
+            of keeping it in the yielded list (so a reduction over blocks holds one block's maps at a time).
     """
     captured: list[torch.Tensor] = []
     keep = captured.append if read is None else read
+
+    def hook(_module, _inputs, out: torch.Tensor) -> None:  # returns None: a forward hook's value would replace out
+        keep(out)
+
     handles, fused = [], []
     for block in blocks:
         attn = block.attn
@@ -124,7 +128,7 @@ def _attention_probe(
             raise ValueError(f"{type(attn).__name__} has no attn_drop to read attention from")
         fused.append(getattr(attn, "fused_attn", False))
         attn.fused_attn = False  # the unfused path materialises the softmax attention
-        handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: keep(out)))
+        handles.append(attn.attn_drop.register_forward_hook(hook))
     try:
         yield captured
     finally:
@@ -285,19 +289,11 @@ class ViTBackbone(nn.Module):
         Each block's maps are added to a float32 total as the pass reaches them, so the pass holds one
         block's ``(B, heads, T, T)`` attention at a time, not every block's.
         """
-        p = self.num_prefix
-        total: list[torch.Tensor] = []
-
-        def add(attn: torch.Tensor) -> None:
-            part = attn[:, :, p:, p:].float().sum(dim=1)
-            if total:
-                total[0] += part
-            else:
-                total.append(part)
-
-        with _attention_probe(list(self.model.blocks), add):
+        p, (gh, gw) = self.num_prefix, self.grid(images)
+        total = images.new_zeros(images.shape[0], gh * gw, gh * gw, dtype=torch.float32)
+        with _attention_probe(list(self.model.blocks), lambda attn: total.add_(attn[:, :, p:, p:].float().sum(1))):
             self._encode(self.embed(images))
-        return (total[0] + total[0].transpose(1, 2)) / 2
+        return (total + total.transpose(1, 2)) / 2
 
 
 def _resize(maps: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
