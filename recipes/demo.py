@@ -178,8 +178,11 @@ def run_demo(
     extra: Sequence[str] | None = None,
     seed: int = 0,
     pictures: bool = True,
+    length: int = 4000,
 ):
     """Write ``shapes`` (once), pretrain MAE on it, compare its encoder with the same encoder at random init.
+
+    ``length`` training images (the test split has a quarter); ``make demo`` and the README use 4000.
 
     Both encoders are evaluated by kNN and a linear probe on the test split.
     The scores are added to ``out_dir/demo.json`` under ``seed`` (a run with
@@ -199,12 +202,15 @@ def run_demo(
     from .train import evaluate_encoder, train
 
     start = time.perf_counter()
-    data = write_shapes(out_dir)
+    if length < 4:
+        raise ValueError(f"length={length}: the demo needs at least 4 training images (the test split has a quarter)")
+    data = write_shapes(out_dir, length=length)
     settings_overrides = [*DEMO_OVERRIDES, f"run.epochs={epochs or DEMO_EPOCHS}", *(extra or [])]
     overrides = [
         *settings_overrides,
         f"data.train={data['train']}",
         f"data.test={data['test']}",
+        f"data.length={length}",  # in the settings as "length"
         f"run.out={_run_dir(out_dir, seed)}",
         "run.overwrite=true",  # a demo run starts afresh each time
         f"run.device={device}",
@@ -237,7 +243,7 @@ def run_demo(
     scores["mae"].update(seconds=seconds, train_seconds=train_seconds)
     scores["random_vit"]["seconds"] = 0.0
 
-    settings = {"epochs": cfg.run.epochs, "length": 4000, "overrides": settings_overrides}
+    settings = {"epochs": cfg.run.epochs, "length": length, "overrides": settings_overrides}
     demo = RunScores.load_or_new(out_dir / "demo.json", settings)
     for name, values in scores.items():
         demo.runs.setdefault(name, {})[str(seed)] = values

@@ -6,14 +6,16 @@ from masklab.recipes.demo import crop_picture_inputs, demo_markdown, run_demo
 @pytest.mark.ffcv
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_its_figures_and_pictures(tmp_path, capsys):
-    # One epoch here; `make demo` runs 30 (the figures in the README).
-    result = run_demo(out_dir=tmp_path, device="cpu", epochs=1, extra=["data.batch_size=256", "eval.linear_epochs=5"])
+    # One epoch on 1024 images here; `make demo` runs 30 on 4000 (the figures in the README).
+    extra = ["data.batch_size=128", "eval.linear_epochs=5"]
+    result = run_demo(out_dir=tmp_path, device="cpu", epochs=1, extra=extra, length=1024)
     out = capsys.readouterr().out
-    assert (tmp_path / "shapes.beton").exists() and (tmp_path / "shapes-test.beton").exists()
+    assert (tmp_path / "shapes-1024-32px.beton").exists() and (tmp_path / "shapes-1024-32px-test.beton").exists()
     for picture in ("masks.png", "crops.png", "mae/loss.png"):
         assert (tmp_path / picture).exists(), picture
     trained, random = result.runs["mae"]["0"], result.runs["random_vit"]["0"]
-    assert trained["updates"] == 4000 // 256 and random["updates"] == 0
+    assert trained["updates"] == 1024 // 128 and random["updates"] == 0
+    assert result.settings["length"] == 1024
     for scores in (trained, random):
         assert 0 <= scores["knn"] <= 1 and 0 <= scores["linear"] <= 1
     # The printout names both encoders with both metrics, and the gain in one line.
@@ -41,3 +43,9 @@ def test_crop_picture_draws_each_box_over_the_pixels_it_cut(shapes_beton):
     mirrored = torch.where(flips[:, None, None, None], sources.flip(-1), sources)
     wrong = (apply_crop(mirrored, CropParams(boxes, flips), (32, 32)) - crops).abs().mean(dim=(1, 2, 3))
     assert (wrong[flips] > 0.03).all(), wrong
+
+
+def test_demo_refuses_fewer_than_four_images_before_writing_anything(tmp_path):
+    with pytest.raises(ValueError, match="length=3: the demo needs at least 4 training images"):
+        run_demo(out_dir=tmp_path / "demo", device="cpu", length=3)
+    assert not (tmp_path / "demo").exists()

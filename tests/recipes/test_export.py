@@ -20,23 +20,29 @@ RUN += ["eval.at_end=false", "run.epochs=1"]
 VIT = ["model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}", "objective.decoder_dim=32", "objective.decoder_depth=1"]
 CNN = ["objective.proj_hidden=32", "objective.proj_dim=16", "objective.pred_hidden=32"]
 
-# Runs with masklab made unimportable: only timm, torch and safetensors.
+# Runs with masklab made unimportable: only timm, torch and safetensors. Each load, in its own namespace,
+# binds `model`; one process reads them all (each process pays torch's and timm's imports).
 PLAIN_TIMM = """
 import sys
 sys.modules["masklab"] = None
 import timm, torch
-{load}
-model.eval()
-torch.manual_seed(0)
-x = torch.rand(4, 3, {size}, {size})
-with torch.no_grad():
-    torch.save(model(x), sys.argv[1])
+features = []
+for load in {loads!r}:
+    scope = {{"timm": timm, "torch": torch}}
+    exec(load, scope)
+    model = scope["model"].eval()
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, {size}, {size})
+    with torch.no_grad():
+        features.append(model(x))
+torch.save(features, sys.argv[1])
 """
 
 
-def features_in_plain_timm(tmp_path, load: str, size: int) -> torch.Tensor:
+def features_in_plain_timm(tmp_path, loads: list[str], size: int) -> list[torch.Tensor]:
+    """The features of each ``load``'s model (code binding ``model``) on the same input, in one plain-timm process."""
     script, out = tmp_path / "plain.py", tmp_path / "features.pt"
-    script.write_text(PLAIN_TIMM.format(load=textwrap.dedent(load), size=size))
+    script.write_text(PLAIN_TIMM.format(loads=[textwrap.dedent(load) for load in loads], size=size))
     run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(out)
@@ -74,29 +80,33 @@ def test_vit_export_loads_in_plain_timm_with_equal_features(mae_checkpoint, tmp_
     assert config["pretrained_cfg"]["input_size"] == [3, 16, 16]
     assert not any(k.startswith(("decoder", "mask_token", "teacher")) for k in load_file(folder / "model.safetensors"))
     expected = masklab_features(mae_checkpoint, 16)
-    local = features_in_plain_timm(tmp_path, f'model = timm.create_model("local-dir:{folder}", pretrained=True)', 16)
-    torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
-    overlay = features_in_plain_timm(
+    local, overlay = features_in_plain_timm(
         tmp_path,
-        f"""model = timm.create_model("vit_tiny_patch16_224", pretrained=True,
+        [
+            f'model = timm.create_model("local-dir:{folder}", pretrained=True)',
+            f"""model = timm.create_model("vit_tiny_patch16_224", pretrained=True,
             pretrained_cfg_overlay=dict(file="{folder}/model.safetensors"), **{config["model_args"]!r})""",
+        ],
         16,
     )
+    torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(overlay, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("small_stem", [False, True])
 def test_cnn_export_and_its_teacher_load_in_plain_timm(tmp_path, small_stem):
     run = train(load_config("byol", [*RUN, *CNN, f"model.small_stem={small_stem}", f"run.out={tmp_path / 'run'}"]))
+    loads, expected = [], []
     for part in ("encoder", "teacher"):
         folder = export_encoder(run.checkpoint, tmp_path / part, include=part)
         readme = (folder / "README.md").read_text()
         load = readme.split("```python\n")[1].split("```")[0]
         if not small_stem:
             load = load.split("# or")[0]  # the local-dir line
-        torch.testing.assert_close(
-            features_in_plain_timm(tmp_path, load, 16), masklab_features(run.checkpoint, 16, part), atol=1e-6, rtol=0
-        )
+        loads.append(load)
+        expected.append(masklab_features(run.checkpoint, 16, part))
+    for got, want in zip(features_in_plain_timm(tmp_path, loads, 16), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert json.loads((folder / "config.json").read_text()).get("masklab_small_stem", False) is small_stem
 
 
