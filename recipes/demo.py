@@ -195,6 +195,9 @@ def run_demo(
         (``runs["mae"][str(seed)]`` and ``runs["random_vit"][str(seed)]``:
         ``{"knn", "linear", "updates", "seconds"}``).
     """
+    if length < 4:
+        raise ValueError(f"length={length}: the demo needs at least 4 training images (the test split has a quarter)")
+
     from masklab.pipeline import Shapes
 
     from .build import build_loader, build_model, encoder_of, family_of
@@ -202,8 +205,6 @@ def run_demo(
     from .train import evaluate_encoder, train
 
     start = time.perf_counter()
-    if length < 4:
-        raise ValueError(f"length={length}: the demo needs at least 4 training images (the test split has a quarter)")
     data = write_shapes(out_dir, length=length)
     settings_overrides = [*DEMO_OVERRIDES, f"run.epochs={epochs or DEMO_EPOCHS}", *(extra or [])]
     overrides = [

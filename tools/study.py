@@ -985,9 +985,10 @@ BELOW_BAR: dict[str, str] = {
     ),
 }
 """Self-supervised arms measured below :data:`BAR` at the study's setting, each with what the study measured of
-why (no figures: they are in the tables). The ``simmim_amt`` and ``simmim_amt_late`` entries were measured
-at the class-token reading; they are read again as their patch-mean seeds land. The README's study section prints the entry of every arm whose seeds
-are all in and that is below the bar, and its test requires one for each such arm and none for an arm above."""
+why (no figures: they are in the tables). The README's study section prints the entry of every arm whose seeds
+are all in and that is below the bar, and its test requires one for each such arm and none for an arm above.
+The ``simmim_amt`` and ``simmim_amt_late`` entries were measured at the class-token reading; they are read
+again as their patch-mean seeds land."""
 
 
 def bar_gain(result: RunScores, arm: Arm) -> float | None:
