@@ -303,7 +303,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
         "device and not slow" if on_cpu else "device",
     ]
     steps: list[tuple[str, list[str], float, str | None]] = [
-        # On an H100 (docs/gpu.md, 2026-11-27): 244 tests in 109 s.
+        # On an H100: 244 tests in 109 s (2026-11-27), 253 in 80 s (docs/gpu.md, 2026-11-28).
         ("device-aware tests", tests, 180 if on_cpu else 200, None)
     ]
     bench = {
@@ -338,8 +338,9 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
     study = [python, "-m", "masklab.recipes.cli", "study", "--preset", "gpu", "--out", "{tmp}/study"]
     if on_cpu:  # the preset's path (built-in source, loader workers, fine-tuning) on 512 images, two arms
         study += ["--quick", "--recipes", "mae", "moco"]
-    else:  # what fits a lease after the other steps: on an H200 each row took about 90 s (docs/gpu.md), the
-        # whole preset (every arm) some 40 minutes; MAE and MAE-AMT, whose CPU study left AMT under the bar
+    else:  # what fits a lease after the other steps: on an H200 each row took about 90 s
+        # (docs/gpu-h200-2026-11-27.md), the whole preset (every arm) some 40 minutes; MAE and MAE-AMT, whose CPU
+        # study left AMT under the bar
         study += ["--recipes", *GPU_STUDY_ARMS]
     steps.append(("study (gpu preset)", study, 300 if on_cpu else 420, "study/results.json"))
     return steps

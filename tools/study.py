@@ -294,7 +294,7 @@ processes (at most one per CPU) on the machine's CPUs and gathered on the device
 updates an arm), bf16 where the device has it (``optim.mixed_precision=auto``), one seed; fine-tuning on the
 first 5000 training images, tested on the first 1250 test images. The first run on an H100 (2026-11-27)
 generated the images per epoch in 12 loader workers and spent 84 s on the random CNN row alone (two evaluation
-passes, no training); hence the one generation into memory. On an H200 with it (``docs/gpu.md``, 2026-11-27,
+passes, no training); hence the one generation into memory. On an H200 with it (``docs/gpu-h200-2026-11-27.md``,
 class-token pooling then) the random CNN row took 42 s (the generation included), the random ViT 90 s and MAE
 89 s (1170 updates, evaluation and fine-tuning): the whole preset, one seed of every arm, is some 40 minutes
 there, longer than a device lease, so ``make gpu-check`` runs MAE and MAE-AMT alone

@@ -132,10 +132,10 @@ def test_the_plan_runs_every_benchmark_and_recipe_on_the_device():
         *("--recipes", "mae", "mae_amt"),
     ]
     assert cpu[-1][1][-5:] == ["{tmp}/study", "--quick", "--recipes", "mae", "moco"]
-    # Each step's cap lies above its time on an H100 (docs/gpu.md: tests 109 s, a recipe's timing 30-35 s,
+    # Each step's cap lies above its time on an H100 (docs/gpu.md and earlier: tests 109 s, a recipe's timing 30-47 s,
     # the hierarchy benchmark past 55 s at 7 repeats, so --quick there); --deadline fits the check to a call.
     caps = {name: timeout for name, _, timeout, _ in gpu}
-    assert caps["device-aware tests"] >= 1.5 * 109 and all(caps[f"train {r}"] >= 2 * 35 for r in GPU_RECIPES)
+    assert caps["device-aware tests"] >= 1.5 * 109 and all(caps[f"train {r}"] >= 1.5 * 47 for r in GPU_RECIPES)
     assert "--quick" in gpu[names.index("benchmark hierarchy")][1] and caps["benchmark hierarchy"] > 55
 
 
