@@ -1,6 +1,5 @@
 """The README's examples run as written."""
 
-import itertools
 import re
 from pathlib import Path
 
@@ -141,26 +140,20 @@ def test_readme_study_section_is_the_study_of_its_figures():
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):
                 assert "within the spread" in study.verdict(result, "mae_amt_late", other, "linear"), other
-    if "simmim_amt" in below:  # below random init; its control clears, level with SimMIM; it is below the control
+    if "simmim_amt" in below:  # level with random init on the probe and fine-tuned; below SimMIM on every one
         for metric in ("linear", "finetune"):
-            assert ", below (spread" in study.verdict(result, "simmim_amt", "random_vit", metric), metric
-        assert study.bar_gain(result, study._arm_for("simmim_random_throw")) >= study.BAR
-        assert "within the spread" in study.verdict(result, "simmim_random_throw", "simmim", "linear")
+            assert "within the spread" in study.verdict(result, "simmim_amt", "random_vit", metric), metric
         for metric in ("knn", "linear", "finetune"):
-            assert ", below (spread" in study.verdict(result, "simmim_amt", "simmim_random_throw", metric), metric
+            assert ", below (spread" in study.verdict(result, "simmim_amt", "simmim", metric), metric
         placements = [run["placement"] for run in result.runs["simmim_amt"].values()]
         assert sum(p["visible"] > p["masked"] for p in placements) == 2  # the object left visible in two seeds
         for base, mask, on_object in (("simmim", "simmim_amt", False), ("mae", "mae_amt", True)):  # and from
             drawn = [run["placement_of"][mask] for run in result.runs[base].values()]  # the baselines' checkpoints
             assert all((p["masked"] > p["visible"]) == on_object for p in drawn), base
-        if set(result.runs.get("simmim_amt_late", {})) == seeds:  # late refresh: fine-tunes above simmim_amt,
-            assert ", above (spread" in study.verdict(result, "simmim_amt_late", "simmim_amt", "finetune")
-            for other, metric in itertools.product(("simmim", "simmim_random_throw"), ("linear", "finetune")):
-                assert "within the spread" in study.verdict(result, "simmim_amt_late", other, metric), (other, metric)
-            late = result.runs["simmim_amt_late"].values()  # level with SimMIM and the control; still misplaced
-            assert all(run["placement"]["visible"] > run["placement"]["masked"] for run in late)
-    if "simmim" in below:  # what its reading says: it clears the bar on fine-tuning
-        assert study._mean(result, "simmim", "finetune") - study._mean(result, "random_vit", "finetune") >= study.BAR
+        # Its control and the later refresh are still to run at this reading, as the entry says: once either is
+        # in, the entry is read again (and this test with it).
+        for arm in ("simmim_random_throw", "simmim_amt_late"):
+            assert set(result.runs.get(arm, {})) != seeds, f"{arm} is in: read simmim_amt's entry again"
 
 
 def test_readme_demo_section_is_the_demo_of_its_figures():

@@ -966,17 +966,15 @@ BELOW_BAR: dict[str, str] = {
         "MAE's attention has found the object (as in the study's earlier class-token reading, issue 20's notes)."
     ),
     "simmim_amt": (
-        "it is below its random-init row beyond the seed spread on the linear probe and on fine-tuning. Its control "
-        "(`simmim_random_throw`, its counts on random cells: at this image size three of SimMIM's sixteen cells "
-        "stay visible) clears the bar and is level with SimMIM within the spread, and `simmim_amt` is below its "
-        "control beyond the spread on every evaluation: the few visible cells are not what fails, AMT's choice of "
-        "cells is. Its trained masks leave the object visible and mask the background in two of its three seeds, "
-        "the opposite of what AMT's masks rest on; and drawn from SimMIM's own trained checkpoints AMT's masks do "
-        "so in every seed, where drawn from MAE's they mask the object (the placement table below): here the "
-        "class-token attention AMT reads rests on the background in a SimMIM encoder. With its first refresh at "
-        "two thirds of the run (`simmim_amt_late`, a diagnostic arm) it fine-tunes level with SimMIM, above "
-        "`simmim_amt` beyond the spread, and its masks still leave the object visible in every seed: the early "
-        "refresh makes the misplaced masks cost more, and moving it does not place them."
+        "it is within the seed spread of its random-init row on the linear probe and on fine-tuning, and below "
+        "SimMIM beyond the spread on every evaluation. Its trained masks leave the object visible and mask the "
+        "background in two of its three seeds, the opposite of what AMT's masks rest on; drawn from SimMIM's own "
+        "trained checkpoints AMT's masks do so in every seed, where drawn from MAE's they mask the object (the "
+        "placement table below): the class-token attention AMT reads rests on the background in a SimMIM "
+        "encoder. Its control (`simmim_random_throw`, its counts on random cells) and the later first refresh "
+        "(`simmim_amt_late`) are still to run at the patch-mean reading; at the class-token reading the control "
+        "cleared the bar, level with SimMIM, and the later refresh fine-tuned level with SimMIM while its masks "
+        "still left the object visible (issue 20's notes)."
     ),
     "simmim_amt_late": (
         "a diagnostic, not the paper's schedule (see `simmim_amt`): random cells for two thirds of the run, then "
@@ -987,8 +985,8 @@ BELOW_BAR: dict[str, str] = {
 """Self-supervised arms measured below :data:`BAR` at the study's setting, each with what the study measured of
 why (no figures: they are in the tables). The README's study section prints the entry of every arm whose seeds
 are all in and that is below the bar, and its test requires one for each such arm and none for an arm above.
-The ``simmim_amt`` and ``simmim_amt_late`` entries were measured at the class-token reading; they are read
-again as their patch-mean seeds land."""
+The ``simmim_amt_late`` entry was measured at the class-token reading; it is read again as its patch-mean seeds
+land."""
 
 
 def bar_gain(result: RunScores, arm: Arm) -> float | None:
