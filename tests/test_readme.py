@@ -140,6 +140,14 @@ def test_readme_study_section_is_the_study_of_its_figures():
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):
                 assert "within the spread" in study.verdict(result, "mae_amt_late", other, "linear"), other
+    for base, amt in (("mae", "mae_amt"), ("simmim", "simmim_amt")):  # the equal-time arms' reading: at this
+        if set(result.runs.get(amt, {})) == seeds:  # length AMT's whole runs, refreshes included, take about
+            ratios = [result.runs[amt][s]["train_seconds"] / result.runs[base][s]["train_seconds"] for s in seeds]
+            assert all(0.85 <= r <= 1.15 for r in ratios), (amt, ratios)  # as long as its baseline's
+            steps = [
+                result.runs[amt][s]["step_images_per_s"] / result.runs[base][s]["step_images_per_s"] for s in seeds
+            ]
+            assert all(r > 1.15 for r in steps), (amt, steps)  # while its steps alone are faster
     if "simmim_amt" in below:  # level with random init on the probe and fine-tuned; below SimMIM on every one
         for metric in ("linear", "finetune"):
             assert "within the spread" in study.verdict(result, "simmim_amt", "random_vit", metric), metric
