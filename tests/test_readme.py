@@ -102,6 +102,19 @@ def test_readme_gpu_section_is_the_gpu_check_report_of_its_figures():
     result = CheckResult.load(README.parent / README_FIGURES)
     assert result.device.startswith("NVIDIA") and any(step.figures for step in result.steps)
     assert _section("gpu") == readme_markdown(result)
+    # What the prose above the section reads from it.
+    steps = {step.name: step for step in result.steps}
+    assert all(step.status == "passed" for step in result.steps) and "study (gpu preset)" not in steps
+    assert all(c["ratio"] > 1 for c in steps["benchmark masks"].figures["comparisons"])  # every stage is faster
+
+    def figure(step: str, name: str) -> float:
+        return next(f["value"] for f in steps[step].figures["figures"] if f["name"].startswith(name))
+
+    assert figure("train mae_amt", "training step") < figure("train mae", "training step")
+    assert figure("train ehm", "loader stages") > 50  # EHM's stage costs more than the ViT-B step it feeds
+    stage, tree = figure("benchmark hierarchy", "EHM stage"), figure("benchmark hierarchy", "EHM tree build")
+    assert tree > stage / 2  # and most of it is the region trees
+    assert min(figure(f"train {r}", "loader stages") for r in ("moco", "mixmask_moco", "maskdeep")) > 10
 
 
 def test_readme_study_section_is_the_study_of_its_figures():
