@@ -986,7 +986,7 @@ BELOW_BAR: dict[str, str] = {
         "below): the class-token attention AMT reads rests on the background in a SimMIM encoder. With its first "
         "refresh at two thirds of the run (`simmim_amt_late`, a diagnostic) it clears the bar on the linear probe, "
         "within the spread of SimMIM and of the control on every evaluation, while its masks still leave the "
-        "object visible in every seed: the later start makes the misplaced masks cost less, it does not place them."
+        "object visible in every seed: moving the refresh later does not place the masks on the object."
     ),
 }
 """Self-supervised arms measured below :data:`BAR` at the study's setting, each with what the study measured of
