@@ -131,6 +131,10 @@ def test_readme_study_section_is_the_study_of_its_figures():
     assert curves.settings["length"] == study.STUDY_DATA["length"] and set(curves.runs) == set(study.CURVE_ARMS)
     assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
     seeds = {seed for runs in result.runs.values() for seed in runs}
+
+    def all_in(name: str) -> bool:  # every seed of the study is in for this arm
+        return set(result.runs.get(name, {})) == seeds
+
     complete = all(len(result.runs.get(arm.name, {})) == 3 for arm in study.STUDY_ARMS)
     # A study in progress says so, naming the arms still to run (written from the figures, as the rest).
     assert ("A study in progress" in _section("study")) == (not complete)
@@ -140,22 +144,22 @@ def test_readme_study_section_is_the_study_of_its_figures():
     # it does not (study.BELOW_BAR, printed in the section); no such reading stays for an arm above the bar.
     below = study.below_bar(result)
     assert set(below) <= set(study.BELOW_BAR), "below the bar with no reading: " + ", ".join(below)
-    done = [a for a in study.STUDY_ARMS if a.name in study.BELOW_BAR and set(result.runs.get(a.name, {})) == seeds]
+    done = [a for a in study.STUDY_ARMS if a.name in study.BELOW_BAR and all_in(a.name)]
     assert all(arm.name in below for arm in done), "a reading for an arm that clears the bar"
     if "mae_amt" in below:  # what its reading says: level with random init on the probe, below it fine-tuned
         assert "within the spread" in study.verdict(result, "mae_amt", "random_vit", "linear")
         assert ", below (spread" in study.verdict(result, "mae_amt", "random_vit", "finetune")
-    if "mae_amt" in below and set(result.runs.get("mae_random_throw", {})) == seeds:  # once its control is in:
+    if "mae_amt" in below and all_in("mae_random_throw"):  # once its control is in:
         # what its reading says, the control clears the bar and is above it beyond the spread
         assert study.bar_gain(result, study._arm_for("mae_random_throw")) >= study.BAR
         for metric in ("knn", "linear"):
             assert ", below (spread" in study.verdict(result, "mae_amt", "mae_random_throw", metric), metric
-        if set(result.runs.get("mae_amt_late", {})) == seeds:  # and with a late first refresh: clears, level
+        if all_in("mae_amt_late"):  # and with a late first refresh: clears, level
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):
                 assert "within the spread" in study.verdict(result, "mae_amt_late", other, "linear"), other
     for base, amt in (("mae", "mae_amt"), ("simmim", "simmim_amt")):  # the equal-time arms' reading: at this
-        if set(result.runs.get(amt, {})) == seeds:  # length AMT's whole runs, refreshes included, take about
+        if all_in(amt):  # length AMT's whole runs, refreshes included, take about
             ratios = [result.runs[amt][s]["train_seconds"] / result.runs[base][s]["train_seconds"] for s in seeds]
             assert all(0.85 <= r <= 1.15 for r in ratios), (amt, ratios)  # as long as its baseline's
             steps = [
@@ -177,7 +181,7 @@ def test_readme_study_section_is_the_study_of_its_figures():
         for metric in ("knn", "linear", "finetune"):
             assert "within the spread" in study.verdict(result, "simmim_random_throw", "simmim", metric), metric
         assert ", below (spread" in study.verdict(result, "simmim_amt", "simmim_random_throw", "linear")
-        if set(result.runs.get("simmim_amt_late", {})) == seeds:  # late refresh: clears, level; still misplaced
+        if all_in("simmim_amt_late"):  # late refresh: clears, level; still misplaced
             assert study.bar_gain(result, study._arm_for("simmim_amt_late")) >= study.BAR
             for other, metric in itertools.product(("simmim", "simmim_random_throw"), ("knn", "linear", "finetune")):
                 assert "within the spread" in study.verdict(result, "simmim_amt_late", other, metric), (other, metric)
