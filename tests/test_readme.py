@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -130,11 +131,8 @@ def test_readme_study_section_is_the_study_of_its_figures():
     # The budget curves are at the study's setting, for every baseline, each from random init on.
     assert curves.settings["length"] == study.STUDY_DATA["length"] and set(curves.runs) == set(study.CURVE_ARMS)
     assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
-    seeds = {seed for runs in result.runs.values() for seed in runs}
-
-    def all_in(name: str) -> bool:  # every seed of the study is in for this arm
-        return set(result.runs.get(name, {})) == seeds
-
+    seeds = study.study_seeds(result)
+    all_in = functools.partial(study.all_seeds_in, result)  # every seed of the study is in for this arm
     complete = all(len(result.runs.get(arm.name, {})) == 3 for arm in study.STUDY_ARMS)
     # A study in progress says so, naming the arms still to run (written from the figures, as the rest).
     assert ("A study in progress" in _section("study")) == (not complete)

@@ -1016,14 +1016,23 @@ def bar_gain(result: RunScores, arm: Arm) -> float | None:
     return max(gains) if gains else None
 
 
+def study_seeds(result: RunScores) -> list[str]:
+    """The study's seeds, in order: every seed recorded for any arm (each arm runs them all)."""
+    return sorted({seed for runs in result.runs.values() for seed in runs})
+
+
+def all_seeds_in(result: RunScores, name: str) -> bool:
+    """Whether arm ``name`` has a run for every one of :func:`study_seeds`."""
+    return set(result.runs.get(name, {})) == set(study_seeds(result))
+
+
 def below_bar(result: RunScores, arms: Sequence[Arm] = STUDY_ARMS) -> list[str]:
-    """The self-supervised arms whose seeds are all in (every seed of the study) and whose :func:`bar_gain` is
+    """The self-supervised arms whose seeds are all in (:func:`all_seeds_in`) and whose :func:`bar_gain` is
     under :data:`BAR`."""
-    seeds = {seed for runs in result.runs.values() for seed in runs}
     return [
         arm.name
         for arm in arms
-        if set(result.runs.get(arm.name, {})) == seeds and (gain := bar_gain(result, arm)) is not None and gain < BAR
+        if all_seeds_in(result, arm.name) and (gain := bar_gain(result, arm)) is not None and gain < BAR
     ]
 
 
@@ -1184,7 +1193,7 @@ def study_markdown(
     the table, the plot and the reading against random init, baselines and the papers' claims."""
     settings = result.settings
     data = settings.get("data", {})
-    seeds = sorted({seed for runs in result.runs.values() for seed in runs})
+    seeds = study_seeds(result)
     minutes = sum(run["seconds"] for runs in result.runs.values() for run in runs.values() if "seconds" in run) / 60
     length = settings.get("length", 4000)
     lines = [
@@ -1225,7 +1234,7 @@ def study_markdown(
                 placed.rstrip(),
                 "",
             ]
-    missing = [arm.name for arm in arms if len(result.runs.get(arm.name, {})) < len(seeds)]
+    missing = [arm.name for arm in arms if not all_seeds_in(result, arm.name)]
     if missing:
         lines += [
             f"A study in progress: {len(arms) - len(missing)} of {len(arms)} arms have all their seeds; still to "
