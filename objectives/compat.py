@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from masklab.transforms import MASKS, MaskEntry, option_names
 
 from .registry import OBJECTIVES, ObjectiveEntry
@@ -68,7 +70,7 @@ def check_compatible(objective: str, family: str | None = None, mask: str | None
         )
 
 
-def check_family(objective: str, backbone) -> None:
+def check_family(objective: str, backbone: nn.Module) -> None:
     from .backbones import backbone_family
 
     check_compatible(objective, family=backbone_family(backbone))

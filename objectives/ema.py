@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
@@ -62,5 +63,5 @@ class EMATeacher(nn.Module):
         self.ema.update(model)
 
     @torch.no_grad()
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)

@@ -79,7 +79,7 @@ def register_objective(
     views: int = 0,
     build: Build | None = None,
     small: Callable[[], ObjectiveOptions] | None = None,
-):
+) -> Callable[[type], type]:
     """Class decorator (or, called on a class, a registration): register an objective under ``name``.
 
     Args:

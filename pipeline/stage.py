@@ -11,12 +11,15 @@ So a draw can be replayed on another view, logged, or regenerated on resume.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .batch import Batch
+
+if TYPE_CHECKING:
+    from torchdata.nodes import BaseNode
 
 __all__ = ["Stage", "Chain", "Lambda", "batch_generator", "clamp_progress", "derive_seed", "stage_node"]
 
@@ -159,7 +162,9 @@ class Chain(Stage):
         return batch.replace(seed=base) if batch.seed != base else batch
 
 
-def stage_node(source: Any, stages: Sequence[nn.Module | Callable[[Batch], Batch]] | Chain, prefetch: int = 0):
+def stage_node(
+    source: Any, stages: Sequence[nn.Module | Callable[[Batch], Batch]] | Chain, prefetch: int = 0
+) -> BaseNode:
     """Compose a stage chain as ``torchdata.nodes``: ``Mapper`` (and ``Prefetcher``).
 
     Args:

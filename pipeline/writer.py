@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,9 @@ def _load_from_disk(root: Path):
     return datasets.load_from_disk(str(root))
 
 
-def replace_atomically(write, path: str | os.PathLike, sidecar=None) -> None:
+def replace_atomically(
+    write: Callable[[Path], object], path: str | os.PathLike, sidecar: Callable[[], Any] | None = None
+) -> None:
     """``write(tmp)`` a temporary file or folder beside ``path`` (and ``sidecar()``'s JSON beside it), then rename.
 
     The data file is renamed last, so its presence means the write finished;

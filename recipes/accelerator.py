@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = ["agree", "make_accelerator", "mixed_precision", "resolve_device"]
 
@@ -83,7 +86,7 @@ def trackers(names: list[str]) -> list[str]:
     return list(names)
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator of ``cfg``: its device, precision and gradient accumulation, its trackers (:func:`trackers`).
 
     Checkpoint folders are named by the run (``ckpt-UPDATE``), not by
@@ -102,7 +105,7 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
-def agree(accelerator, work: Callable[[], T]) -> T:
+def agree(accelerator: Accelerator, work: Callable[[], T]) -> T:
     """``work()`` on every process; if it fails on any process, it fails on every one (none waits forever).
 
     A ``ValueError`` or ``OSError`` is re-raised where it happened; the other

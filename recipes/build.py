@@ -171,7 +171,7 @@ def build_loader(
     family: str = "vit",
     distributed: bool = False,
     train: bool = True,
-):
+) -> Loader | DatasetLoader:
     """The train loader (augmented, masked, shuffled) or an evaluation loader (centred, sequential)."""
     if split not in ("train", "test", "eval"):
         raise ValueError(f"split must be train, test or eval (the kNN memory bank), got {split!r}")

@@ -52,7 +52,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -60,6 +60,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from masklab.pipeline import replace_atomically
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .config import TrainConfig
 
 __all__ = [
     "FORMAT",
@@ -208,7 +213,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        accelerator,
+        accelerator: Accelerator,
         folder: str | os.PathLike,
         config: dict[str, Any],
         keep: int,
@@ -447,7 +452,7 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, training_state
     return Checkpoint(path, data["model"], data.get("config"), None if update is None else int(update), rest)
 
 
-def trained_config(checkpoint: Checkpoint, overrides: list[str] | tuple[str, ...] = ()):
+def trained_config(checkpoint: Checkpoint, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """The :class:`TrainConfig` a checkpoint was trained with, then ``overrides``.
 
     Raises:

@@ -100,7 +100,9 @@ class RunScores:
         write_text_atomically(Path(path), json.dumps({"settings": self.settings, "runs": self.runs}, indent=1))
 
 
-def crop_picture_inputs(path: str | Path, n: int = 8, resolution: int = 32, seed: int = 1):
+def crop_picture_inputs(
+    path: str | Path, n: int = 8, resolution: int = 32, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sources, boxes, flips, crops)`` for :func:`save_crop_picture`: the first ``n`` images of ``path``.
 
     ``sources`` are the whole images, *unflipped*, so each box is drawn in
@@ -179,7 +181,7 @@ def run_demo(
     seed: int = 0,
     pictures: bool = True,
     length: int = 4000,
-):
+) -> RunScores:
     """Write ``shapes`` (once), pretrain MAE on it, compare its encoder with the same encoder at random init.
 
     ``length`` training images (the test split has a quarter); ``make demo`` and the README use 4000.
@@ -270,7 +272,7 @@ def gain_line(trained: dict[str, float], random: dict[str, float]) -> str:
     return f"pretraining gain: {100 * linear:+.1f} points of linear-probe accuracy (kNN: {100 * knn:+.1f} points)"
 
 
-def demo_markdown(result) -> str:
+def demo_markdown(result: RunScores) -> str:
     """The README's demo paragraph and table, from a ``demo.json`` (:class:`RunScores`)."""
     trained, random = result.runs["mae"], result.runs["random_vit"]
     seeds = sorted(trained, key=int)

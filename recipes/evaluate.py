@@ -78,7 +78,12 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train_features, train_labels, test_features, test_labels, k: int = 20, temperature: float = 0.07
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
 ) -> float:
     """Top-1 accuracy of :func:`knn_predict`, in [0, 1]."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1

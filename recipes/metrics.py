@@ -6,11 +6,16 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from masklab.pipeline import replace_atomically
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from masklab.transforms import PatchMask
 
 __all__ = ["CSV_FIELDS", "RunLog", "flat_config", "keep_rows_until", "plot_losses"]
 
@@ -98,7 +103,7 @@ class RunLog:
 
     def __init__(
         self,
-        accelerator,
+        accelerator: Accelerator,
         out: Path,
         config: dict[str, Any],
         total: int,
@@ -131,7 +136,9 @@ class RunLog:
         """Count ``images`` trained on by this process (for images/s)."""
         self.seen += images
 
-    def record(self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask, skipped: bool = False) -> None:
+    def record(
+        self, update: int, epoch: int, loss: torch.Tensor, lr: float, mask: PatchMask | None, skipped: bool = False
+    ) -> None:
         """Keep an update's row; ``loss`` stays on its device until :meth:`flush`.
 
         ``skipped``: the update's loss was not finite and the loop skipped it (``run.skip_nonfinite``).

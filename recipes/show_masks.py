@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from masklab.pipeline import Batch, DatasetLoader, Loader, Shapes
 from masklab.transforms import MASKED, MASKS, THROWN, MaskContext, MaskOptions, PatchMask
@@ -28,7 +29,7 @@ def build_mask_stage(
     image_size: int = 64,
     num_samples: int = 1,
     options: Mapping[str, Any] | None = None,
-):
+) -> nn.Module:
     """The stage ``show-masks --mask NAME`` draws: the registry's small-image options, ``ratio`` and any other
     of the mask's options (``show-masks --option KEY=VALUE``, its ``mask.*`` config keys) if given.
 

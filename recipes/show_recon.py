@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from masklab.pipeline import Batch
 from masklab.transforms import VISIBLE, Normalize, PatchMask
 
 from .build import family_of, mask_stages
 from .show_masks import draw_mask_picture, load_images, overlay
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = ["reconstruction_rows", "show_recon"]
 
@@ -22,7 +27,9 @@ def _denormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     return images * std + mean
 
 
-def reconstruction_rows(cfg, model, images: torch.Tensor, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+def reconstruction_rows(
+    cfg: TrainConfig, model: nn.Module, images: torch.Tensor, seed: int = 0
+) -> list[tuple[str, torch.Tensor]]:
     """The picture's rows for ``images`` in ``[0, 1]``: the input, the masked input, the reconstruction,
     and the reconstruction with the visible patches pasted back.
 

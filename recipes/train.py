@@ -16,11 +16,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from masklab.objectives.protocols import HasTeachers, OffersGuidance
 from masklab.pipeline import clamp_progress, replace_atomically
@@ -43,6 +45,9 @@ from .config import TrainConfig, save_config, to_dict
 from .metrics import RunLog, plot_losses
 from .run_folder import RunFolderError, RunLock, check_resumed_config, find_resume, prepare_fresh_run
 from .trained import evaluate_checkpoint, evaluate_encoder, evaluate_knn, load_trained
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = [
     "KnnMonitor",
@@ -77,7 +82,11 @@ class TrainResult:
     stages: torch.nn.Module | None = None  # the loader's stage chain, with its state (AMT's cache)
 
 
-def bind_guidance(stages, objective, autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
+def bind_guidance(
+    stages: Iterable[nn.Module],
+    objective: nn.Module,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> int:
     """Hand each :class:`~masklab.transforms.protocols.GuidedStage` its guide: the objective's ``guidance(kind)``.
 
     Stages never import a model; the loop binds them. Returns how many stages were bound.
@@ -117,7 +126,14 @@ def _under(guide, autocast: Callable[[], contextlib.AbstractContextManager]):
     return guide_under_autocast
 
 
-def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str, epoch: int) -> int:
+def refresh_caches(
+    cfg: TrainConfig,
+    stages: Iterable[nn.Module],
+    objective: nn.Module,
+    accelerator: Accelerator,
+    family: str,
+    epoch: int,
+) -> int:
     """Refresh each :class:`~masklab.transforms.protocols.RefreshesCache` stage due at ``epoch``
     (AMT's saliency), each rank its shard, gathered. Returns how many stages were refreshed."""
     due = [s for s in stages if isinstance(s, RefreshesCache) and s.refresh_due(epoch, cfg.run.epochs)]
@@ -143,14 +159,14 @@ def refresh_caches(cfg: TrainConfig, stages, objective, accelerator, family: str
     return len(due)
 
 
-def set_progress(stages, progress: float) -> None:
+def set_progress(stages: Iterable[nn.Module], progress: float) -> None:
     """Tell each :class:`~masklab.transforms.protocols.ProgressAware` stage where training is, in [0, 1]."""
     for stage in stages:
         if isinstance(stage, ProgressAware):
             stage.set_progress(clamp_progress(progress))
 
 
-def step_teachers(objective, progress: float) -> int:
+def step_teachers(objective: nn.Module, progress: float) -> int:
     """Step every EMA teacher of a :class:`~masklab.objectives.protocols.HasTeachers` objective after an update.
 
     Returns how many were stepped.

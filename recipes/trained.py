@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .accelerator import resolve_device
 from .build import build_loader, build_model, encoder_of, family_of
@@ -18,12 +20,12 @@ __all__ = ["evaluate_checkpoint", "evaluate_encoder", "evaluate_knn", "load_trai
 
 def evaluate_encoder(
     cfg: TrainConfig,
-    encoder,
+    encoder: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     family: str,
     kinds: tuple[str, ...] = ("knn",),
     loaders: tuple[Any, Any] | None = None,
-    gather=None,
+    gather: Callable | None = None,
 ) -> dict[str, float]:
     """Accuracy of ``encoder``'s pooled features, train split against test split, for each of ``kinds``.
 
@@ -55,12 +57,16 @@ def evaluate_encoder(
     return scores
 
 
-def evaluate_knn(cfg: TrainConfig, encoder, device: torch.device, family: str) -> float:
+def evaluate_knn(
+    cfg: TrainConfig, encoder: Callable[[torch.Tensor], torch.Tensor], device: torch.device, family: str
+) -> float:
     """kNN accuracy of ``encoder``'s pooled features, train split against test split."""
     return evaluate_encoder(cfg, encoder, device, family, ("knn",))["knn"]
 
 
-def load_trained(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), trust: bool = False):
+def load_trained(
+    checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), trust: bool = False
+) -> tuple[TrainConfig, nn.Module]:
     """``(config, model)`` of a checkpoint (its config, then ``overrides``), weights loaded, in eval mode.
 
     Only the checkpoint's weights and config are read (``model.safetensors``), never unpickled

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ def run_bench(
     quick: bool = False,
     only: Sequence[str] | None = None,
     timeout: float | None = None,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> BenchReport:
     """Run the scripts in ``folder`` (or those named in ``only``, without ``.py``), ``--quick`` if asked.
 

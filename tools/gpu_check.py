@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,12 @@ class CheckResult:
 
 
 def run_step(
-    name: str, command: list[str], timeout: float, json_path: Path | None = None, env=None, log=print
+    name: str,
+    command: list[str],
+    timeout: float,
+    json_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    log: Callable[[str], object] = print,
 ) -> StepResult:
     """Run ``command`` in a fresh process; a non-zero exit, a missing ``json_path`` or ``timeout`` fails it."""
     log(f"== {name}: {' '.join(command)}")

@@ -25,7 +25,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,7 +357,7 @@ def run_study(
     overrides: Sequence[str] = (),
     epochs: int | None = None,
     quick: bool = False,
-    log=print,
+    log: Callable[[str], object] = print,
     preset: str = "cpu",
     jobs_at_once: int = 1,
     start_from: Path | None = None,
@@ -828,7 +828,7 @@ def run_curves(
     epochs: int = CURVE_EPOCHS,
     every: int = CURVE_EVERY,
     quick: bool = False,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> RunScores:
     """Budget curves: each arm trained once for ``epochs`` on the study's data, evaluated every ``every`` epochs.
 

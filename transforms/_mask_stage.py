@@ -151,7 +151,9 @@ class GuidedPatchMaskStage(PatchMaskStage):
     def draw(self, images: torch.Tensor, generator: torch.Generator | None = None):
         raise NotImplementedError
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         raise TypeError(
             f"{type(self).__name__} draws from the images' {self.guide_kind}: call it on a Batch, or use erase(images)"
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -334,7 +334,7 @@ class AttentionMask(PatchMaskStage):
         self.cache[index.to(maps.device)] = maps.to(self.cache.dtype)
 
     @torch.no_grad()
-    def refresh(self, batches, grid: tuple[int, int], gather: Callable | None = None) -> None:
+    def refresh(self, batches: Iterable[Batch], grid: tuple[int, int], gather: Callable | None = None) -> None:
         """Recompute the cache from uncropped ``batches`` with the bound guide.
 
         Args:
@@ -353,7 +353,9 @@ class AttentionMask(PatchMaskStage):
             self.update_cache(index, maps)
         self.refreshes += 1
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         """The warm-up draw: random patches (or SimMIM's random cells) at ``warmup_ratio``, nothing thrown."""
         if self.mask_patch_size is None:
             grid = patch_grid(*image_size, self.patch_size)

@@ -228,7 +228,9 @@ class BlockMask(PatchMaskStage):
     def from_options(cls, options: BlockMaskOptions, context: MaskContext) -> BlockMask:
         return cls(options.ratio, context.patch_size)
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
         return block_patch_mask(
             batch_size, grid, self.ratio, self.min_cells, self.aspect, generator, device, self.rounds

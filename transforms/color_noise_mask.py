@@ -11,6 +11,7 @@ paper's best) evenly spaced clusters, band-stop (purple) a mix of both.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,7 @@ def padded_side(side: int, coarse: float) -> int:
         size += 1
 
 
-def check_sigma(sigma) -> tuple[float, float]:
+def check_sigma(sigma: Sequence[float]) -> tuple[float, float]:
     """``(fine, coarse)`` as floats if ``0 < fine < coarse``, else a ``ValueError`` naming the value."""
     values = tuple(float(s) for s in sigma)
     if len(values) != 2 or not 0 < values[0] < values[1]:
@@ -250,7 +251,9 @@ class ColorNoiseMask(PatchMaskStage):
     def from_options(cls, options: ColorNoiseMaskOptions, context: MaskContext) -> ColorNoiseMask:
         return cls(options.ratio, context.patch_size, options.color, tuple(options.sigma))
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
         return color_noise_mask(batch_size, grid, self.ratio, self.color, self.sigma, generator, device)
 

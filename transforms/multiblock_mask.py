@@ -37,7 +37,15 @@ def _check_range(name: str, values, low: float, high: float | None) -> tuple[flo
     return pair
 
 
-def check_multiblock_args(num_targets, target_scale, target_aspect, context_scale, context_aspect, min_keep, tries):
+def check_multiblock_args(
+    num_targets: int,
+    target_scale: tuple[float, float],
+    target_aspect: tuple[float, float],
+    context_scale: tuple[float, float],
+    context_aspect: tuple[float, float],
+    min_keep: int,
+    tries: int,
+) -> None:
     """The checked arguments of :func:`multiblock_cells`; a ``ValueError`` naming the first bad one."""
     if int(num_targets) != num_targets or num_targets < 1:
         raise ValueError(f"num_targets must be a positive integer, got {num_targets}")
@@ -376,7 +384,9 @@ class MultiBlockMask(PatchMaskStage):
             options.min_keep,
         )
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
         return multiblock_patch_mask(
             batch_size,

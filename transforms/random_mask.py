@@ -115,7 +115,9 @@ class RandomMask(PatchMaskStage):
     def from_options(cls, options: RandomMaskOptions, context: MaskContext) -> RandomMask:
         return cls(options.ratio, context.patch_size, options.throw_ratio)
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         grid = patch_grid(*image_size, self.patch_size)
         return random_patch_mask(batch_size, grid, self.ratio, generator, device, self.throw_ratio)
 

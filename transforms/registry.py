@@ -161,7 +161,7 @@ def import_modules(package: str, path: Iterable[str]) -> None:
             importlib.import_module(f"{package}.{module.name}")
 
 
-def check_choice(what: str, value, allowed: tuple) -> None:
+def check_choice(what: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
 
@@ -178,7 +178,7 @@ def register_mask(
     small: Callable[[int, int], MaskOptions],
     families: tuple[str, ...] = FAMILIES,
     coarse_cell: str | None = None,
-):
+) -> Callable[[type], type]:
     """Class decorator: register a mask stage under ``name``.
 
     The class builds itself from its options with a ``from_options(options, context)``

@@ -126,7 +126,9 @@ class SimMIMMask(PatchMaskStage):
     def from_options(cls, options: SimMIMMaskOptions, context: MaskContext) -> SimMIMMask:
         return cls(options.ratio, options.mask_patch_size, context.patch_size, options.throw_ratio)
 
-    def sample(self, batch_size, image_size, generator, device) -> PatchMask:
+    def sample(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    ) -> PatchMask:
         return simmim_patch_mask(
             batch_size,
             image_size,

@@ -59,7 +59,11 @@ class ViewParams:
 
 
 def draw_view_params(
-    recipe: ViewRecipe, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device
+    recipe: ViewRecipe,
+    batch_size: int,
+    image_size: tuple[int, int],
+    generator: torch.Generator | None,
+    device: torch.device,
 ) -> ViewParams:
     """Draw one view's crop, flip and colour parameters for a batch, on ``device``."""
     crop = draw_crop_params(batch_size, image_size, recipe.scale, recipe.ratio, recipe.flip_p, generator, device)
