@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +169,7 @@ class ViTBackbone(nn.Module):
         self.num_prefix = int(model.num_prefix_tokens)
 
     @classmethod
-    def from_name(cls, name: str, img_size: int = 224, patch_size: int | None = None, **kwargs) -> ViTBackbone:
+    def from_name(cls, name: str, img_size: int = 224, patch_size: int | None = None, **kwargs: Any) -> ViTBackbone:
         """Build ``timm.create_model(name, pretrained=False, img_size=..., num_classes=0)``."""
         import timm
 
@@ -326,7 +327,7 @@ class CNNBackbone(nn.Module):
         self.channels = tuple(int(c) for c in model.feature_info.channels())
 
     @classmethod
-    def from_name(cls, name: str, **kwargs) -> CNNBackbone:
+    def from_name(cls, name: str, **kwargs: Any) -> CNNBackbone:
         """Build ``timm.create_model(name, pretrained=False, features_only=True)``."""
         import timm
 
@@ -402,7 +403,7 @@ def small_image_stem(model: nn.Module) -> nn.Module:
 
 
 def create_timm(
-    name: str, img_size: int, patch_size: int | None = None, small_stem: bool = False, **kwargs
+    name: str, img_size: int, patch_size: int | None = None, small_stem: bool = False, **kwargs: Any
 ) -> nn.Module:
     """``timm.create_model(name, pretrained=False, ...)`` with ``img_size``/``patch_size`` for models
     that take them (transformers); CNNs, which refuse them, are built without. ``small_stem`` applies
@@ -418,7 +419,7 @@ def create_timm(
 
 
 def build_backbone(
-    name: str, img_size: int = 224, patch_size: int | None = None, small_stem: bool = False, **kwargs
+    name: str, img_size: int = 224, patch_size: int | None = None, small_stem: bool = False, **kwargs: Any
 ) -> ViTBackbone | CNNBackbone:
     """An adapter for the timm model ``name``: a ViT when it has ViT parts, else a features_only CNN.
 

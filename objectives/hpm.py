@@ -9,6 +9,7 @@ Modeling", CVPR 2023. The objective here is the model side; the mask side is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,12 @@ class HPM(MAE):
     guides = (*GuidanceMixin.guides, "difficulty")
 
     def __init__(
-        self, backbone: ViTBackbone, *args, predictor_depth: int = 2, predictor_weight: float = 1.0, **kwargs
+        self,
+        backbone: ViTBackbone,
+        *args: Any,
+        predictor_depth: int = 2,
+        predictor_weight: float = 1.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, *args, **kwargs)
         if predictor_depth < 1:
@@ -144,7 +150,7 @@ class HPM(MAE):
         self.loss_predictor.apply(_init_decoder)
 
     @classmethod
-    def from_options(cls, backbone: ViTBackbone, options: HPMOptions, mask: MaskOptions, **extra) -> HPM:
+    def from_options(cls, backbone: ViTBackbone, options: HPMOptions, mask: MaskOptions, **extra: Any) -> HPM:
         return super().from_options(
             backbone,
             options,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -160,7 +161,7 @@ class MAE(GuidanceMixin, nn.Module):
         self.add_teacher(teacher_decay, teacher_final_decay)
 
     @classmethod
-    def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions, **extra) -> MAE:
+    def from_options(cls, backbone: ViTBackbone, options: MAEOptions, mask: MaskOptions, **extra: Any) -> MAE:
         """Build from the config's sections; ``extra``: a subclass's own arguments."""
         return cls(
             backbone,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from masklab.pipeline import Batch
@@ -123,7 +125,7 @@ class MixMaskSiamese(Siamese):
 
     prefix = "mixmask_"
 
-    def __init__(self, backbone: ViTBackbone | CNNBackbone, base: str = "moco", **kwargs) -> None:
+    def __init__(self, backbone: ViTBackbone | CNNBackbone, base: str = "moco", **kwargs: Any) -> None:
         super().__init__(backbone, base, **kwargs)
 
     def extra_terms(self, batch: Batch, base: PairLoss, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -61,7 +62,7 @@ class ObjectiveEntry:
     views: int = 0
     objective: type | None = None
 
-    def section(self, **values) -> ObjectiveOptions:
+    def section(self, **values: Any) -> ObjectiveOptions:
         """The options with this entry's name: the config section a recipe reads."""
         return self.options(name=self.name, **values)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -251,7 +252,7 @@ BUILTIN: dict[str, Callable[..., object]] = {
 """Each built-in dataset by name; each has ``classes``."""
 
 
-def builtin_dataset(name: str, **kwargs) -> Shapes | Digits:
+def builtin_dataset(name: str, **kwargs: Any) -> Shapes | Digits:
     """Build a built-in dataset by name (``"shapes"``, ``"shapes-plain"``, ``"shapes-grey"`` or ``"digits"``)."""
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")

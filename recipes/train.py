@@ -281,7 +281,7 @@ class KnnMonitor:
     the same score. The first pass's cost is logged once.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator, family: str) -> None:
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, family: str) -> None:
         self.cfg, self.accelerator, self.family = cfg, accelerator, family
         self.loaders = None
         self.timed = False

@@ -1,7 +1,8 @@
-"""Every `Examples:` block in the public modules runs and shows what it says."""
+"""Every `Examples:` block in the public modules runs and shows what it says; the public API is typed."""
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 
 import pytest
@@ -25,3 +26,40 @@ def test_docstring_examples(name):
 
 def test_version():
     assert masklab.__version__
+
+
+def _public_functions(module):
+    """``(qualified name, function)`` of every public function and public method (and ``__init__``) that
+    ``module`` defines (not what it imports, nor what ``typing`` writes for a ``Protocol``)."""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                if (attr == "__init__" or not attr.startswith("_")) and inspect.isfunction(fn):
+                    if fn.__module__ == module.__name__:
+                        yield f"{name}.{attr}", fn
+
+
+TYPED = sorted(
+    info.name
+    for package in ("pipeline", "transforms", "objectives", "recipes", "tools")
+    for info in pkgutil.walk_packages(importlib.import_module(f"masklab.{package}").__path__, f"masklab.{package}.")
+    if not info.name.rsplit(".", 1)[-1].startswith("_")
+)
+
+
+@pytest.mark.parametrize("name", TYPED)
+def test_public_api_is_typed(name):
+    module = importlib.import_module(name)
+    untyped = []
+    for qualname, fn in _public_functions(module):
+        missing = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls", *fn.__annotations__)]
+        if not qualname.endswith("__init__") and "return" not in fn.__annotations__:
+            missing.append("return")
+        if missing:
+            untyped.append(f"{qualname}: {missing}")
+    assert not untyped, f"public functions of {name} without type hints: {untyped}"

@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from torch import nn
 
@@ -96,7 +96,7 @@ class MaskEntry:
     coarse_cell: str | None = None
     stage: type | None = None
 
-    def section(self, **values) -> MaskOptions:
+    def section(self, **values: Any) -> MaskOptions:
         """The options with this entry's name: the config section a recipe reads."""
         return self.options(name=self.name, **values)
 
