@@ -182,6 +182,7 @@ class ViTBackbone(nn.Module):
         return tuple(int(g) for g in self.model.patch_embed.grid_size)
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """The ``(Gh, Gw)`` patch grid of ``images`` at this backbone's patch size (any image size it takes)."""
         return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
 
     def fix_pos_embed(self) -> None:

@@ -71,6 +71,7 @@ def check_compatible(objective: str, family: str | None = None, mask: str | None
 
 
 def check_family(objective: str, backbone: nn.Module) -> None:
+    """Raise :class:`ValueError` if ``objective`` does not support ``backbone``'s family (``vit`` or ``cnn``)."""
     from .backbones import backbone_family
 
     check_compatible(objective, family=backbone_family(backbone))

@@ -54,6 +54,7 @@ class EMATeacher(nn.Module):
         return self.ema.module
 
     def decay_at(self, progress: float) -> float:
+        """The EMA decay at ``progress`` in ``[0, 1]`` of training: cosine from ``base`` to ``final``."""
         return cosine_decay(progress, self.base, self.final)
 
     @torch.no_grad()

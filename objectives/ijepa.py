@@ -118,6 +118,7 @@ class IJEPA(GuidanceMixin, nn.Module):
 
     @classmethod
     def from_options(cls, backbone: ViTBackbone, options: IJEPAOptions, mask: MaskOptions) -> IJEPA:
+        """Build from the config's sections (the registry's ``build``)."""
         return cls(
             backbone,
             options.predictor_dim,

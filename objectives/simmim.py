@@ -82,6 +82,7 @@ class SimMIM(GuidanceMixin, nn.Module):
 
     @classmethod
     def from_options(cls, backbone: ViTBackbone | CNNBackbone, options: SimMIMOptions, mask: MaskOptions) -> SimMIM:
+        """Build from the config's sections (the registry's ``build``)."""
         return cls(backbone, **options.teacher(mask))
 
     def _predict(

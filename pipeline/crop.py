@@ -46,6 +46,7 @@ class CropParams:
         return CropParams(self.boxes[rows], self.flips[rows])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CropParams:
+        """These boxes and flips on ``device``."""
         return CropParams(
             self.boxes.to(device, non_blocking=non_blocking), self.flips.to(device, non_blocking=non_blocking)
         )

@@ -61,6 +61,7 @@ class _ImageFiles:
         return len(self.samples)
 
     def describe(self, i: int) -> str:
+        """How an error names sample ``i`` (its file, row or shard and key)."""
         return str(self.samples[i][0])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
@@ -168,6 +169,7 @@ class HFDataset:
         return len(self.dataset)
 
     def describe(self, i: int) -> str:
+        """How an error names sample ``i`` (its file, row or shard and key)."""
         return f"row {i}"
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
@@ -245,6 +247,7 @@ class TarShards:
         return len(self.samples)
 
     def describe(self, i: int) -> str:
+        """How an error names sample ``i`` (its file, row or shard and key)."""
         shard, key = self.samples[i][:2]
         return f"{self.shards[shard]}:{key}"
 

@@ -71,6 +71,7 @@ def _in_memory(name: str, drawn: tuple, num_workers: int):
 
 
 def num_classes_of(spec: str) -> int:
+    """The number of classes of a ``builtin:NAME`` or ``.beton`` data spec (from its info file)."""
     if spec.startswith("builtin:"):
         from masklab.pipeline import BUILTIN
 
@@ -265,6 +266,7 @@ def _timm_errors(cfg: TrainConfig) -> Iterator[None]:
 
 
 def build_encoder(cfg: TrainConfig) -> ViTBackbone | nn.Module:
+    """The backbone of ``cfg.model`` (timm, randomly initialised), wrapped as masklab's ViT or CNN backbone."""
     with _timm_errors(cfg):
         return build_backbone(
             cfg.model.backbone,
@@ -439,4 +441,5 @@ def family_of(model: nn.Module) -> str:
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
+    """Where a run keeps its checkpoints: ``run.out/checkpoints``."""
     return Path(cfg.run.out) / "checkpoints"

@@ -289,6 +289,7 @@ TRUST_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``masklab`` command's parser, every subcommand with its options."""
     parser = argparse.ArgumentParser(
         prog="masklab", description="masked self-supervised learning with on-device mask stages"
     )
@@ -565,6 +566,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``masklab ARGV`` (``sys.argv[1:]`` when ``None``); returns the exit status."""
     _ignore_numba_finalizer_noise()
     parser = build_parser()
     args = _parse(parser, argv)

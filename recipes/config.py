@@ -427,4 +427,5 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as plain nested dicts and lists (what ``config.yaml`` and checkpoints record)."""
     return OmegaConf.to_container(OmegaConf.structured(config))

@@ -104,6 +104,7 @@ def _rows_for(stage, images: torch.Tensor, seed: int) -> list[tuple[str, torch.T
 
 
 def draw_mask_picture(rows: list[tuple[str, torch.Tensor]], path: Path, title: str) -> None:
+    """Save a grid of images to ``path``: a row per ``(label, images (N, 3, H, W) in [0, 1])``, under ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""Every `Examples:` block in the public modules runs and shows what it says; the public API is typed."""
+"""Every `Examples:` block in the public modules runs and shows what it says; the public API is typed and documented."""
 
 import doctest
 import importlib
@@ -63,3 +63,25 @@ def test_public_api_is_typed(name):
         if missing:
             untyped.append(f"{qualname}: {missing}")
     assert not untyped, f"public functions of {name} without type hints: {untyped}"
+
+
+def _documented(module, qualname: str, fn) -> bool:
+    """``fn`` has a docstring, or is a method that a documented base class method of the same name describes, or a
+    ``Protocol``'s stub (``...``)."""
+    if fn.__doc__ or qualname.endswith("__init__"):
+        return True
+    if "." not in qualname:
+        return False
+    cls = getattr(module, qualname.split(".")[0])
+    name = qualname.rsplit(".", 1)[1]
+    if getattr(cls, "_is_protocol", False):
+        return True
+    return any(getattr(vars(base).get(name), "__doc__", None) for base in cls.__mro__[1:])
+
+
+@pytest.mark.parametrize("name", TYPED)
+def test_public_api_is_documented(name):
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} has no module docstring"
+    bare = [q for q, fn in _public_functions(module) if not _documented(module, q, fn)]
+    assert not bare, f"public functions of {name} without a docstring: {bare}"

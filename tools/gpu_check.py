@@ -189,6 +189,7 @@ def write_report(result: CheckResult, out: Path) -> tuple[Path, Path]:
 
 
 def device_name(device: str) -> str:
+    """A readable name of ``device`` (the GPU's model for ``cuda``, else the device type)."""
     import torch
 
     kind = torch.device(device).type
@@ -353,6 +354,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str], float, str | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the GPU check's command line; returns the exit status (non-zero if a step failed)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for the local run with tiny sizes")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check", help="report folder ($OUT if set)")

@@ -97,6 +97,7 @@ class PatchMaskStage(Stage):
     def sample(
         self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator | None, device: torch.device
     ) -> PatchMask:
+        """Draw a ``batch_size`` mask over the patch grid of ``image_size`` on ``device``, from ``generator``."""
         raise NotImplementedError
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> PatchMask:

@@ -323,6 +323,7 @@ class AttentionMask(PatchMaskStage):
         self.guide = guide
 
     def refresh_due(self, epoch: int, epochs: int) -> bool:
+        """Whether the saliency cache is refreshed before ``epoch`` (0-based) of ``epochs``."""
         return epoch in amt_refresh_epochs(epochs, self.refresh_start, self.refresh_every)
 
     def update_cache(self, index: torch.Tensor, maps: torch.Tensor) -> None:

@@ -174,6 +174,7 @@ class AttMask(GuidedPatchMaskStage):
 
     @classmethod
     def from_options(cls, options: AttMaskOptions, context: MaskContext) -> AttMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(
             options.ratio, context.patch_size, options.mode, options.hint, options.hint_pool, options.mask_patch_size
         )

@@ -226,6 +226,7 @@ class BlockMask(PatchMaskStage):
 
     @classmethod
     def from_options(cls, options: BlockMaskOptions, context: MaskContext) -> BlockMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, context.patch_size)
 
     def sample(

@@ -249,6 +249,7 @@ class ColorNoiseMask(PatchMaskStage):
 
     @classmethod
     def from_options(cls, options: ColorNoiseMaskOptions, context: MaskContext) -> ColorNoiseMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, context.patch_size, options.color, tuple(options.sigma))
 
     def sample(

@@ -37,6 +37,7 @@ class FeatureMasks:
         return self.masks[self.strides.index(stride)]
 
     def to(self, device: torch.device | str) -> FeatureMasks:
+        """These masks on ``device``."""
         return FeatureMasks(self.strides, tuple(m.to(device) for m in self.masks))
 
 
@@ -143,6 +144,7 @@ class FeatureMask(Stage):
 
     @classmethod
     def from_options(cls, options: FeatureMaskOptions, context: MaskContext) -> FeatureMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.strides, options.ratio, options.groups)
 
     def make_params(

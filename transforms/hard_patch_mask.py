@@ -155,6 +155,7 @@ class HardPatchMask(FollowsProgress, GuidedPatchMaskStage):
 
     @classmethod
     def from_options(cls, options: HardPatchMaskOptions, context: MaskContext) -> HardPatchMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, context.patch_size, options.start_hard, options.end_hard)
 
     def hard_fraction(self, progress: float | None = None) -> float:

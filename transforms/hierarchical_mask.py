@@ -347,6 +347,7 @@ class HierarchicalMask(FollowsProgress, GuidedPatchMaskStage):
 
     @classmethod
     def from_options(cls, options: HierarchicalMaskOptions, context: MaskContext) -> HierarchicalMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, context.patch_size, options.schedule, options.start_regions, options.end_regions)
 
     def num_regions(self, num_cells: int, progress: float | None = None) -> int:

@@ -375,6 +375,7 @@ class MultiBlockMask(PatchMaskStage):
 
     @classmethod
     def from_options(cls, options: MultiBlockMaskOptions, context: MaskContext) -> MultiBlockMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(
             context.patch_size,
             options.num_targets,

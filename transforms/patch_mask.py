@@ -200,6 +200,7 @@ class PatchMask:
         raise ValueError(f"cannot regrid a {gh}x{gw} mask to {height}x{width}: neither divides the other")
 
     def to(self, device: torch.device | str) -> PatchMask:
+        """This mask on ``device`` (its counts unchanged)."""
         moved = PatchMask(self.states.to(device), self.counts)
         if self._ids_shuffle is not None:
             moved._ids_shuffle = self._ids_shuffle.to(device)

@@ -113,6 +113,7 @@ class RandomMask(PatchMaskStage):
 
     @classmethod
     def from_options(cls, options: RandomMaskOptions, context: MaskContext) -> RandomMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, context.patch_size, options.throw_ratio)
 
     def sample(

@@ -112,6 +112,7 @@ class Registry(Generic[E]):
         self._entries: dict[str, E] = {}
 
     def add(self, entry: E) -> E:
+        """Register ``entry`` under its name; a name registered already is a :class:`ValueError`."""
         name = entry.name
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered already")
@@ -139,6 +140,7 @@ class Registry(Generic[E]):
         return len(self._entries)
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def __repr__(self) -> str:
@@ -162,6 +164,7 @@ def import_modules(package: str, path: Iterable[str]) -> None:
 
 
 def check_choice(what: str, value: object, allowed: tuple) -> None:
+    """Raise a :class:`ValueError` naming ``what``, ``value`` and ``allowed`` unless ``value`` is in ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
 

@@ -124,6 +124,7 @@ class SimMIMMask(PatchMaskStage):
 
     @classmethod
     def from_options(cls, options: SimMIMMaskOptions, context: MaskContext) -> SimMIMMask:
+        """The stage of the config's ``mask`` section (``options``) at ``context``'s patch and image size."""
         return cls(options.ratio, options.mask_patch_size, context.patch_size, options.throw_ratio)
 
     def sample(
