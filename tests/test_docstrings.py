@@ -9,12 +9,19 @@ import pytest
 
 import masklab
 
-MODULES = sorted(
-    info.name
-    for package in ("pipeline", "transforms", "objectives", "recipes")
-    for info in pkgutil.walk_packages(importlib.import_module(f"masklab.{package}").__path__, f"masklab.{package}.")
-    if not info.name.endswith("_ffcv_decode")
-)
+PACKAGES = ("pipeline", "transforms", "objectives", "recipes")
+
+
+def _modules(packages):
+    """Every module of ``masklab.PACKAGE`` for each of ``packages``, sorted."""
+    return sorted(
+        info.name
+        for package in packages
+        for info in pkgutil.walk_packages(importlib.import_module(f"masklab.{package}").__path__, f"masklab.{package}.")
+    )
+
+
+MODULES = [name for name in _modules(PACKAGES) if not name.endswith("_ffcv_decode")]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -44,12 +51,7 @@ def _public_functions(module):
                         yield f"{name}.{attr}", fn
 
 
-TYPED = sorted(
-    info.name
-    for package in ("pipeline", "transforms", "objectives", "recipes", "tools")
-    for info in pkgutil.walk_packages(importlib.import_module(f"masklab.{package}").__path__, f"masklab.{package}.")
-    if not info.name.rsplit(".", 1)[-1].startswith("_")
-)
+TYPED = [name for name in _modules((*PACKAGES, "tools")) if not name.rsplit(".", 1)[-1].startswith("_")]
 
 
 @pytest.mark.parametrize("name", TYPED)
