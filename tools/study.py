@@ -837,7 +837,8 @@ def run_curves(
     schedule is set for ``epochs``: a run planned for fewer epochs would have decayed its rate sooner, so the
     early points understate what that shorter budget gives. Results go to ``out/curves.json``
     (``runs[arm][str(updates)]``, resumable per arm: an arm is drawn again when its recipe has changed, see
-    :func:`arm_fingerprint`) and ``out/curves.png``.
+    :func:`arm_fingerprint`; an arm a stopped sitting was training goes on from its last checkpoint) and
+    ``out/curves.png``.
     """
     import torch
 
@@ -868,14 +869,22 @@ def run_curves(
             if _place_curve(result.runs[arm.name], arm.name, run_out):  # recorded before placements were
                 result.save(path)
             continue
-        cfg = load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"])
+        own = [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}"]
+        cfg = load_config(arm.recipe, own)
         torch.manual_seed(seed)
         points = {"0": {**_evaluate(cfg, build_model(cfg).eval(), loaders), "updates": 0}}
         per_epoch = length // cfg.data.batch_size  # the loader drops the last partial batch
-        again = [f"run.ckpt_every={every * per_epoch}", "run.keep=1000", "run.overwrite=true"]
+        own += [f"run.ckpt_every={every * per_epoch}", "run.keep=1000"]
+        # A curve an earlier sitting stopped goes on from its last checkpoint (one every ``every`` epochs), as a
+        # study run does; the time that sitting logged counts.
+        earlier = _earlier_sitting(arm, own)
+        cfg, resumed, before = earlier or (load_config(arm.recipe, [*own, "run.overwrite=true"]), 0, 0.0)
+        if resumed:
+            log(f"{arm.name}: going on from the checkpoint at update {resumed} an earlier sitting left")
+            points["0"]["resumed"] = {"update": resumed, "seconds": before}
         start = time.perf_counter()
-        train(load_config(arm.recipe, [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}", *again]))
-        seconds = time.perf_counter() - start
+        train(cfg)
+        seconds = time.perf_counter() - start + before
         for checkpoint in list_checkpoints(run_out / "checkpoints"):
             cfg, model = load_trained(checkpoint)
             updates = checkpoint_updates(checkpoint)

@@ -449,6 +449,47 @@ def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
         study.run_curves(["mae"], out=tmp_path, epochs=2, every=3)
 
 
+def test_a_curve_stopped_between_sittings_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    import masklab.recipes.train as train_module
+
+    def checksum(cfg, model, loaders):  # the scores stand for the weights: a sum over every parameter
+        total = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+        return {"knn": total, "linear": total}
+
+    monkeypatch.setattr(study, "_evaluate", checksum)
+    monkeypatch.setattr(study, "_place_curve", lambda *_: False)
+    tiny = ["model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}", "objective.decoder_dim=32"]
+    tiny += ["objective.decoder_depth=1"]
+    kwargs = {"epochs": 2, "every": 1, "quick": True, "overrides": tiny, "log": lambda *_: None}
+    full = study.run_curves(["mae"], out=tmp_path / "full", **kwargs)
+    assert "resumed" not in full.runs["mae"]["0"]
+
+    train = train_module.train
+
+    def stopped(cfg):  # an earlier sitting ended after update 6: its checkpoint at 4 (one an epoch) is left
+        cfg.run.stop_at = 6
+        train(cfg)
+        shutil.rmtree(tmp_path / "cut" / "curve-mae" / "checkpoints" / "ckpt-00000006")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_curves(["mae"], out=tmp_path / "cut", **kwargs)
+    assert not (tmp_path / "cut" / "curves.json").exists()
+    monkeypatch.setattr(train_module, "train", train)
+    resumed = study.run_curves(["mae"], out=tmp_path / "cut", **kwargs)
+    points = resumed.runs["mae"]
+    first = points["0"]
+    assert first["resumed"]["update"] == 4 and 0 < first["resumed"]["seconds"] < first["train_seconds"]
+    assert sorted(points, key=int) == ["0", "4", "8"]
+    for updates, point in full.runs["mae"].items():
+        torch.testing.assert_close(points[updates]["knn"], point["knn"], rtol=1e-6, atol=0)
+
+
 def test_a_study_in_progress_names_the_arms_still_to_run_and_the_cli_reports_it_without_training(tmp_path, capsys):
     from masklab.recipes.cli import main
 
