@@ -724,6 +724,27 @@ def _earlier_sitting(arm: Arm, overrides: list[str]):
     return cfg, update, logged_seconds(Path(cfg.run.out) / "metrics.csv", update, cfg.data.batch_size)
 
 
+def _train_resumable(arm: Arm, overrides: list[str], log: Callable[[str], object] | None = None):
+    """Train ``arm`` under ``overrides``, going on from the checkpoint an earlier sitting left
+    (:func:`_earlier_sitting`) or from the start (overwriting the run folder) when it left none that loads.
+
+    Returns ``(config, trained, seconds, resumed)``: ``seconds`` counts the earlier sitting's logged training
+    time, and ``resumed`` is ``{"update", "seconds"}`` where the run went on from a checkpoint, else ``None``.
+    ``log``, where given, is told before training which checkpoint the run goes on from.
+    """
+    from masklab.recipes.config import load_config
+    from masklab.recipes.train import train
+
+    earlier = _earlier_sitting(arm, overrides)
+    cfg, update, before = earlier or (load_config(arm.recipe, [*overrides, "run.overwrite=true"]), 0, 0.0)
+    if update and log is not None:
+        log(f"{arm.name}: going on from the checkpoint at update {update} an earlier sitting left")
+    start = time.perf_counter()
+    trained = train(cfg)
+    seconds = time.perf_counter() - start + before
+    return cfg, trained, seconds, ({"update": update, "seconds": before} if update else None)
+
+
 def _run_one(
     arm: Arm | None, family: str, seed: int, common: list[str], run_out: Path, loaders: dict
 ) -> dict[str, Any]:
@@ -732,9 +753,8 @@ def _run_one(
 
     from masklab.recipes.build import build_model
     from masklab.recipes.config import load_config
-    from masklab.recipes.train import train
 
-    checkpoint, resumed, before = None, 0, 0.0
+    checkpoint, resumed = None, None
     if arm is None:  # the family's encoder at random initialisation, on a reference recipe's model
         recipe, extra = ("mae", VIT) if family == "vit" else ("byol", CNN)
         cfg = load_config(recipe, [*extra, *common, f"run.seed={seed}", f"run.out={run_out}"])
@@ -744,16 +764,12 @@ def _run_one(
         # A run that did not finish (its scores are not in results.json) goes on from its last checkpoint
         # (RESUME_EVERY), or from the start when it left none that loads under this config.
         own = [*arm.overrides, *common, f"run.seed={seed}", f"run.out={run_out}", f"run.ckpt_every={RESUME_EVERY}"]
-        earlier = _earlier_sitting(arm, own)
-        cfg, resumed, before = earlier or (load_config(arm.recipe, [*own, "run.overwrite=true"]), 0, 0.0)
-        start = time.perf_counter()
-        trained = train(cfg)
-        seconds = time.perf_counter() - start + before
+        cfg, trained, seconds, resumed = _train_resumable(arm, own)
         model, updates, checkpoint = trained.model.eval(), trained.updates, trained.checkpoint
     scores = _evaluate(cfg, model, loaders)
     scores.update(updates=updates, train_seconds=seconds, checkpoint=checkpoint)
     if resumed:
-        scores["resumed"] = {"update": resumed, "seconds": before}  # an earlier sitting trained this far
+        scores["resumed"] = resumed  # an earlier sitting trained this far
     if seconds:
         scores["images_per_s"] = updates * cfg.data.batch_size / seconds
         steady = steady_images_per_s(Path(cfg.run.out) / "metrics.csv")
@@ -845,7 +861,6 @@ def run_curves(
     from masklab.recipes.build import build_model
     from masklab.recipes.checkpoint import checkpoint_updates, list_checkpoints
     from masklab.recipes.config import load_config
-    from masklab.recipes.train import train
     from masklab.recipes.trained import load_trained
 
     if epochs < 1 or not 1 <= every <= epochs:
@@ -877,14 +892,9 @@ def run_curves(
         own += [f"run.ckpt_every={every * per_epoch}", "run.keep=1000"]
         # A curve an earlier sitting stopped goes on from its last checkpoint (one every ``every`` epochs), as a
         # study run does; the time that sitting logged counts.
-        earlier = _earlier_sitting(arm, own)
-        cfg, resumed, before = earlier or (load_config(arm.recipe, [*own, "run.overwrite=true"]), 0, 0.0)
+        _, _, seconds, resumed = _train_resumable(arm, own, log)
         if resumed:
-            log(f"{arm.name}: going on from the checkpoint at update {resumed} an earlier sitting left")
-            points["0"]["resumed"] = {"update": resumed, "seconds": before}
-        start = time.perf_counter()
-        train(cfg)
-        seconds = time.perf_counter() - start + before
+            points["0"]["resumed"] = resumed
         for checkpoint in list_checkpoints(run_out / "checkpoints"):
             cfg, model = load_trained(checkpoint)
             updates = checkpoint_updates(checkpoint)
