@@ -156,6 +156,13 @@ def test_readme_study_section_is_the_study_of_its_figures():
             assert study.bar_gain(result, study._arm_for("mae_amt_late")) >= study.BAR
             for other in ("mae", "mae_random_throw"):
                 assert "within the spread" in study.verdict(result, "mae_amt_late", other, "linear"), other
+    if "mae_amt_equal_time" in below:  # what its reading says: level with mae_amt at equal updates on every
+        for metric in ("knn", "linear", "finetune"):  # evaluation, below MAE beyond the spread on every one
+            assert "within the spread" in study.verdict(result, "mae_amt_equal_time", "mae_amt", metric), metric
+            assert ", below (spread" in study.verdict(result, "mae_amt_equal_time", "mae", metric), metric
+        assert "within the spread" in study.verdict(result, "mae_amt_equal_time", "random_vit", "linear")
+        placements = [run["placement"] for run in result.runs["mae_amt_equal_time"].values()]
+        assert 0 < sum(p["visible"] > p["masked"] for p in placements) < len(placements)  # not the same way
     for base, amt in (("mae", "mae_amt"), ("simmim", "simmim_amt")):  # the equal-time arms' reading: at this
         if all_in(amt):  # length AMT's whole runs, refreshes included, take about
             ratios = [result.runs[amt][s]["train_seconds"] / result.runs[base][s]["train_seconds"] for s in seeds]

@@ -994,6 +994,13 @@ BELOW_BAR: dict[str, str] = {
         "every seed: at this setting AMT's masks hold MAE back when they start at a tenth of the run, not once "
         "MAE's attention has found the object (as in the study's earlier class-token reading, issue 20's notes)."
     ),
+    "mae_amt_equal_time": (
+        "the equal-time reading does not change `mae_amt`'s. With the updates its faster steps buy in MAE's "
+        "training time it is within the seed spread of `mae_amt` at equal updates on every evaluation, within the "
+        "spread of its random init on the linear probe, and below MAE beyond the spread on every evaluation. As "
+        "for `mae_amt`, its trained masks do not favour the object the same way from seed to seed (the placement "
+        "table below): the extra updates train on under the same early-refreshed masks."
+    ),
     "simmim_amt": (
         "it is within the seed spread of its random-init row on the linear probe and on fine-tuning, and below "
         "SimMIM beyond the spread on every evaluation. Its control (`simmim_random_throw`, its counts on random "
