@@ -163,6 +163,15 @@ def test_readme_study_section_is_the_study_of_its_figures():
         assert "within the spread" in study.verdict(result, "mae_amt_equal_time", "random_vit", "linear")
         placements = [run["placement"] for run in result.runs["mae_amt_equal_time"].values()]
         assert 0 < sum(p["visible"] > p["masked"] for p in placements) < len(placements)  # not the same way
+    if "simmim_amt_equal_time" in below:  # level with simmim_amt and random init on every evaluation, below
+        for metric in ("knn", "linear", "finetune"):  # SimMIM beyond the spread on the probe and fine-tuned
+            for other in ("simmim_amt", "random_vit"):
+                verdict = study.verdict(result, "simmim_amt_equal_time", other, metric)
+                assert "within the spread" in verdict, (other, metric)
+        for metric in ("linear", "finetune"):
+            assert ", below (spread" in study.verdict(result, "simmim_amt_equal_time", "simmim", metric), metric
+        placements = [run["placement"] for run in result.runs["simmim_amt_equal_time"].values()]
+        assert sum(p["visible"] > p["masked"] for p in placements) == 2  # the object left visible in two seeds
     for base, amt in (("mae", "mae_amt"), ("simmim", "simmim_amt")):  # the equal-time arms' reading: at this
         if all_in(amt):  # length AMT's whole runs, refreshes included, take about
             ratios = [result.runs[amt][s]["train_seconds"] / result.runs[base][s]["train_seconds"] for s in seeds]
