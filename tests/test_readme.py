@@ -131,6 +131,12 @@ def test_readme_study_section_is_the_study_of_its_figures():
     # The budget curves are at the study's setting, for every baseline, each from random init on.
     assert curves.settings["length"] == study.STUDY_DATA["length"] and set(curves.runs) == set(study.CURVE_ARMS)
     assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
+    # What STUDY_EPOCHS rests on (its docstring, the README's prose): at the study's budget every baseline's
+    # curve is past its random init by the bar on both probes.
+    budget = str(study.STUDY_EPOCHS * (study.STUDY_DATA["length"] // 128))
+    for name, points in curves.runs.items():
+        for metric in ("knn", "linear"):
+            assert points[budget][metric] - points["0"][metric] >= study.BAR, (name, metric)
     seeds = study.study_seeds(result)
     all_in = functools.partial(study.all_seeds_in, result)  # every seed of the study is in for this arm
     complete = all(len(result.runs.get(arm.name, {})) == 3 for arm in study.STUDY_ARMS)
