@@ -217,7 +217,10 @@ def _study(args: argparse.Namespace) -> int:
     if args.curves:
         arms = args.arms or study.CURVE_ARMS
         epochs = args.epochs or study.CURVE_EPOCHS
-        study.run_curves(arms, args.seeds[0], out, list(args.overrides), epochs=epochs, quick=args.quick)
+        start_from = Path(args.start_from) if args.start_from else None
+        study.run_curves(
+            arms, args.seeds[0], out, list(args.overrides), epochs=epochs, quick=args.quick, start_from=start_from
+        )
         print(f"budget curves took {(time.perf_counter() - start) / 60:.1f} min: {out / 'curves.png'}")
         return 0
     if args.from_results:  # a report of the runs so far: nothing trained
@@ -508,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RESULTS_JSON",
         help="when --out has no results.json yet, start from this saved study's runs (e.g. docs/study.json on a "
-        "fresh clone): those recorded as they are now are kept, the rest trained; its settings must be the study's",
+        "fresh clone): those recorded as they are now are kept, the rest trained; its settings must be the study's. "
+        "With --curves: saved curves (e.g. docs/study_curves.json), when --out has no curves.json yet",
     )
     study.add_argument(
         "--from-results",

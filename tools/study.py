@@ -419,12 +419,7 @@ def run_study(
     settings["preset"] = preset
     settings["data"] = {**STUDY_DATA, "length": length}
     path = out / "results.json"
-    if start_from is not None and not path.exists():
-        earlier = RunScores.load(start_from)
-        if earlier.settings != settings:
-            changed = sorted(k for k in {*settings, *earlier.settings} if settings.get(k) != earlier.settings.get(k))
-            raise ValueError(f"start_from {start_from} was recorded under other settings (differing: {changed})")
-        RunScores(runs=earlier.runs, settings=settings).save(path)
+    _start_from(path, start_from, settings)
     result = RunScores.load_or_new(path, settings)
     families = {arm.family for arm in chosen}
     _LOADERS.clear()  # this study's data: built again
@@ -836,6 +831,19 @@ def _finetune(
     return float((logits.argmax(1) == labels).float().mean())
 
 
+def _start_from(path: Path, start_from: Path | None, settings: dict[str, Any]) -> None:
+    """Write ``start_from``'s runs to ``path`` when ``path`` does not exist yet (a fresh clone's study or curves
+    start from the committed ones); :class:`ValueError` naming the differing settings if it was recorded under
+    other settings than ``settings``. Nothing is written then, or when ``start_from`` is ``None``."""
+    if start_from is None or path.exists():
+        return
+    earlier = RunScores.load(start_from)
+    if earlier.settings != settings:
+        changed = sorted(k for k in {*settings, *earlier.settings} if settings.get(k) != earlier.settings.get(k))
+        raise ValueError(f"start_from {start_from} was recorded under other settings (differing: {changed})")
+    RunScores(runs=earlier.runs, settings=settings).save(path)
+
+
 def run_curves(
     arms: Sequence[str] = CURVE_ARMS,
     seed: int = 0,
@@ -845,6 +853,7 @@ def run_curves(
     every: int = CURVE_EVERY,
     quick: bool = False,
     log: Callable[[str], object] = print,
+    start_from: Path | None = None,
 ) -> RunScores:
     """Budget curves: each arm trained once for ``epochs`` on the study's data, evaluated every ``every`` epochs.
 
@@ -854,7 +863,9 @@ def run_curves(
     early points understate what that shorter budget gives. Results go to ``out/curves.json``
     (``runs[arm][str(updates)]``, resumable per arm: an arm is drawn again when its recipe has changed, see
     :func:`arm_fingerprint`; an arm a stopped sitting was training goes on from its last checkpoint) and
-    ``out/curves.png``.
+    ``out/curves.png``. ``start_from``: saved curves (``curves.json``, or :data:`README_CURVE_FIGURES` on a fresh
+    clone) that ``out`` starts from when it holds no ``curves.json`` yet, as :func:`run_study`'s: its curves drawn as
+    they are now are kept, the rest drawn; its settings must be these (:class:`ValueError` otherwise).
     """
     import torch
 
@@ -872,6 +883,7 @@ def run_curves(
     length = QUICK["length"] if quick else STUDY_DATA["length"]
     settings = {"epochs": epochs, "every": every, "seed": seed, "length": length, "common": common}
     path = out / "curves.json"
+    _start_from(path, start_from, settings)
     result, loaders = RunScores.load_or_new(path, settings), {}
     for arm in chosen:
         config = arm_fingerprint(arm, common)

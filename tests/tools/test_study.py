@@ -449,6 +449,29 @@ def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
         study.run_curves(["mae"], out=tmp_path, epochs=2, every=3)
 
 
+def test_fresh_curves_start_from_saved_ones_and_draw_only_what_they_lack(tmp_path, monkeypatch):
+    # A fresh clone has docs/study_curves.json but no runs/study: the drawn curves are kept, the rest drawn.
+    drawn = []
+    monkeypatch.setattr(study, "_evaluate", lambda cfg, model, loaders: {"knn": 0.5, "linear": 0.5})
+    monkeypatch.setattr(study, "_place_curve", lambda *_: False)
+
+    def train(arm, overrides, log):  # no checkpoints: the curve is its random-init point only
+        drawn.append(arm.name)
+        return None, None, 1.0, None
+
+    monkeypatch.setattr(study, "_train_resumable", train)
+    kwargs = {"epochs": 2, "every": 1, "quick": True, "log": lambda *_: None}
+    study.run_curves(["mae"], out=tmp_path / "a", **kwargs)
+    saved = (tmp_path / "a" / "curves.json").rename(tmp_path / "saved.json")
+    curves = study.run_curves(["mae", "moco"], out=tmp_path / "a", start_from=saved, **kwargs)
+    assert drawn == ["mae", "moco"] and set(curves.runs) == {"mae", "moco"}  # mae came from the saved curves
+    again = study.run_curves(["mae"], out=tmp_path / "a", start_from=tmp_path / "missing.json", **kwargs)
+    assert drawn == ["mae", "moco"] and again.runs == curves.runs  # out has its curves.json: start_from unread
+    with pytest.raises(ValueError, match=r"recorded under other settings \(differing: \['common', 'epochs'\]\)"):
+        study.run_curves(["mae"], out=tmp_path / "b", start_from=saved, **{**kwargs, "epochs": 3})
+    assert not (tmp_path / "b" / "curves.json").exists()
+
+
 def test_a_curve_stopped_between_sittings_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
     import shutil
 
