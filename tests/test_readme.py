@@ -133,7 +133,7 @@ def test_readme_study_section_is_the_study_of_its_figures():
     assert all("0" in points and len(points) >= 3 for points in curves.runs.values())
     # What STUDY_EPOCHS rests on (its docstring, the README's prose): at the study's budget every baseline's
     # curve is past its random init by the bar on both probes.
-    budget = str(study.STUDY_EPOCHS * (study.STUDY_DATA["length"] // 128))
+    budget = str(study.STUDY_EPOCHS * (study.STUDY_DATA["length"] // study.STUDY_BATCH))
     for name, points in curves.runs.items():
         for metric in ("knn", "linear"):
             assert points[budget][metric] - points["0"][metric] >= study.BAR, (name, metric)

@@ -241,6 +241,9 @@ so the siamese objectives could be solved without the shape. Plain coloured back
 updates: kNN 0.351 against 0.228, linear 0.367 against 0.267). What varies is then the shape (the class), its
 grey level and the background's, its size, rotation and position. The same data serves every arm."""
 
+STUDY_BATCH = 128
+"""The study's batch: the recipes' default ``data.batch_size`` (``DataConfig``), which every CPU arm keeps."""
+
 STUDY_EPOCHS = 15
 """15 epochs of 8000 images at batch 128: 930 updates an arm. From the budget curves (``docs/study_curves.png``):
 MAE, SimMIM, MoCo and BYOL (with LARS at a base rate of 1.0, ``byol.yaml``) are past their random init by more
@@ -919,7 +922,7 @@ def run_curves(
         _place_curve(points, arm.name, run_out)
         result.runs[arm.name] = points
         result.save(path)
-    plot_curves(result, out / "curves.png", budget=STUDY_EPOCHS * (length // 128))
+    plot_curves(result, out / "curves.png", budget=STUDY_EPOCHS * (length // STUDY_BATCH))
     return result
 
 
@@ -1243,7 +1246,7 @@ def study_markdown(
     length = settings.get("length", 4000)
     lines = [
         f"Built-in shapes ({data.get('background', 'textured')} backgrounds), {data.get('size', 32)} px, "
-        f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch 128 "
+        f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch {STUDY_BATCH} "
         f"for every arm; seeds {', '.join(seeds)}; {minutes:.0f} min of runs on this machine."
         + (
             f" Masked-image arms are also fine-tuned on the first {FINETUNE['fraction']:.0%} of the training images "

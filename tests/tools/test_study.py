@@ -434,6 +434,9 @@ def test_quick_study_trains_its_arms_for_the_same_updates_and_fine_tunes_the_mas
 
 @pytest.mark.slow
 def test_budget_curves_evaluate_every_checkpoint_and_random_init(tmp_path):
+    from masklab.recipes.config import DataConfig
+
+    assert study.STUDY_BATCH == DataConfig().batch_size  # the batch the study's updates are counted in
     curves = study.run_curves(["mae"], out=tmp_path, epochs=2, every=1, quick=True, log=lambda *_: None)
     assert sorted(curves.runs["mae"], key=int) == ["0", "4", "8"]  # 4 updates an epoch
     assert [p["updates"] for p in curves.runs["mae"].values()] == [0, 4, 8]
