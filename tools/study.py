@@ -1244,9 +1244,11 @@ def study_markdown(
     seeds = study_seeds(result)
     minutes = sum(run["seconds"] for runs in result.runs.values() for run in runs.values() if "seconds" in run) / 60
     length = settings.get("length", 4000)
+    # The batch the runs trained at: the last data.batch_size the study set (the GPU preset's), else the default.
+    batch = [int(o.split("=", 1)[1]) for o in settings.get("common", []) if o.startswith("data.batch_size=")]
     lines = [
         f"Built-in shapes ({data.get('background', 'textured')} backgrounds), {data.get('size', 32)} px, "
-        f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch {STUDY_BATCH} "
+        f"{length} training and {length // 4} test images; {settings.get('epochs', '?')} epochs at batch {(batch or [STUDY_BATCH])[-1]} "
         f"for every arm; seeds {', '.join(seeds)}; {minutes:.0f} min of runs on this machine."
         + (
             f" Masked-image arms are also fine-tuned on the first {FINETUNE['fraction']:.0%} of the training images "

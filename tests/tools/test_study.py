@@ -262,6 +262,10 @@ def test_arms_below_the_bar_are_listed_with_the_studys_reading_of_why(monkeypatc
     text = study.study_markdown(result, arms, plot=None)
     assert "- **mae_amt**: measured reason.\n- **byol**: not looked into yet.\n" in text
     assert "- **simmim**" not in text and "- **supervised**" not in text
+    # The batch it states is the one the runs trained at: the GPU preset's where the study set it.
+    assert f"epochs at batch {study.STUDY_BATCH} for every arm" in text
+    result.settings["common"] = ["data.batch_size=256", "run.epochs=6"]
+    assert "epochs at batch 256 for every arm" in study.study_markdown(result, arms, plot=None)
     result.runs["byol"] = {s: {"knn": 0.30, "linear": 0.32} for s in three}
     assert study.below_bar(result, arms) == ["mae_amt"]
 
